@@ -1,0 +1,26 @@
+# The two set-up commands of the README:
+#   make demo   install everything into .venv and run the main job
+#   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/)
+.PHONY: demo test venv lint bench clean
+
+VENV := .venv
+PY := $(VENV)/bin/python
+
+venv:
+	@scripts/bootstrap.sh
+
+demo: venv
+	$(VENV)/bin/syncnode selfcheck
+
+lint: venv
+	$(VENV)/bin/ruff check proto syncnode device simulations scripts tests
+	$(VENV)/bin/mypy proto
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) scripts/bench_transport.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

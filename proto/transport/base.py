@@ -1,0 +1,160 @@
+"""The transport interface shared by the iroh and in-memory implementations.
+
+A transport gives a node an identity-authenticated endpoint: it can ``connect`` to a peer by its
+node id (plus any known addresses) and ``accept`` connections; a connection multiplexes
+bidirectional streams; a stream carries **frames** (byte strings, length-prefixed on real wires).
+The peer id of a connection is authenticated by the transport (TLS in iroh; by construction in
+memory), so protocol code can trust ``Connection.remote_id``.
+
+Both transports run the same version handshake (:mod:`proto.transport.handshake`) inside
+``connect``/``accept``, so a returned connection always has an agreed ``protocol_version``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from proto.errors import ConnectTimeout, HandshakeError, PeerMismatch, TransportError
+from proto.framing import DEFAULT_MAX_FRAME
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class Stream(abc.ABC):
+    """A bidirectional, ordered (on real networks) stream of frames."""
+
+    @abc.abstractmethod
+    async def send(self, frame: bytes) -> None:
+        """Send one frame. Raises :class:`proto.errors.TransportError` if the stream broke."""
+
+    @abc.abstractmethod
+    async def receive(self) -> bytes:
+        """The next frame. Raises :class:`proto.errors.StreamClosed` at a clean end of stream.
+
+        Cancelling a ``receive`` loses nothing: the stream stays usable and a later call
+        returns the next frame.
+        """
+
+    @abc.abstractmethod
+    async def send_eof(self) -> None:
+        """Finish our sending half; the peer's ``receive`` raises StreamClosed after the data."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Abandon both halves of the stream."""
+
+
+class Connection(abc.ABC):
+    """An authenticated connection to one peer."""
+
+    remote_id: bytes
+    protocol_version: int = 0
+    remote_agent: str = ""
+
+    @abc.abstractmethod
+    async def open_stream(self) -> Stream: ...
+
+    @abc.abstractmethod
+    async def accept_stream(self) -> Stream:
+        """The next stream the peer opened. Raises TransportError when the connection ends."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    """One node's endpoint. ``connect``/``accept`` include the version handshake."""
+
+    node_id: bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    agent: str = "syncnode"
+
+    @abc.abstractmethod
+    def addresses(self) -> list[str]:
+        """Addresses peers can dial us at (``host:port`` strings, or names in memory)."""
+
+    @abc.abstractmethod
+    async def _dial(self, peer_id: bytes, addresses: Sequence[str]) -> Connection:
+        """Open a raw, authenticated connection (no handshake yet)."""
+
+    @abc.abstractmethod
+    async def _accept_raw(self) -> Connection:
+        """The next incoming raw connection (no handshake yet)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def connect(self, peer_id: bytes, addresses: Sequence[str] = (), *,
+                      timeout: float | None = None) -> Connection:
+        """Dial ``peer_id`` and run the handshake, all within ``timeout`` seconds."""
+        from proto.transport.handshake import client_handshake
+
+        deadline = self.connect_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(deadline):
+                conn = await self._dial(peer_id, addresses)
+                try:
+                    if conn.remote_id != peer_id:
+                        raise PeerMismatch(
+                            f"dialled {peer_id.hex()[:10]} but {conn.remote_id.hex()[:10]} answered")
+                    await client_handshake(conn, self.agent)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await conn.aclose()
+                    raise
+                return conn
+        except trio.TooSlowError:
+            raise ConnectTimeout(
+                f"connecting to {peer_id.hex()[:10]} at {list(addresses)} took over {deadline}s"
+            ) from None
+
+    async def _server_handshake(self, conn: Connection) -> bool:
+        from proto.transport.handshake import server_handshake
+
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await server_handshake(conn, self.agent)
+            return True
+        except (HandshakeError, TransportError, trio.TooSlowError):
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            return False
+
+    async def accept(self) -> Connection:
+        """The next incoming connection that completed the handshake.
+
+        Connections whose handshake fails are closed and skipped (they are the peer's problem,
+        not the acceptor's): this only raises if the transport itself is closed. Handshakes run
+        one at a time here; servers use :meth:`serve`, which runs them concurrently.
+        """
+        while True:
+            conn = await self._accept_raw()
+            if await self._server_handshake(conn):
+                return conn
+
+    async def serve(self, handler: Callable[[Connection], Awaitable[None]], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections forever, running handshake + ``handler`` per connection concurrently.
+
+        A slow or silent dialler only occupies its own task. Returns when the transport is
+        closed; the handler owns the connection and should close it when done.
+        """
+        async def one(conn: Connection) -> None:
+            if await self._server_handshake(conn):
+                await handler(conn)
+
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    conn = await self._accept_raw()
+                except TransportError:
+                    nursery.cancel_scope.cancel()
+                    return
+                nursery.start_soon(one, conn)
