@@ -6,6 +6,6 @@ transport implementations in :mod:`proto.transport`.
 """
 
 PROTOCOL_VERSION = 1
-"""Wire protocol version exchanged in the connection handshake (see :mod:`proto.transport.handshake`)."""
+"""Wire protocol version sent in the connection handshake (:mod:`proto.transport.handshake`)."""
 
 SUPPORTED_VERSIONS = (1,)

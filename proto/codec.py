@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -264,7 +263,8 @@ class StructSpec(Spec):
             raise DecodeError(
                 path, f"{self.cls.__name__} has {len(fields)} fields, got {len(obj)}"
             )
-        kwargs = {f.name: f.spec.from_wire(v, f"{path}.{f.name}") for f, v in zip(fields, obj)}
+        kwargs = {f.name: f.spec.from_wire(v, f"{path}.{f.name}")
+                  for f, v in zip(fields, obj, strict=True)}
         try:
             return self.cls(**kwargs)
         except (ValueError, TypeError) as exc:  # __post_init__ cross-field validation
@@ -297,10 +297,10 @@ def _spec_for(tp: Any, owner: str) -> Spec:
 
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) != 1 or len(get_args(tp)) != 2:
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if len(members) != 1 or len(get_args(tp)) != 2:
             raise TypeError(f"{owner}: only Optional[X] unions are supported")
-        inner_tp = Annotated[(args[0], *meta)] if meta else args[0]
+        inner_tp = Annotated[(members[0], *meta)] if meta else members[0]
         return OptSpec(_spec_for(inner_tp, owner))
     if tp is bool:
         return BoolSpec()
@@ -471,7 +471,7 @@ def decode_as(data: bytes, cls: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) 
     msg = decode(data, max_bytes=max_bytes)
     if type(msg) is not cls:
         raise DecodeError("<tag>", f"expected {cls.__name__}, got {type(msg).__name__}")
-    return typing.cast(T, msg)
+    return msg
 
 
 def decode_struct(data: bytes, cls: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES) -> T:
@@ -479,4 +479,4 @@ def decode_struct(data: bytes, cls: type[T], *, max_bytes: int = MAX_MESSAGE_BYT
     obj = _unpack(data, max_bytes)
     value = StructSpec(cls).from_wire(obj, cls.__name__)
     _check_canonical(StructSpec(cls).to_wire(value), data, cls.__name__)
-    return typing.cast(T, value)
+    return value  # type: ignore[no-any-return]

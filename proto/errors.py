@@ -14,8 +14,8 @@ class SyncnodeError(Exception):
 class DecodeError(SyncnodeError):
     """Bytes from outside did not decode into a valid message.
 
-    ``field`` names where decoding failed (``"Hello.versions[2]"``, ``"<frame>"``, ``"<tag>"``), so a
-    log line tells an operator what was wrong without dumping attacker-controlled data.
+    ``field`` names where decoding failed (``"Hello.versions[2]"``, ``"<frame>"``, ``"<tag>"``),
+    so a log line tells an operator what was wrong without dumping attacker-controlled data.
     """
 
     def __init__(self, field: str, reason: str) -> None:

@@ -101,8 +101,8 @@ class Transport(abc.ABC):
                 conn = await self._dial(peer_id, addresses)
                 try:
                     if conn.remote_id != peer_id:
-                        raise PeerMismatch(
-                            f"dialled {peer_id.hex()[:10]} but {conn.remote_id.hex()[:10]} answered")
+                        raise PeerMismatch(f"dialled {peer_id.hex()[:10]} but "
+                                           f"{conn.remote_id.hex()[:10]} answered")
                     await client_handshake(conn, self.agent)
                 except BaseException:
                     with trio.CancelScope(shield=True):

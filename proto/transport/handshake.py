@@ -8,13 +8,16 @@ finished by both sides; application streams follow.
 
 from __future__ import annotations
 
+import trio
+
 from proto import SUPPORTED_VERSIONS
 from proto.codec import decode, encode
-from proto.errors import DecodeError, HandshakeError, StreamClosed
+from proto.errors import DecodeError, HandshakeError, StreamClosed, TransportError
 from proto.messages import ErrorCode, ErrorReply, Hello, HelloAck
 from proto.transport.base import Connection
 
 HANDSHAKE_MAX_FRAME = 4096
+REFUSAL_LINGER = 1.0
 
 
 async def client_handshake(conn: Connection, agent: str,
@@ -56,6 +59,13 @@ async def server_handshake(conn: Connection, agent: str,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"we speak versions {list(versions)}, peer offered {list(hello.versions)}")))
             await stream.send_eof()
+            # Let the refusal reach the dialler before the connection is torn down: wait
+            # (briefly) for it to hang up after reading our answer.
+            with trio.move_on_after(REFUSAL_LINGER):
+                try:
+                    await stream.receive()
+                except TransportError:
+                    pass
             raise HandshakeError(f"no common protocol version with peer {list(hello.versions)}")
         version = max(common)
         await stream.send(encode(HelloAck(version=version, agent=agent)))

@@ -52,7 +52,7 @@ def _other_family(addr: str) -> str | None:
     }.get(host)
 
 
-class _ExactBind(iroh.Preset):  # type: ignore[misc]
+class _ExactBind(iroh.Preset):
     """Minimal preset binding exactly the given sockets, with an optional relay list."""
 
     def __init__(self, bind_addrs: Sequence[str], relays: Sequence[str] | None) -> None:

@@ -116,8 +116,10 @@ class MemoryNetwork:
         return t
 
     def trace_digest(self) -> str:
+        """Hash of the trace. Events of one instant are hashed in a canonical order: tasks that
+        wake at the same virtual time may run in any order without changing the run."""
         h = hashlib.sha256()
-        for event in self.trace:
+        for event in sorted(self.trace, key=lambda e: (e[0], repr(e[1:]))):
             h.update(repr(event).encode())
         return h.hexdigest()
 
@@ -186,9 +188,13 @@ class MemoryNetwork:
             return
         copies = 2 if rng.random() < faults.duplicate else 1
         for copy in range(copies):
-            at = now + rng.uniform(faults.min_delay, faults.max_delay)
+            # Jitter alone keeps the lane FIFO (like a QUIC stream); only the reorder fault
+            # lets later frames overtake this one.
+            at = max(now + rng.uniform(faults.min_delay, faults.max_delay), lane.fifo_at)
             if rng.random() < faults.reorder:
                 at += faults.reorder_delay
+            elif copy == 0:
+                lane.fifo_at = at
             lane.last_at = max(lane.last_at, at)
             self._record("send" if copy == 0 else "dup", src, dst, ident, digest, round(at, 9))
             self._schedule(at, (*ident, copy),
@@ -211,7 +217,8 @@ class _Lane:
         self.src, self.dst, self.key = src, dst, key
         self.rng = net._rng(key)
         self.sent = 0
-        self.last_at = 0.0
+        self.last_at = 0.0  # latest scheduled arrival (EOF/close go after it)
+        self.fifo_at = 0.0  # arrival time of the last in-order frame
 
 
 class MemoryStream(Stream):

@@ -69,11 +69,16 @@ _next_handle = 1
 
 
 class _Waiter:
-    __slots__ = ("aborted", "task")
+    __slots__ = ("aborted", "immediate", "polling_thread", "task")
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task = task
         self.aborted = False
+        # Set while ffi_poll runs on the trio thread: a continuation that fires synchronously
+        # inside ffi_poll (the future was ready at once, the common case for writes) is
+        # recorded here instead of going through run_sync_soon and an epoll wake-up.
+        self.polling_thread: int | None = None
+        self.immediate: int | None = None
 
     def wake(self, poll_code: int) -> None:  # runs in the trio thread
         if not self.aborted:
@@ -86,6 +91,9 @@ def _continuation(handle: int, poll_code: int) -> None:
     if entry is None:
         return
     token, waiter = entry
+    if waiter.polling_thread == threading.get_ident():
+        waiter.immediate = poll_code
+        return
     try:
         token.run_sync_soon(waiter.wake, poll_code)
     except trio.RunFinishedError:
@@ -115,11 +123,20 @@ def _make_rust_call_async(module: types.ModuleType) -> Any:
                     waiter.aborted = True
                     return trio.lowlevel.Abort.SUCCEEDED
 
+                waiter.polling_thread = threading.get_ident()
                 ffi_poll(rust_future, c_callback, handle)
-                poll_code = await trio.lowlevel.wait_task_rescheduled(abort)
+                waiter.polling_thread = None
+                if waiter.immediate is not None:
+                    poll_code = waiter.immediate
+                else:
+                    poll_code = await trio.lowlevel.wait_task_rescheduled(abort)
                 if poll_code == ready:
                     break
-            return lift_func(call_with_error(error_ffi_converter, ffi_complete, rust_future))
+            result = lift_func(call_with_error(error_ffi_converter, ffi_complete, rust_future))
+            # Let other tasks run even if every poll completed synchronously (fairness); shielded
+            # so a result that exists is never lost to a cancellation.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return result
         finally:
             ffi_free(rust_future)
 
@@ -137,5 +154,5 @@ def patch_module(module: types.ModuleType, *, async_api: bool) -> None:
     check_private_names(module, async_api=async_api)
     module._UniffiRustBufferBuilder.write = _fast_write
     if async_api:
-        module._uniffi_rust_call_async = _make_rust_call_async(module)
+        setattr(module, "_uniffi_rust_call_async", _make_rust_call_async(module))  # noqa: B010
     _patched.add(module.__name__)
