@@ -17,7 +17,7 @@ import hashlib
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.exceptions
@@ -56,27 +56,26 @@ class SecretKey:
     """An Ed25519 secret key (its 32-byte seed). ``repr`` never shows the secret."""
 
     seed: bytes
+    _public: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.seed) != SEED_SIZE:
             raise ValueError(f"Ed25519 seed must be {SEED_SIZE} bytes, got {len(self.seed)}")
+        object.__setattr__(self, "_public",
+                           bytes(nacl.signing.SigningKey(self.seed).verify_key))
 
     @classmethod
     def generate(cls) -> SecretKey:
         return cls(secrets.token_bytes(SEED_SIZE))
 
     @property
-    def _nacl(self) -> nacl.signing.SigningKey:
-        return nacl.signing.SigningKey(self.seed)
-
-    @property
     def public(self) -> bytes:
         """The 32-byte public key (a syncnode's node id, an iroh endpoint id)."""
-        return bytes(self._nacl.verify_key)
+        return self._public
 
     def sign(self, context: str, payload: bytes) -> bytes:
         """Sign ``payload`` under ``context``; returns the 64-byte signature."""
-        return bytes(self._nacl.sign(_signed_bytes(context, payload)).signature)
+        return _ed25519_sign(self.seed, _signed_bytes(context, payload))
 
     def __repr__(self) -> str:
         return f"SecretKey(public={short_id(self.public)})"
@@ -86,12 +85,25 @@ def verify(public_key: bytes, context: str, payload: bytes, signature: bytes) ->
     """Raise :class:`SignatureError` unless ``signature`` is ``public_key``'s over the payload."""
     if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
         raise SignatureError("malformed key or signature length")
+    if not _ed25519_verify(public_key, _signed_bytes(context, payload), signature):
+        raise SignatureError(f"bad signature for context {context!r}")
+
+
+# The two Ed25519 primitives, as module-level functions so the state-space explorer can wrap
+# them in a memo (Ed25519 is deterministic, so memoising changes no result, only speed).
+
+
+def _ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    return bytes(nacl.signing.SigningKey(seed).sign(message).signature)
+
+
+def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     try:
-        vk = nacl.signing.VerifyKey(public_key)
-        vk.verify(_signed_bytes(context, payload), signature)
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
-            nacl.exceptions.TypeError) as exc:
-        raise SignatureError(f"bad signature for context {context!r}") from exc
+            nacl.exceptions.TypeError):
+        return False
+    return True
 
 
 def is_valid_signature(public_key: bytes, context: str, payload: bytes, signature: bytes) -> bool:

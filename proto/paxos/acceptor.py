@@ -1,0 +1,174 @@
+"""The Paxos acceptor, sans-IO: messages in, (records to persist, reply) out.
+
+One single-decree instance per ``(group, slot)``. The acceptor never releases a reply itself:
+:meth:`Acceptor.handle` returns a :class:`Step` whose ``persist`` records the driver must make
+durable (fsync) **before** sending ``reply``. A crash between the two loses only the reply, which
+the proposer's retry recovers; a reply never claims state that a restart could forget.
+
+Requests are authenticated: the proposer's signature must verify under the key the membership
+view gives for the ballot's fingerprint at that slot, and the acceptor must itself be in the
+slot's acceptor set. Anything else gets a :class:`Reject` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+
+from proto.codec import encode_struct
+from proto.identity import SecretKey, fingerprint, is_valid_signature
+from proto.paxos.messages import (
+    ACCEPT_CTX,
+    ACCEPTED_CTX,
+    PREPARE_CTX,
+    PROMISE_CTX,
+    Accept,
+    Accepted,
+    AcceptedValue,
+    AcceptorRecord,
+    Ballot,
+    Nack,
+    Prepare,
+    Promise,
+    PromiseBody,
+    value_hash,
+)
+from proto.paxos.quorum import AcceptorsFor
+
+ProposerKeyFor = Callable[[bytes, int, bytes], bytes | None]
+"""``(group_id, slot, proposer fingerprint) -> signature public key`` of a device allowed to
+propose at that slot, or None. Built from the manifest chain by the driver."""
+
+
+class RejectReason(enum.IntEnum):
+    NOT_AN_ACCEPTOR = 1
+    NOT_A_MEMBER = 2
+    BAD_SIGNATURE = 3
+    UNKNOWN_SLOT = 4
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An unauthenticated or misdirected request; nothing was changed."""
+
+    reason: RejectReason
+    detail: str
+
+
+Reply = Promise | Accepted | Nack | Reject
+
+
+@dataclass(frozen=True)
+class Step:
+    """Persist ``persist`` durably, then send ``reply``."""
+
+    persist: tuple[AcceptorRecord, ...]
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class SlotState:
+    promised: Ballot | None = None
+    accepted: AcceptedValue | None = None
+
+
+EMPTY = SlotState()
+
+
+@dataclass
+class Acceptor:
+    """Acceptor core for every group/slot this node serves.
+
+    ``slots`` maps ``(group_id, slot)`` to state; the daemon passes a lazily loaded, bounded cache
+    backed by its database, tests a dict.
+    """
+
+    key: SecretKey
+    acceptors_for: AcceptorsFor
+    proposer_key_for: ProposerKeyFor
+    slots: MutableMapping[tuple[bytes, int], SlotState] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> bytes:
+        return self.key.public
+
+    @classmethod
+    def restore(cls, key: SecretKey, acceptors_for: AcceptorsFor,
+                proposer_key_for: ProposerKeyFor, records: Iterable[AcceptorRecord]
+                ) -> Acceptor:
+        """Rebuild an acceptor from persisted records (later records win)."""
+        acc = cls(key, acceptors_for, proposer_key_for)
+        for r in records:
+            acc.slots[(r.group_id, r.slot)] = SlotState(r.promised, r.accepted)
+        return acc
+
+    def state(self, group_id: bytes, slot: int) -> SlotState:
+        return self.slots.get((group_id, slot), EMPTY)
+
+    # -- request handling ---------------------------------------------------------------------
+
+    def handle(self, msg: Prepare | Accept) -> Step:
+        if isinstance(msg, Prepare):
+            return self.handle_prepare(msg)
+        return self.handle_accept(msg)
+
+    def _authenticate(self, group_id: bytes, slot: int, ballot: Ballot, ctx: str, body: bytes,
+                      signature: bytes) -> Reject | None:
+        acceptors = self.acceptors_for(group_id, slot)
+        if acceptors is None:
+            return Reject(RejectReason.UNKNOWN_SLOT, "no acceptor set known for this slot")
+        if self.node_id not in acceptors:
+            return Reject(RejectReason.NOT_AN_ACCEPTOR, "this node is not an acceptor of the slot")
+        key = self.proposer_key_for(group_id, slot, ballot.proposer)
+        if key is None or fingerprint(key) != ballot.proposer:
+            return Reject(RejectReason.NOT_A_MEMBER, "ballot owner may not propose at this slot")
+        if not is_valid_signature(key, ctx, body, signature):
+            return Reject(RejectReason.BAD_SIGNATURE, "proposer signature does not verify")
+        return None
+
+    def handle_prepare(self, msg: Prepare) -> Step:
+        rejected = self._authenticate(msg.group_id, msg.slot, msg.ballot, PREPARE_CTX,
+                                      encode_struct(msg.body()), msg.signature)
+        if rejected:
+            return Step((), rejected)
+        st = self.state(msg.group_id, msg.slot)
+        if st.promised is not None and msg.ballot < st.promised:
+            return Step((), Nack(msg.group_id, msg.slot, msg.ballot, st.promised, self.node_id))
+        persist: tuple[AcceptorRecord, ...] = ()
+        if st.promised != msg.ballot:
+            st = SlotState(msg.ballot, st.accepted)
+            persist = (self._commit(msg.group_id, msg.slot, st),)
+        return Step(persist, self._promise(msg.group_id, msg.slot, msg.ballot, st.accepted))
+
+    def handle_accept(self, msg: Accept) -> Step:
+        rejected = self._authenticate(msg.group_id, msg.slot, msg.ballot, ACCEPT_CTX,
+                                      encode_struct(msg.body()), msg.signature)
+        if rejected:
+            return Step((), rejected)
+        st = self.state(msg.group_id, msg.slot)
+        if st.promised is not None and msg.ballot < st.promised:
+            return Step((), Nack(msg.group_id, msg.slot, msg.ballot, st.promised, self.node_id))
+        new = SlotState(msg.ballot, AcceptedValue(msg.ballot, msg.value))
+        persist = () if new == st else (self._commit(msg.group_id, msg.slot, new),)
+        return Step(persist, self._accepted(msg.group_id, msg.slot, msg.ballot, msg.value))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _commit(self, group_id: bytes, slot: int, st: SlotState) -> AcceptorRecord:
+        """Adopt ``st`` in memory and return the record that makes it durable."""
+        self.slots[(group_id, slot)] = st
+        return AcceptorRecord(group_id, slot, st.promised, st.accepted)
+
+    def _promise(self, group_id: bytes, slot: int, ballot: Ballot,
+                 accepted: AcceptedValue | None) -> Promise:
+        body = PromiseBody(group_id, slot, ballot, accepted.ballot if accepted else None,
+                           value_hash(accepted.value) if accepted else None)
+        sig = self.key.sign(PROMISE_CTX, encode_struct(body))
+        return Promise(group_id, slot, ballot, accepted, self.node_id, sig)
+
+    def _accepted(self, group_id: bytes, slot: int, ballot: Ballot, value: bytes) -> Accepted:
+        h = value_hash(value)
+        msg = Accepted(group_id, slot, ballot, h, self.node_id, b"\0" * 64)
+        sig = self.key.sign(ACCEPTED_CTX, encode_struct(msg.body()))
+        return Accepted(group_id, slot, ballot, h, self.node_id, sig)

@@ -1,0 +1,220 @@
+"""Paxos wire messages, signed bodies and decision certificates (tags ``0x20-0x3F``).
+
+What is signed, by whom, under which context (:mod:`proto.identity`):
+
+* ``Prepare`` / ``Accept`` by the **proposer** (a device's MLS signature key): acceptors only act
+  for members of the group at that slot, and nobody can spend another device's ballots.
+* ``Promise`` / ``Accepted`` by the **acceptor** (the syncnode's node key). A quorum of signed
+  Accepteds for one ``(group, slot, ballot, value hash)`` is a :class:`Certificate`: anyone can
+  check a decision without trusting whoever relays it. A signed Promise also commits the acceptor
+  to what it claimed to have accepted, so a lying acceptor leaves signed evidence.
+
+``Nack`` is unsigned: it can only slow a proposer down, never make it decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import total_ordering
+from typing import Annotated
+
+from proto.codec import U64, Hash32, MaxItems, MaxLen, PublicKey, Signature64, message
+from proto.identity import register_context
+
+PREPARE_CTX = register_context("syncnode/paxos/prepare/v1")
+ACCEPT_CTX = register_context("syncnode/paxos/accept/v1")
+PROMISE_CTX = register_context("syncnode/paxos/promise/v1")
+ACCEPTED_CTX = register_context("syncnode/paxos/accepted/v1")
+
+GroupId = Annotated[bytes, MaxLen(64)]
+MAX_VALUE_BYTES = 8 * 1024 * 1024
+Value = Annotated[bytes, MaxLen(MAX_VALUE_BYTES)]
+MAX_ACCEPTORS = 31
+
+
+def value_hash(value: bytes) -> bytes:
+    """The 32-byte hash that acceptors sign instead of the (possibly large) value."""
+    return hashlib.blake2b(value, digest_size=32, person=b"syncnode-value").digest()
+
+
+@total_ordering
+@dataclass(frozen=True)
+class Ballot:
+    """``(round, proposer fingerprint)``, ordered lexicographically; unique per proposer."""
+
+    round: U64
+    proposer: Hash32
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Ballot):
+            return NotImplemented
+        return (self.round, self.proposer) < (other.round, other.proposer)
+
+    def __repr__(self) -> str:
+        return f"Ballot({self.round}, {self.proposer.hex()[:8]})"
+
+
+@dataclass(frozen=True)
+class AcceptedValue:
+    """What an acceptor reports having accepted: the ballot and the full value."""
+
+    ballot: Ballot
+    value: Value
+
+
+# -- signed bodies (never sent alone; encoded canonically and signed) ---------------------------
+
+
+@dataclass(frozen=True)
+class PrepareBody:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+
+
+@dataclass(frozen=True)
+class AcceptBody:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    value_hash: Hash32
+
+
+@dataclass(frozen=True)
+class PromiseBody:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    accepted_ballot: Ballot | None
+    accepted_hash: Hash32 | None
+
+
+@dataclass(frozen=True)
+class AcceptedBody:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    value_hash: Hash32
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+@message(0x20)
+@dataclass(frozen=True)
+class Prepare:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    signature: Signature64
+
+    def body(self) -> PrepareBody:
+        return PrepareBody(self.group_id, self.slot, self.ballot)
+
+
+@message(0x21)
+@dataclass(frozen=True)
+class Promise:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    accepted: AcceptedValue | None
+    acceptor: PublicKey
+    signature: Signature64
+
+    def body(self) -> PromiseBody:
+        acc = self.accepted
+        return PromiseBody(self.group_id, self.slot, self.ballot,
+                           acc.ballot if acc else None, value_hash(acc.value) if acc else None)
+
+
+@message(0x22)
+@dataclass(frozen=True)
+class Accept:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    value: Value
+    signature: Signature64
+
+    def body(self) -> AcceptBody:
+        return AcceptBody(self.group_id, self.slot, self.ballot, value_hash(self.value))
+
+
+@message(0x23)
+@dataclass(frozen=True)
+class Accepted:
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    value_hash: Hash32
+    acceptor: PublicKey
+    signature: Signature64
+
+    def body(self) -> AcceptedBody:
+        return AcceptedBody(self.group_id, self.slot, self.ballot, self.value_hash)
+
+
+@message(0x24)
+@dataclass(frozen=True)
+class Nack:
+    """Refusal because the acceptor promised a higher ballot (``promised``)."""
+
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    promised: Ballot
+    acceptor: PublicKey
+
+
+@dataclass(frozen=True)
+class AcceptorSignature:
+    acceptor: PublicKey
+    signature: Signature64
+
+
+@message(0x25)
+@dataclass(frozen=True)
+class Certificate:
+    """A decision certificate: a quorum of acceptor signatures over one AcceptedBody."""
+
+    group_id: GroupId
+    slot: U64
+    ballot: Ballot
+    value_hash: Hash32
+    signatures: Annotated[tuple[AcceptorSignature, ...], MaxItems(MAX_ACCEPTORS)]
+
+    def body(self) -> AcceptedBody:
+        return AcceptedBody(self.group_id, self.slot, self.ballot, self.value_hash)
+
+
+@message(0x26)
+@dataclass(frozen=True)
+class Decided:
+    """A decided value with its certificate, as served from the decided log."""
+
+    value: Value
+    certificate: Certificate
+
+
+@message(0x27)
+@dataclass(frozen=True)
+class EquivocationProof:
+    """Two valid certificates for one slot with different values: proof that a quorum's worth
+    of acceptors (necessarily including misbehaving ones) signed conflicting decisions."""
+
+    first: Certificate
+    second: Certificate
+
+
+@message(0x28)
+@dataclass(frozen=True)
+class AcceptorRecord:
+    """Durable state of one acceptor for one ``(group, slot)``; the driver persists it before
+    releasing the reply that depends on it. Reloading records restores the acceptor."""
+
+    group_id: GroupId
+    slot: U64
+    promised: Ballot | None
+    accepted: AcceptedValue | None
