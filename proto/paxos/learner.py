@@ -21,7 +21,12 @@ from proto.paxos.messages import (
     Certificate,
     EquivocationProof,
 )
-from proto.paxos.quorum import AcceptorsFor, make_certificate, verify_certificate
+from proto.paxos.quorum import (
+    AcceptorsFor,
+    CertificateError,
+    make_certificate,
+    verify_certificate,
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,7 @@ class Learner:
         """Learn from a relayed certificate; raises CertificateError if it does not verify."""
         acceptors = self.acceptors_for(cert.group_id, cert.slot)
         if acceptors is None:
-            raise_unknown(cert)
-        assert acceptors is not None
+            raise CertificateError(f"no acceptor set known for slot {cert.slot}")
         verify_certificate(cert, acceptors)
         return self._learn(cert)
 
@@ -89,8 +93,3 @@ class Learner:
         for key in [k for k in self._votes if k[0] == group_id and k[1] < slot]:
             del self._votes[key]
 
-
-def raise_unknown(cert: Certificate) -> None:
-    from proto.paxos.quorum import CertificateError
-
-    raise CertificateError(f"no acceptor set known for slot {cert.slot}")

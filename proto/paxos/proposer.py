@@ -28,7 +28,6 @@ from proto.paxos.messages import (
     Accept,
     AcceptBody,
     Accepted,
-    AcceptorRecord,
     Ballot,
     Certificate,
     Decided,
@@ -41,7 +40,7 @@ from proto.paxos.messages import (
 )
 from proto.paxos.quorum import AcceptorSet
 
-__all__ = ["AcceptorRecord", "Lost", "Phase", "Proposer"]
+__all__ = ["Lost", "Outcome", "Phase", "Proposer"]
 
 
 class Phase(enum.Enum):
