@@ -113,28 +113,30 @@ class Acceptor:
             return self.handle_prepare(msg)
         return self.handle_accept(msg)
 
-    def _authenticate(self, group_id: bytes, slot: int, ballot: Ballot, ctx: str, body: bytes,
-                      signature: bytes) -> Reject | None:
+    def _refusal(self, msg: Prepare | Accept, ctx: str) -> Step | None:
+        """The Step answering ``msg`` without any state change (Reject or Nack), or None when
+        the request is authentic and not below this acceptor's promise."""
+        group_id, slot, ballot = msg.group_id, msg.slot, msg.ballot
         acceptors = self.acceptors_for(group_id, slot)
         if acceptors is None:
-            return Reject(RejectReason.UNKNOWN_SLOT, "no acceptor set known for this slot")
+            return _reject(RejectReason.UNKNOWN_SLOT, "no acceptor set known for this slot")
         if self.node_id not in acceptors:
-            return Reject(RejectReason.NOT_AN_ACCEPTOR, "this node is not an acceptor of the slot")
+            return _reject(RejectReason.NOT_AN_ACCEPTOR, "this node is not an acceptor of the slot")
         key = self.proposer_key_for(group_id, slot, ballot.proposer)
         if key is None or fingerprint(key) != ballot.proposer:
-            return Reject(RejectReason.NOT_A_MEMBER, "ballot owner may not propose at this slot")
-        if not is_valid_signature(key, ctx, body, signature):
-            return Reject(RejectReason.BAD_SIGNATURE, "proposer signature does not verify")
+            return _reject(RejectReason.NOT_A_MEMBER, "ballot owner may not propose at this slot")
+        if not is_valid_signature(key, ctx, encode_struct(msg.body()), msg.signature):
+            return _reject(RejectReason.BAD_SIGNATURE, "proposer signature does not verify")
+        promised = self.state(group_id, slot).promised
+        if promised is not None and ballot < promised:
+            return Step((), Nack(group_id, slot, ballot, promised, self.node_id))
         return None
 
     def handle_prepare(self, msg: Prepare) -> Step:
-        rejected = self._authenticate(msg.group_id, msg.slot, msg.ballot, PREPARE_CTX,
-                                      encode_struct(msg.body()), msg.signature)
-        if rejected:
-            return Step((), rejected)
+        refused = self._refusal(msg, PREPARE_CTX)
+        if refused:
+            return refused
         st = self.state(msg.group_id, msg.slot)
-        if st.promised is not None and msg.ballot < st.promised:
-            return Step((), Nack(msg.group_id, msg.slot, msg.ballot, st.promised, self.node_id))
         persist: tuple[AcceptorRecord, ...] = ()
         if st.promised != msg.ballot:
             st = SlotState(msg.ballot, st.accepted)
@@ -142,13 +144,10 @@ class Acceptor:
         return Step(persist, self._promise(msg.group_id, msg.slot, msg.ballot, st.accepted))
 
     def handle_accept(self, msg: Accept) -> Step:
-        rejected = self._authenticate(msg.group_id, msg.slot, msg.ballot, ACCEPT_CTX,
-                                      encode_struct(msg.body()), msg.signature)
-        if rejected:
-            return Step((), rejected)
+        refused = self._refusal(msg, ACCEPT_CTX)
+        if refused:
+            return refused
         st = self.state(msg.group_id, msg.slot)
-        if st.promised is not None and msg.ballot < st.promised:
-            return Step((), Nack(msg.group_id, msg.slot, msg.ballot, st.promised, self.node_id))
         new = SlotState(msg.ballot, AcceptedValue(msg.ballot, msg.value))
         persist = () if new == st else (self._commit(msg.group_id, msg.slot, new),)
         return Step(persist, self._accepted(msg.group_id, msg.slot, msg.ballot, msg.value))
@@ -172,3 +171,7 @@ class Acceptor:
         msg = Accepted(group_id, slot, ballot, h, self.node_id, b"\0" * 64)
         sig = self.key.sign(ACCEPTED_CTX, encode_struct(msg.body()))
         return Accepted(group_id, slot, ballot, h, self.node_id, sig)
+
+
+def _reject(reason: RejectReason, detail: str) -> Step:
+    return Step((), Reject(reason, detail))
