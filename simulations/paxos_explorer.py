@@ -125,7 +125,6 @@ class Result:
     detected_forks: int = 0
     """States with two chosen values (allowed only with ``expect_forks``, and only detected)."""
     first_fork_trace: list[str] = field(default_factory=list)
-    max_promised_round: int = 0
 
     def summary(self) -> str:
         c = self.config

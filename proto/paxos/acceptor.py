@@ -25,6 +25,7 @@ from proto.paxos.messages import (
     PROMISE_CTX,
     Accept,
     Accepted,
+    AcceptedBody,
     AcceptedValue,
     AcceptorRecord,
     Ballot,
@@ -161,15 +162,13 @@ class Acceptor:
 
     def _promise(self, group_id: bytes, slot: int, ballot: Ballot,
                  accepted: AcceptedValue | None) -> Promise:
-        body = PromiseBody(group_id, slot, ballot, accepted.ballot if accepted else None,
-                           value_hash(accepted.value) if accepted else None)
+        body = PromiseBody.of(group_id, slot, ballot, accepted)
         sig = self.key.sign(PROMISE_CTX, encode_struct(body))
         return Promise(group_id, slot, ballot, accepted, self.node_id, sig)
 
     def _accepted(self, group_id: bytes, slot: int, ballot: Ballot, value: bytes) -> Accepted:
         h = value_hash(value)
-        msg = Accepted(group_id, slot, ballot, h, self.node_id, b"\0" * 64)
-        sig = self.key.sign(ACCEPTED_CTX, encode_struct(msg.body()))
+        sig = self.key.sign(ACCEPTED_CTX, encode_struct(AcceptedBody(group_id, slot, ballot, h)))
         return Accepted(group_id, slot, ballot, h, self.node_id, sig)
 
 

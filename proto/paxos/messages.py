@@ -89,6 +89,14 @@ class PromiseBody:
     accepted_ballot: Ballot | None
     accepted_hash: Hash32 | None
 
+    @classmethod
+    def of(cls, group_id: bytes, slot: int, ballot: Ballot, accepted: AcceptedValue | None
+           ) -> PromiseBody:
+        """The signed form of a promise: the accepted value enters only by its hash."""
+        if accepted is None:
+            return cls(group_id, slot, ballot, None, None)
+        return cls(group_id, slot, ballot, accepted.ballot, value_hash(accepted.value))
+
 
 @dataclass(frozen=True)
 class AcceptedBody:
@@ -124,9 +132,7 @@ class Promise:
     signature: Signature64
 
     def body(self) -> PromiseBody:
-        acc = self.accepted
-        return PromiseBody(self.group_id, self.slot, self.ballot,
-                           acc.ballot if acc else None, value_hash(acc.value) if acc else None)
+        return PromiseBody.of(self.group_id, self.slot, self.ballot, self.accepted)
 
 
 @message(0x22)

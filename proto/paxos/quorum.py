@@ -84,10 +84,6 @@ def verify_equivocation(proof: EquivocationProof, acceptors: AcceptorSet) -> Non
     verify_certificate(b, acceptors)
 
 
-def certificate_signers(cert: Certificate) -> frozenset[bytes]:
-    return frozenset(s.acceptor for s in cert.signatures)
-
-
 def make_certificate(group_id: bytes, slot: int, ballot: Ballot, value_hash: bytes,
                      signatures: dict[bytes, bytes]) -> Certificate:
     """Assemble a certificate with signatures in canonical (sorted by acceptor) order."""
