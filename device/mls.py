@@ -60,3 +60,53 @@ def selfcheck(payload: bytes = b"syncnode selfcheck") -> bytes:
     bob_group = bob.join_group(None, commit.welcome_message).group
     received = bob_group.process_incoming_message(group.encrypt_application_message(payload))
     return bytes(received.data)
+
+
+class Member:
+    """One MLS identity with its signature key usable for manifests and envelopes.
+
+    The MLS signature secret key is ``seed || public``; its seed is an Ed25519 key for pynacl, so
+    one key signs MLS handshake messages, manifests, envelopes and syncnode challenges.
+    Storage is in memory for now (the device agent's SQLite storage replaces it).
+    """
+
+    def __init__(self, name: bytes) -> None:
+        from proto.identity import SecretKey
+
+        self._keypair = mls_rs_uniffi.generate_signature_keypair(CIPHER_SUITE)
+        self.key = SecretKey(bytes(self._keypair.secret_key.bytes)[:32])
+        config = mls_rs_uniffi.ClientConfig(group_state_storage=_MemoryGroupStorage(),
+                                            use_ratchet_tree_extension=True)
+        self.client = mls_rs_uniffi.Client(name, self._keypair, config)
+        self.group: Any = None
+
+    def key_package(self) -> Any:
+        return self.client.generate_key_package_message()
+
+    def create_group(self, group_id: bytes) -> None:
+        self.group = self.client.create_group(group_id)
+
+    def join(self, welcome: bytes) -> None:
+        self.group = self.client.join_group(None, mls_rs_uniffi.Message.from_bytes(welcome)).group
+
+    def add(self, key_packages: list[Any]) -> tuple[bytes, bytes]:
+        """Build (not apply) a commit adding members; returns (commit, welcome) bytes."""
+        out = self.group.add_members(key_packages)
+        return bytes(out.commit_message.to_bytes()), bytes(out.welcome_message.to_bytes())
+
+    def remove(self, members: list[Member]) -> bytes:
+        out = self.group.remove_members([m.client.signing_identity() for m in members])
+        return bytes(out.commit_message.to_bytes())
+
+    def update(self) -> bytes:
+        return bytes(self.group.commit().commit_message.to_bytes())
+
+    def apply(self, commit: bytes) -> None:
+        self.group.process_incoming_message(mls_rs_uniffi.Message.from_bytes(commit))
+
+    def encrypt(self, data: bytes) -> bytes:
+        return bytes(self.group.encrypt_application_message(data).to_bytes())
+
+    def decrypt(self, data: bytes) -> bytes:
+        received = self.group.process_incoming_message(mls_rs_uniffi.Message.from_bytes(data))
+        return bytes(received.data)

@@ -41,12 +41,17 @@ ProposerKeyFor = Callable[[bytes, int, bytes], bytes | None]
 """``(group_id, slot, proposer fingerprint) -> signature public key`` of a device allowed to
 propose at that slot, or None. Built from the manifest chain by the driver."""
 
+ValidateValue = Callable[[bytes, int, bytes], tuple[int, str] | None]
+"""``(group_id, slot, value) -> (rule, detail)`` when the value may not be decided at that slot
+(e.g. its manifest does not follow the previous one), None when it may."""
+
 
 class RejectReason(enum.IntEnum):
     NOT_AN_ACCEPTOR = 1
     NOT_A_MEMBER = 2
     BAD_SIGNATURE = 3
     UNKNOWN_SLOT = 4
+    INVALID_VALUE = 5
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Reject:
 
     reason: RejectReason
     detail: str
+    rule: int = 0
 
 
 Reply = Promise | Accepted | Nack | Reject
@@ -89,6 +95,7 @@ class Acceptor:
     acceptors_for: AcceptorsFor
     proposer_key_for: ProposerKeyFor
     slots: MutableMapping[tuple[bytes, int], SlotState] = field(default_factory=dict)
+    validate_value: ValidateValue | None = None
 
     @property
     def node_id(self) -> bytes:
@@ -148,6 +155,10 @@ class Acceptor:
         refused = self._refusal(msg, ACCEPT_CTX)
         if refused:
             return refused
+        if self.validate_value is not None:
+            problem = self.validate_value(msg.group_id, msg.slot, msg.value)
+            if problem is not None:
+                return Step((), Reject(RejectReason.INVALID_VALUE, problem[1], problem[0]))
         st = self.state(msg.group_id, msg.slot)
         new = SlotState(msg.ballot, AcceptedValue(msg.ballot, msg.value))
         persist = () if new == st else (self._commit(msg.group_id, msg.slot, new),)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import total_ordering
 from typing import Annotated
 
-from proto.codec import U64, Hash32, MaxItems, MaxLen, PublicKey, Signature64, message
+from proto.codec import U16, U64, Hash32, MaxItems, MaxLen, PublicKey, Signature64, message
 from proto.identity import register_context
 
 PREPARE_CTX = register_context("syncnode/paxos/prepare/v1")
@@ -224,3 +224,17 @@ class AcceptorRecord:
     slot: U64
     promised: Ballot | None
     accepted: AcceptedValue | None
+
+
+@message(0x29)
+@dataclass(frozen=True)
+class PaxosRejected:
+    """An acceptor refused a request without changing anything. ``reason`` is the acceptor's
+    :class:`proto.paxos.acceptor.RejectReason`; ``rule`` names the manifest rule a value broke
+    (:class:`proto.manifest.Rule`, 0 when not a value problem)."""
+
+    group_id: GroupId
+    slot: U64
+    reason: U16
+    rule: U16
+    detail: Annotated[str, MaxLen(512)]

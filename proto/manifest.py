@@ -1,0 +1,301 @@
+"""The group manifest and group-log values: building, signing, chaining and validating.
+
+A group's log is a sequence of slots. Slot 0 holds the **genesis** record: the creator's signed
+manifest at epoch 0 (no commit). Slot ``s >= 1`` holds the value decided by Paxos that moves the
+MLS group from epoch ``s - 1`` to ``s``: an MLS commit made in epoch ``s - 1`` plus the signed
+manifest of epoch ``s`` (and the Welcome when devices are added). The acceptors of slot ``s`` are
+the syncnodes named in the manifest of epoch ``s - 1``.
+
+The manifest is the group's public, hash-chained configuration. Syncnodes cannot read MLS
+state, so this is what they validate proposals against (:func:`validate_transition`); members
+run the very same function before applying a decided value, plus MLS's own checks. One place for
+these rules keeps syncnodes and devices from ever disagreeing about what is valid.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+from proto.codec import (
+    U32,
+    U64,
+    Hash32,
+    MaxItems,
+    MaxLen,
+    PublicKey,
+    Signature64,
+    decode_as,
+    encode,
+    encode_struct,
+    message,
+)
+from proto.errors import DecodeError, SyncnodeError
+from proto.identity import SecretKey, fingerprint, is_valid_signature, register_context
+from proto.mls_wire import parse_commit
+from proto.paxos.messages import MAX_ACCEPTORS, GroupId
+from proto.paxos.quorum import AcceptorSet
+
+MANIFEST_CTX = register_context("syncnode/manifest/v1")
+MAX_DEVICES = 1000
+MAX_COMMIT_BYTES = 1024 * 1024
+MAX_WELCOME_BYTES = 4 * 1024 * 1024
+GENESIS_SLOT = 0
+
+
+class Role(enum.IntEnum):
+    MEMBER = 1
+    ADMIN = 2
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """A member device: its MLS signature key (and fingerprint), iroh endpoint and MLS leaf."""
+
+    fingerprint: Hash32
+    sig_pub: PublicKey
+    endpoint_id: PublicKey
+    leaf: U32
+    role: Role
+
+
+@dataclass(frozen=True)
+class SyncnodeEntry:
+    """A syncnode of the group: its node id and last known addresses (dialling hints)."""
+
+    node_id: PublicKey
+    addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    group_id: GroupId
+    epoch: U64
+    devices: Annotated[tuple[DeviceEntry, ...], MaxItems(MAX_DEVICES)]
+    syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
+    crdt_type: Annotated[str, MaxLen(32)]
+    compaction: Annotated[bytes, MaxLen(4096)] | None
+    prev_manifest_hash: Hash32 | None
+    commit_hash: Hash32 | None
+
+    def device(self, fpr: bytes) -> DeviceEntry | None:
+        for d in self.devices:
+            if d.fingerprint == fpr:
+                return d
+        return None
+
+    def acceptors(self) -> AcceptorSet:
+        """The acceptor set of the *next* slot (this manifest's syncnodes)."""
+        return AcceptorSet(frozenset(s.node_id for s in self.syncnodes))
+
+    def hash(self) -> bytes:
+        return _hash(b"syncnode-manifest", encode_struct(self))
+
+
+@message(0x30)
+@dataclass(frozen=True)
+class LogValue:
+    """What a slot of the group log holds. ``commit`` is None only in the genesis record."""
+
+    manifest: Manifest
+    signer: Hash32
+    signature: Signature64
+    commit: Annotated[bytes, MaxLen(MAX_COMMIT_BYTES)] | None
+    welcome: Annotated[bytes, MaxLen(MAX_WELCOME_BYTES)] | None
+
+    def encode(self) -> bytes:
+        return encode(self)
+
+    @staticmethod
+    def decode(data: bytes) -> LogValue:
+        return decode_as(data, LogValue)
+
+
+def _hash(person: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32, person=person[:16]).digest()
+
+
+def commit_hash(commit: bytes) -> bytes:
+    return _hash(b"syncnode-commit", commit)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class Rule(enum.IntEnum):
+    """Which validation rule a value broke. Stable on the wire: append only."""
+
+    MALFORMED = 1
+    WRONG_GROUP = 2
+    WRONG_EPOCH = 3
+    BROKEN_CHAIN = 4
+    SIGNER_NOT_MEMBER = 5
+    BAD_SIGNATURE = 6
+    COMMIT_MISMATCH = 7
+    ROSTER_MISMATCH = 8
+    NOT_ADMIN = 9
+    BAD_ROSTER = 10
+    BAD_GENESIS = 11
+
+
+class ManifestError(SyncnodeError):
+    """A log value breaks a validation rule; ``rule`` is the machine-readable reason."""
+
+    def __init__(self, rule: Rule, detail: str) -> None:
+        super().__init__(f"{rule.name}: {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+# -- building ----------------------------------------------------------------------------------
+
+
+def sign_value(key: SecretKey, manifest: Manifest, commit: bytes | None,
+               welcome: bytes | None = None) -> LogValue:
+    """Sign ``manifest`` (which must already carry ``commit_hash(commit)``) with a device key."""
+    sig = key.sign(MANIFEST_CTX, encode_struct(manifest))
+    return LogValue(manifest, fingerprint(key.public), sig, commit, welcome)
+
+
+def genesis(key: SecretKey, group_id: bytes, endpoint_id: bytes,
+            syncnodes: tuple[SyncnodeEntry, ...], crdt_type: str) -> LogValue:
+    """The signed genesis record of a new group created by the device holding ``key``."""
+    creator = DeviceEntry(fingerprint(key.public), key.public, endpoint_id, 0, Role.ADMIN)
+    manifest = Manifest(group_id, 0, (creator,), syncnodes, crdt_type, None, None, None)
+    return sign_value(key, manifest, None)
+
+
+def next_manifest(prev: Manifest, commit: bytes, *, add: tuple[DeviceEntry, ...] = (),
+                  remove: tuple[bytes, ...] = (),
+                  syncnodes: tuple[SyncnodeEntry, ...] | None = None,
+                  compaction: bytes | None = None) -> Manifest:
+    """The manifest following ``prev`` for ``commit``: removes fingerprints, then adds devices
+    at the leaves MLS assigns them (``leaf`` of the given entries is ignored)."""
+    kept = [d for d in prev.devices if d.fingerprint not in remove]
+    leaves = assign_leaves({d.leaf for d in kept}, len(add))
+    added = [replace(d, leaf=leaf) for d, leaf in zip(add, leaves, strict=True)]
+    return Manifest(
+        prev.group_id, prev.epoch + 1, tuple(kept + added),
+        prev.syncnodes if syncnodes is None else syncnodes, prev.crdt_type,
+        compaction, prev.hash(), commit_hash(commit))
+
+
+def assign_leaves(occupied: set[int], count: int) -> list[int]:
+    """Leaves MLS gives ``count`` added members: the leftmost blank leaves (RFC 9420 7.7)."""
+    out: list[int] = []
+    leaf = 0
+    while len(out) < count:
+        if leaf not in occupied:
+            out.append(leaf)
+        leaf += 1
+    return out
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def _check_roster(m: Manifest) -> None:
+    if not m.syncnodes:
+        raise ManifestError(Rule.BAD_ROSTER, "no syncnodes")
+    if len({s.node_id for s in m.syncnodes}) != len(m.syncnodes):
+        raise ManifestError(Rule.BAD_ROSTER, "duplicate syncnode")
+    if len({d.fingerprint for d in m.devices}) != len(m.devices):
+        raise ManifestError(Rule.BAD_ROSTER, "duplicate device")
+    if len({d.leaf for d in m.devices}) != len(m.devices):
+        raise ManifestError(Rule.BAD_ROSTER, "two devices share a leaf")
+    for d in m.devices:
+        if fingerprint(d.sig_pub) != d.fingerprint:
+            raise ManifestError(Rule.BAD_ROSTER, "device fingerprint does not match its key")
+    if not any(d.role == Role.ADMIN for d in m.devices):
+        raise ManifestError(Rule.BAD_ROSTER, "no admin left")
+
+
+def _check_signature(signer: DeviceEntry | None, value: LogValue) -> DeviceEntry:
+    if signer is None:
+        raise ManifestError(Rule.SIGNER_NOT_MEMBER, "signer is not a member of the group")
+    if not is_valid_signature(signer.sig_pub, MANIFEST_CTX, encode_struct(value.manifest),
+                              value.signature):
+        raise ManifestError(Rule.BAD_SIGNATURE, "manifest signature does not verify")
+    return signer
+
+
+def validate_genesis(group_id: bytes, value: LogValue) -> None:
+    """Raise :class:`ManifestError` unless ``value`` is a well-formed genesis of ``group_id``."""
+    m = value.manifest
+    if m.group_id != group_id:
+        raise ManifestError(Rule.WRONG_GROUP, "manifest names another group")
+    if m.epoch != 0 or value.commit is not None or m.prev_manifest_hash is not None \
+            or m.commit_hash is not None or value.welcome is not None:
+        raise ManifestError(Rule.BAD_GENESIS, "genesis is epoch 0 with no commit or parent")
+    _check_roster(m)
+    if len(m.devices) != 1 or m.devices[0].leaf != 0 or m.devices[0].role != Role.ADMIN:
+        raise ManifestError(Rule.BAD_GENESIS, "genesis has exactly its creator, admin at leaf 0")
+    _check_signature(m.device(value.signer), value)
+
+
+def validate_transition(prev: Manifest, value: LogValue) -> None:
+    """Raise :class:`ManifestError` unless ``value`` may follow ``prev`` in the group log.
+
+    The rules of DESIGN.md "syncnode validation": the signer is a device of ``prev`` and signed
+    the new manifest; the manifest chains to ``prev``; the commit was made in ``prev``'s epoch by
+    the signer's leaf; its adds and removes are exactly the roster change; only admins change
+    roles or syncnodes.
+    """
+    m = value.manifest
+    if m.group_id != prev.group_id:
+        raise ManifestError(Rule.WRONG_GROUP, "manifest names another group")
+    if m.epoch != prev.epoch + 1:
+        raise ManifestError(Rule.WRONG_EPOCH, f"manifest epoch {m.epoch} after {prev.epoch}")
+    if m.prev_manifest_hash != prev.hash():
+        raise ManifestError(Rule.BROKEN_CHAIN, "prev_manifest_hash does not match")
+    if m.crdt_type != prev.crdt_type:
+        raise ManifestError(Rule.BROKEN_CHAIN, "crdt_type cannot change")
+    signer = _check_signature(prev.device(value.signer), value)
+    if value.commit is None or m.commit_hash != commit_hash(value.commit):
+        raise ManifestError(Rule.COMMIT_MISMATCH, "commit_hash does not match the commit")
+    try:
+        info = parse_commit(value.commit)
+    except DecodeError as exc:
+        raise ManifestError(Rule.COMMIT_MISMATCH, f"unreadable commit: {exc}") from None
+    if info.group_id != m.group_id or info.epoch != prev.epoch:
+        raise ManifestError(Rule.COMMIT_MISMATCH, "commit is for another group or epoch")
+    if info.sender_leaf != signer.leaf:
+        raise ManifestError(Rule.COMMIT_MISMATCH, "commit sender is not the manifest signer")
+    if info.other_proposals:
+        raise ManifestError(Rule.COMMIT_MISMATCH, "commit carries unsupported proposals")
+    _check_roster(m)
+
+    by_leaf = {d.leaf: d for d in prev.devices}
+    removed = set()
+    for leaf in info.removed_leaves:
+        if leaf not in by_leaf or by_leaf[leaf].fingerprint in removed:
+            raise ManifestError(Rule.ROSTER_MISMATCH, f"commit removes unknown leaf {leaf}")
+        removed.add(by_leaf[leaf].fingerprint)
+    prev_fprs = {d.fingerprint for d in prev.devices}
+    new_fprs = {d.fingerprint for d in m.devices}
+    if new_fprs & removed or (prev_fprs - removed) - new_fprs:
+        raise ManifestError(Rule.ROSTER_MISMATCH, "removed devices differ from the commit")
+    added = [d for d in m.devices if d.fingerprint not in prev_fprs]
+    if Counter(d.sig_pub for d in added) != Counter(info.added_signature_keys):
+        raise ManifestError(Rule.ROSTER_MISMATCH, "added devices differ from the commit")
+    kept_leaves = {d.leaf for d in prev.devices if d.fingerprint not in removed}
+    expected = assign_leaves(kept_leaves, len(added))
+    by_key = {d.sig_pub: d for d in added}
+    if [by_key[k].leaf for k in info.added_signature_keys] != expected:
+        raise ManifestError(Rule.ROSTER_MISMATCH, "added devices are not at the leaves MLS uses")
+
+    is_admin = signer.role == Role.ADMIN
+    for d in m.devices:
+        old = prev.device(d.fingerprint)
+        if old is None:
+            if d.role != Role.MEMBER and not is_admin:
+                raise ManifestError(Rule.NOT_ADMIN, "only admins add admins")
+        elif (old.sig_pub, old.endpoint_id, old.leaf) != (d.sig_pub, d.endpoint_id, d.leaf):
+            raise ManifestError(Rule.ROSTER_MISMATCH, "an existing device entry changed")
+        elif old.role != d.role and not is_admin:
+            raise ManifestError(Rule.NOT_ADMIN, "only admins change roles")
+    if m.syncnodes != prev.syncnodes and not is_admin:
+        raise ManifestError(Rule.NOT_ADMIN, "only admins change the syncnodes")

@@ -1,0 +1,231 @@
+"""Requests and responses of the syncnode service (tags ``0x40-0x7F``).
+
+Conversation shape: a client opens a stream and sends request frames; the syncnode answers each,
+in order, with one response frame (a success message below, a Paxos reply, or
+:class:`proto.messages.ErrorReply`). Requests on one stream may be pipelined. ``Subscribe`` turns
+its stream into a push stream: after ``Subscribed`` the syncnode sends :class:`Envelope` and
+:class:`proto.paxos.messages.Decided` frames as they are stored.
+
+Authentication: the transport authenticates the peer's endpoint id; devices additionally prove
+that they hold an MLS signature key by signing the connection's challenge
+(:class:`AuthBody`). Member-only requests (store, backfill, subscribe) check that key against the
+group's current manifest; mailbox fetches check it against the recipient.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Annotated
+
+from proto.codec import U32, U64, Hash32, Len, MaxItems, MaxLen, PublicKey, Signature64, message
+from proto.envelope import Envelope
+from proto.identity import register_context
+from proto.paxos.messages import Decided, GroupId
+
+AUTH_CTX = register_context("syncnode/auth/v1")
+MAX_PAGE = 1024
+MAX_HEADS = 256
+MAX_MAILBOX_PAYLOAD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class AuthBody:
+    """What a device signs to authenticate on one connection: the syncnode it talks to, its own
+    transport endpoint id, and the syncnode's fresh nonce (so a signature is never reusable)."""
+
+    node_id: PublicKey
+    client_endpoint: PublicKey
+    nonce: Annotated[bytes, Len(32)]
+
+
+@message(0x40)
+@dataclass(frozen=True)
+class GetChallenge:
+    pass
+
+
+@message(0x41)
+@dataclass(frozen=True)
+class Challenge:
+    nonce: Annotated[bytes, Len(32)]
+
+
+@message(0x42)
+@dataclass(frozen=True)
+class Authenticate:
+    public_key: PublicKey
+    signature: Signature64
+
+
+@message(0x43)
+@dataclass(frozen=True)
+class Authenticated:
+    fingerprint: Hash32
+
+
+@message(0x44)
+@dataclass(frozen=True)
+class RegisterGroup:
+    """Create a group from its signed genesis record (an encoded ``LogValue``)."""
+
+    value: Annotated[bytes, MaxLen(256 * 1024)]
+
+
+@message(0x45)
+@dataclass(frozen=True)
+class GroupRegistered:
+    group_id: GroupId
+    created: bool
+    """False when the same genesis was already registered (registration is idempotent)."""
+
+
+@message(0x46)
+@dataclass(frozen=True)
+class FetchDecided:
+    group_id: GroupId
+    from_slot: U64
+    limit: U32
+
+
+@message(0x47)
+@dataclass(frozen=True)
+class DecidedPage:
+    """Slots ``from_slot..``; ``genesis`` is set when slot 0 was asked for. ``top`` is the
+    highest slot this syncnode has decided, so a client knows whether to ask again."""
+
+    group_id: GroupId
+    genesis: Annotated[bytes, MaxLen(256 * 1024)] | None
+    decided: Annotated[tuple[Decided, ...], MaxItems(MAX_PAGE)]
+    top: U64
+
+
+@dataclass(frozen=True)
+class Head:
+    group_id: GroupId
+    top: U64
+
+
+@message(0x48)
+@dataclass(frozen=True)
+class FetchHeads:
+    group_ids: Annotated[tuple[GroupId, ...], MaxItems(MAX_HEADS)]
+
+
+@message(0x49)
+@dataclass(frozen=True)
+class Heads:
+    """Top decided slot of each requested group this syncnode hosts (unknown ones omitted)."""
+
+    heads: Annotated[tuple[Head, ...], MaxItems(MAX_HEADS)]
+
+
+@message(0x4B)
+@dataclass(frozen=True)
+class Stored:
+    """The envelope ``(group, sender, seq)`` is durable on this syncnode."""
+
+    group_id: GroupId
+    sender: Hash32
+    seq: U64
+
+
+@dataclass(frozen=True)
+class Watermark:
+    sender: Hash32
+    seq: U64
+
+
+@message(0x4C)
+@dataclass(frozen=True)
+class Backfill:
+    """Envelopes with ``seq`` above the watermark of their sender (senders not listed: all)."""
+
+    group_id: GroupId
+    watermarks: Annotated[tuple[Watermark, ...], MaxItems(4096)]
+    limit: U32
+
+
+@message(0x4D)
+@dataclass(frozen=True)
+class BackfillPage:
+    envelopes: Annotated[tuple[Envelope, ...], MaxItems(MAX_PAGE)]
+    more: bool
+
+
+@message(0x4E)
+@dataclass(frozen=True)
+class Subscribe:
+    group_id: GroupId
+
+
+@message(0x4F)
+@dataclass(frozen=True)
+class Subscribed:
+    group_id: GroupId
+    top: U64
+
+
+class MailboxKind(enum.IntEnum):
+    KEY_PACKAGE = 1
+    WELCOME = 2
+    INVITE_REPLY = 3
+
+
+@message(0x50)
+@dataclass(frozen=True)
+class MailboxPut:
+    """Leave ``payload`` for the holder of ``recipient`` (a public key) for ``ttl`` seconds."""
+
+    recipient: PublicKey
+    kind: MailboxKind
+    payload: Annotated[bytes, MaxLen(MAX_MAILBOX_PAYLOAD)]
+    ttl: U32
+
+
+@message(0x51)
+@dataclass(frozen=True)
+class MailboxStored:
+    item_id: U64
+
+
+@message(0x52)
+@dataclass(frozen=True)
+class MailboxFetch:
+    """Items for ``recipient`` with id above ``after``; the connection must have authenticated
+    with the recipient key."""
+
+    recipient: PublicKey
+    after: U64
+    limit: U32
+
+
+@dataclass(frozen=True)
+class MailboxItem:
+    item_id: U64
+    kind: MailboxKind
+    payload: Annotated[bytes, MaxLen(MAX_MAILBOX_PAYLOAD)]
+    expires_at: U64
+
+
+@message(0x53)
+@dataclass(frozen=True)
+class MailboxItems:
+    items: Annotated[tuple[MailboxItem, ...], MaxItems(MAX_PAGE)]
+
+
+@message(0x54)
+@dataclass(frozen=True)
+class MailboxAck:
+    """Delete the given items (after the recipient has processed them)."""
+
+    recipient: PublicKey
+    item_ids: Annotated[tuple[U64, ...], MaxItems(MAX_PAGE)]
+
+
+@message(0x55)
+@dataclass(frozen=True)
+class Done:
+    """Success with nothing else to say (learned decision stored, mailbox items deleted)."""
+
+    count: U32

@@ -1,0 +1,156 @@
+"""Daemon configuration: ``syncnode.toml`` in the data dir, overridable by command-line flags.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every value is
+type-checked with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from proto.errors import ConfigError
+
+CONFIG_NAME = "syncnode.toml"
+KEY_NAME = "node.key"
+DB_NAME = "syncnode.db"
+STATE_NAME = "run-state.json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-node quotas and rate limits (section ``[limits]``)."""
+
+    max_groups_per_key: int = 1000
+    max_groups_per_connection: int = 100
+    max_bytes_per_group: int = 1024 * 1024 * 1024
+    max_mailbox_items_per_recipient: int = 256
+    max_mailbox_ttl: int = 7 * 24 * 3600
+    requests_per_second: float = 2000.0
+    request_burst: int = 4000
+    max_frame: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    listen: str = "0.0.0.0:7600"
+    relay: str = "off"
+    http_listen: str = "127.0.0.1:7601"
+    group_commit: bool = True
+    cache_groups: int = 1024
+    cache_slots: int = 4096
+    catchup_interval: float = 30.0
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+    peers: dict[str, list[str]] = field(default_factory=dict)
+    """node id (hex) -> addresses: overrides the address hints in manifests."""
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / KEY_NAME
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_NAME
+
+    @property
+    def relays(self) -> list[str] | None:
+        return None if self.relay == "off" else [self.relay]
+
+
+DEFAULT_TOML = """\
+# syncnode configuration. Every key is optional; the values shown are the defaults.
+# Command-line flags (syncnode run --help) override this file.
+
+# iroh endpoint: the UDP address to bind. Devices and peer syncnodes dial it.
+listen = "0.0.0.0:7600"
+# Relay server URL for NAT traversal, or "off" (direct addresses only).
+relay = "off"
+# /healthz, /readyz and /metrics. Keep it on loopback unless a firewall protects it.
+http_listen = "127.0.0.1:7601"
+# Batch concurrent writes into one transaction and one fsync. Turning it off is only useful
+# for benchmarks: every write then pays its own fsync.
+group_commit = true
+# Per-group state kept in memory (least recently used groups are dropped, and reloaded on use).
+cache_groups = 1024
+cache_slots = 4096
+# Seconds between checks that this node has every decision its peers have.
+catchup_interval = 30.0
+# debug, info, warning or error. Logs are JSON lines on stderr unless stderr is a terminal.
+log_level = "info"
+
+[limits]
+max_groups_per_key = 1000
+max_groups_per_connection = 100
+max_bytes_per_group = 1073741824
+max_mailbox_items_per_recipient = 256
+max_mailbox_ttl = 604800
+requests_per_second = 2000.0
+request_burst = 4000
+max_frame = 16777216
+
+# Addresses of peer syncnodes, by node id, when the hints in group manifests are stale:
+# [peers]
+# "3f1c...node id hex..." = ["203.0.113.7:7600"]
+"""
+
+
+def _check(name: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, table: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known or key == "data_dir":
+            raise ConfigError(f"{where}: unknown setting {key!r} "
+                              f"(known: {', '.join(sorted(k for k in known if k != 'data_dir'))})")
+        current = getattr(obj, key)
+        if key == "limits":
+            if not isinstance(value, dict):
+                raise ConfigError("[limits] must be a table")
+            changes[key] = _apply(current, value, "[limits]")
+        elif key == "peers":
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, list) and all(isinstance(a, str) for a in v)
+                    for v in value.values()):
+                raise ConfigError("[peers]: each entry is node-id-hex = [\"host:port\", ...]")
+            changes[key] = value
+        else:
+            changes[key] = _check(f"{where}{key}", value, current)
+    return replace(obj, **changes)
+
+
+def load_config(data_dir: Path, config_file: Path | None = None) -> Config:
+    """The configuration of ``data_dir``: defaults, then ``config_file`` (default: the data
+    dir's ``syncnode.toml`` if present)."""
+    config = Config(data_dir=data_dir)
+    path = config_file or data_dir / CONFIG_NAME
+    if config_file is not None and not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.exists():
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        config = _apply(config, table, "")
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: {config.log_level!r} is not debug/info/warning/error")
+    return config
