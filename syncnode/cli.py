@@ -101,8 +101,9 @@ def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str
         config = load_config(data_dir, config_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    overrides: dict[str, Any] = {k: v for k, v in {"listen": listen, "relay": relay, "http_listen": http_listen,
-                                   "log_level": log_level}.items() if v is not None}
+    flags = {"listen": listen, "relay": relay, "http_listen": http_listen,
+             "log_level": log_level}
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if no_group_commit:
         overrides["group_commit"] = False
     config = replace(config, **overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -10,13 +11,26 @@ import pytest
 import trio
 
 from device.paxos_driver import ProposeFailed, propose
+from proto.codec import encode_struct
 from proto.envelope import Envelope
-from proto.manifest import Role, Rule, sign_value
+from proto.manifest import Rule, sign_value
 from proto.messages import ErrorCode, ErrorReply
-from proto.paxos.messages import Decided, PaxosRejected
-from proto.paxos.proposer import Lost
+from proto.paxos.messages import (
+    ACCEPT_CTX,
+    PREPARE_CTX,
+    Accept,
+    AcceptBody,
+    Ballot,
+    Decided,
+    PaxosRejected,
+    Prepare,
+    PrepareBody,
+    value_hash,
+)
+from proto.paxos.proposer import Lost, Proposer
+from proto.paxos.quorum import AcceptorSet
 from proto.rpc import RemoteError
-from proto.service import MailboxKind
+from proto.service import GetChallenge, MailboxKind, RegisterGroup
 from proto.transport.memory import MemoryNetwork
 from syncnode.config import Limits
 from tests.syncnode_kit import (
@@ -58,14 +72,11 @@ async def test_genesis_paxos_learn_and_fetch(cluster: MemoryCluster) -> None:
             assert [d.value for d in page.decided] == [value.encode()]
         # A proposer arriving late at a decided slot is told the decision, not a new vote.
         late = await clients[0].request(
-            (await _prepare_for(alice, g.group_id, 1)))
+            await _prepare_for(alice, g.group_id, 1))
         assert isinstance(late, Decided) and late.value == value.encode()
 
 
-async def _prepare_for(device: Device, group_id: bytes, slot: int):  # type: ignore[no-untyped-def]
-    from proto.paxos.proposer import Proposer
-    from proto.paxos.quorum import AcceptorSet
-
+async def _prepare_for(device: Device, group_id: bytes, slot: int) -> Prepare:
     return Proposer(device.key, group_id, slot, b"x", AcceptorSet.of(b"\0" * 32)).start()[0]
 
 
@@ -104,13 +115,8 @@ async def decide_quick(g, device, clients, value):  # type: ignore[no-untyped-de
 
 async def _accept_reply(device, client, g, value, round_):  # type: ignore[no-untyped-def]
     """Prepare at a high round then Accept ``value``: the acceptor's verdict on the value."""
-    from proto.codec import encode_struct
-    from proto.paxos.messages import ACCEPT_CTX, Accept, AcceptBody, Ballot, value_hash
-
     prepare = await _prepare_for(device, g.group_id, g.next_slot)
     ballot = Ballot(round_, prepare.ballot.proposer)
-    from proto.paxos.messages import PREPARE_CTX, Prepare, PrepareBody
-
     body = PrepareBody(g.group_id, g.next_slot, ballot)
     await client.request(Prepare(g.group_id, g.next_slot, ballot,
                                  device.key.sign(PREPARE_CTX, encode_struct(body))))
@@ -118,3 +124,207 @@ async def _accept_reply(device, client, g, value, round_):  # type: ignore[no-un
     abody = AcceptBody(g.group_id, g.next_slot, ballot, value_hash(raw))
     return await client.request(Accept(g.group_id, g.next_slot, ballot, raw,
                                        device.key.sign(ACCEPT_CTX, encode_struct(abody))))
+
+
+async def _group_with(cluster: MemoryCluster, creator: Device, *members: Device):  # type: ignore[no-untyped-def]
+    g = new_group(creator, [n.entry for n in cluster.nodes])
+    async with cluster.clients(creator) as clients:
+        for c in clients:
+            await c.register_group(g.values[0])
+        if members:
+            value = add_value(g, creator, list(members))
+            assert isinstance(await decide(g, creator, clients, value), Decided)
+            creator.mls.apply(value.commit)
+            for m in members:
+                m.mls.join(value.welcome)
+    return g
+
+
+async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> None:
+    alice, bob = Device("alice"), Device("bob")
+    g = await _group_with(cluster, alice, bob)
+    node = cluster.nodes[0]
+    async with cluster.clients(bob, [node]) as (bc,), cluster.clients(alice, [node]) as (ac,):
+        async with bc.subscribe(g.group_id) as feed:
+            sent = [Envelope.seal(alice.key, g.group_id, seq, 1, alice.mls.encrypt(b"u%d" % seq))
+                    for seq in range(1, 6)]
+            for env in sent:
+                assert (await ac.store(env)).seq == env.seq
+            await ac.store(sent[0])  # duplicate: acknowledged again, stored once
+            pushed = [await feed.__anext__() for _ in sent]
+            assert pushed == sent
+            assert [bob.mls.decrypt(e.ciphertext) for e in pushed] == [b"u%d" % i
+                                                                      for i in range(1, 6)]
+        # Same (sender, seq) with other content is refused: it would be a device equivocating.
+        clash = Envelope.seal(alice.key, g.group_id, 3, 1, b"other")
+        with pytest.raises(RemoteError) as err:
+            await ac.store(clash)
+        assert err.value.code == ErrorCode.CONFLICT
+        # Backfill by watermark, paged.
+        page = await bc.backfill(g.group_id, {alice.key_fpr: 2}, limit=2)
+        assert [e.seq for e in page.envelopes] == [3, 4] and page.more
+        page = await bc.backfill(g.group_id, {alice.key_fpr: 4}, limit=2)
+        assert [e.seq for e in page.envelopes] == [5] and not page.more
+        assert node.service.metrics.messages_pushed._value.get() == 5
+
+
+async def test_membership_is_enforced(cluster: MemoryCluster) -> None:
+    alice, bob, carol = Device("alice"), Device("bob"), Device("carol")
+    g = await _group_with(cluster, alice, bob, carol)
+    node = cluster.nodes[0]
+    stranger = Device("stranger")
+    async with cluster.clients(stranger, [node]) as (sc,), cluster.clients(None, [node]) as (anon,):
+        for client in (sc, anon):
+            for request in (bc_backfill(client, g.group_id),
+                            client.store(Envelope.seal(alice.key, g.group_id, 1, 1, b"x"))):
+                with pytest.raises(RemoteError) as err:
+                    await request
+                assert err.value.code == ErrorCode.UNAUTHORIZED
+        # A forged envelope (signed by a stranger, claiming alice) is refused even from a member.
+    async with cluster.clients(bob, [node]) as (bc,):
+        forged = replace(Envelope.seal(stranger.key, g.group_id, 1, 1, b"x"), sender=alice.key_fpr)
+        with pytest.raises(RemoteError) as err:
+            await bc.store(forged)
+        assert err.value.code == ErrorCode.UNAUTHORIZED
+        assert node.service.db.execute("SELECT count(*) FROM envelopes").fetchone()[0] == 0
+    # Remove carol: from that slot on she is refused, and her live feed is cut.
+    async with cluster.clients(carol, [node]) as (cc,):
+        async with cc.subscribe(g.group_id) as feed:
+            async with cluster.clients(alice) as clients:
+                value = remove_value(g, alice, [carol])
+                assert isinstance(await decide(g, alice, clients, value), Decided)
+            items = []
+            with pytest.raises(RemoteError) as err:
+                async for item in feed:
+                    items.append(item)
+            assert err.value.code == ErrorCode.UNAUTHORIZED
+            assert [type(i) for i in items] == []  # the removing decision is not shown to her
+        with pytest.raises(RemoteError) as err:
+            await cc.backfill(g.group_id, {})
+        assert err.value.code == ErrorCode.UNAUTHORIZED
+
+
+def bc_backfill(client, group_id):  # type: ignore[no-untyped-def]
+    return client.backfill(group_id, {})
+
+
+async def test_mailbox(cluster: MemoryCluster) -> None:
+    bob, eve = Device("bob"), Device("eve")
+    node = cluster.nodes[0]
+    async with cluster.clients(None, [node]) as (anon,), cluster.clients(bob, [node]) as (bc,):
+        item = await anon.mailbox_put(bob.key.public, MailboxKind.KEY_PACKAGE, b"kp", 60)
+        with pytest.raises(RemoteError) as err:
+            await anon.mailbox_fetch(bob.key.public)
+        assert err.value.code == ErrorCode.UNAUTHORIZED
+        items = (await bc.mailbox_fetch(bob.key.public)).items
+        assert [(i.item_id, i.kind, i.payload) for i in items] == [
+            (item, MailboxKind.KEY_PACKAGE, b"kp")]
+        with pytest.raises(RemoteError):
+            await anon.mailbox_put(eve.key.public, MailboxKind.WELCOME, b"w", 10**9)
+        assert await bc.mailbox_ack(bob.key.public, [item]) == 1
+        assert (await bc.mailbox_fetch(bob.key.public)).items == ()
+        # Expiry: an item whose ttl passed is not served.
+        node.service.clock = lambda: 10**10
+        await anon.mailbox_put(bob.key.public, MailboxKind.WELCOME, b"old", 1)
+        node.service.clock = time.time
+        assert (await bc.mailbox_fetch(bob.key.public)).items != ()  # far-future clock: live
+        node.service.clock = lambda: 10**11
+        assert (await bc.mailbox_fetch(bob.key.public)).items == ()
+
+
+async def test_quota_and_rate_limit(cluster: MemoryCluster) -> None:
+    node = cluster.nodes[0]
+    async with cluster.clients(None, [node]) as (anon,):
+        for i in range(6):
+            d = Device(f"d{i}")
+            g = new_group(d, [node.entry])
+            reply = await anon.request(RegisterGroup(
+                g.values[0].encode()))
+            if i < 5:
+                assert not isinstance(reply, ErrorReply), reply
+            else:
+                assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.QUOTA_EXCEEDED
+    node.service.limits = replace(node.service.limits, requests_per_second=1, request_burst=3)
+    async with cluster.clients(None, [node]) as (anon,):
+        replies = [await anon.request(GetChallenge())
+                   for _ in range(6)]
+        codes = [r.code for r in replies if isinstance(r, ErrorReply)]
+        assert ErrorCode.RATE_LIMITED in codes and len(codes) >= 2
+
+
+async def test_restart_restores_state_and_lru_bounds_memory(cluster: MemoryCluster) -> None:
+    alice, bob = Device("alice"), Device("bob")
+    g = await _group_with(cluster, alice, bob)
+    async with cluster.clients(alice) as clients:
+        for seq in range(1, 4):
+            await clients[0].store(Envelope.seal(alice.key, g.group_id, seq, 1, b"%d" % seq))
+        v2 = update_value(g, alice)
+        assert isinstance(await decide(g, alice, clients, v2), Decided)
+    old = cluster.nodes[0]
+    await cluster.stop_node(old)
+    node = await cluster.start_node(old.key, cache_groups=1, cache_slots=1)
+    others = [new_group(Device(f"o{i}"), [node.entry]) for i in range(3)]
+    async with cluster.clients(None, [node]) as (anon,):
+        for o in others:
+            await anon.register_group(o.values[0])
+        page = await anon.fetch_decided(g.group_id, 0)
+        assert page.top == 2 and len(page.decided) == 2
+    assert len(node.service.groups) == 1  # bounded by the LRU
+    async with cluster.clients(bob, [node]) as (bc,):
+        assert [e.seq for e in (await bc.backfill(g.group_id, {})).envelopes] == [1, 2, 3]
+        # The acceptor state of slot 3 survives a restart too: promise, restart, higher slot.
+        p = Proposer(alice.key, g.group_id, 3, b"v", g.manifest.acceptors(), first_round=7)
+        promise = await bc.request(p.start()[0])
+        assert type(promise).__name__ == "Promise"
+    await cluster.stop_node(node)
+    node = await cluster.start_node(old.key, cache_groups=1, cache_slots=1)
+    async with cluster.clients(None, [node]) as (anon,):
+        p = Proposer(alice.key, g.group_id, 3, b"v", g.manifest.acceptors(), first_round=5)
+        nack = await anon.request(p.start()[0])
+        assert type(nack).__name__ == "Nack" and nack.promised.round == 7
+
+
+async def test_peer_catch_up_after_downtime(cluster: MemoryCluster) -> None:
+    alice, bob = Device("alice"), Device("bob")
+    g = new_group(alice, [n.entry for n in cluster.nodes])
+    async with cluster.clients(alice) as clients:
+        for c in clients:
+            await c.register_group(g.values[0])
+    lagging = cluster.nodes[2]
+    await cluster.stop_node(lagging)
+    async with cluster.clients(alice) as clients:  # the two live nodes decide 3 slots
+        v = add_value(g, alice, [bob])
+        assert isinstance(await decide(g, alice, clients, v), Decided)
+        alice.mls.apply(v.commit)
+        for _ in range(2):
+            v = update_value(g, alice)
+            assert isinstance(await decide(g, alice, clients, v), Decided)
+            alice.mls.apply(v.commit)
+    node = await cluster.start_node(lagging.key)
+    assert node.service.group(g.group_id).top == 0
+    await node.peers.sweep()
+    assert node.service.group(g.group_id).top == 3
+    async with cluster.clients(None, [node]) as (anon,):
+        page = await anon.fetch_decided(g.group_id, 1)
+        assert [d.value for d in page.decided] == [x.encode() for x in g.values[1:]]
+
+
+async def test_conflicting_proposals_one_winner(cluster: MemoryCluster) -> None:
+    alice, bob = Device("alice"), Device("bob")
+    g = await _group_with(cluster, alice, bob)
+    va, vb = update_value(g, alice), update_value(g, bob)
+    outcomes = {}
+    async with cluster.clients(alice) as ac, cluster.clients(bob) as bc:
+        async with trio.open_nursery() as n:
+            async def run(name, dev, clients, value):  # type: ignore[no-untyped-def]
+                outcomes[name] = await propose(dev.key, clients, g.group_id, 2, value.encode(),
+                                               g.manifest.acceptors())
+            n.start_soon(run, "a", alice, ac, va)
+            n.start_soon(run, "b", bob, bc, vb)
+    kinds = sorted(type(o).__name__ for o in outcomes.values())
+    assert kinds == ["Decided", "Lost"]
+    winner = next(o for o in outcomes.values() if isinstance(o, Decided))
+    loser = next(o for o in outcomes.values() if isinstance(o, Lost))
+    assert loser.certificate.value_hash == winner.certificate.value_hash
+    for node in cluster.nodes:  # every syncnode stores the same single winner
+        assert node.service.decided_at(g.group_id, 2).value == winner.value

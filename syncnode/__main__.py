@@ -1,0 +1,5 @@
+"""``python -m syncnode`` = the ``syncnode`` command."""
+
+from syncnode.cli import main
+
+main()

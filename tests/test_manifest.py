@@ -1,0 +1,142 @@
+"""Manifest chain validation and the MLS commit parser, against commits made by real MLS."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto.errors import DecodeError
+from proto.manifest import (
+    LogValue,
+    ManifestError,
+    Role,
+    Rule,
+    SyncnodeEntry,
+    next_manifest,
+    sign_value,
+    validate_genesis,
+    validate_transition,
+)
+from proto.mls_wire import parse_commit
+from tests.syncnode_kit import Device, Group, add_value, new_group, remove_value, update_value
+
+NODES = (SyncnodeEntry(b"\1" * 32, ("127.0.0.1:1",)), SyncnodeEntry(b"\2" * 32, ()))
+
+
+def _advance(g: Group, value: LogValue, *joiners: Device) -> None:
+    validate_transition(g.manifest, value)
+    g.values.append(value)
+    committer = next(x for x in _devices if x.key_fpr == value.signer)
+    committer.mls.apply(value.commit)
+    for j in joiners:
+        j.mls.join(value.welcome)
+
+
+_devices: list[Device] = []
+
+
+def _dev(name: str) -> Device:
+    d = Device(name)
+    _devices.append(d)
+    return d
+
+
+def test_chain_with_adds_removes_and_leaf_reuse() -> None:
+    a, b, c, d = (_dev(n) for n in "abcd")
+    g = new_group(a, NODES)
+    validate_genesis(g.group_id, g.values[0])
+    _advance(g, add_value(g, a, [b, c]), b, c)
+    assert [x.leaf for x in g.manifest.devices] == [0, 1, 2]
+    v = remove_value(g, a, [b])
+    b.mls.apply(v.commit)  # b processes its own removal (it is out afterwards)
+    c.mls.apply(v.commit)
+    _advance(g, v)
+    v = add_value(g, a, [d])
+    c.mls.apply(v.commit)
+    _advance(g, v, d)
+    assert g.manifest.device(d.key_fpr).leaf == 1  # MLS reused b's blank leaf
+    # d's own commit names leaf 1 as sender: the manifest's leaf bookkeeping matches MLS.
+    v = update_value(g, d)
+    assert parse_commit(v.commit).sender_leaf == 1
+    for x in (a, c):
+        x.mls.apply(v.commit)
+    _advance(g, v)
+    assert g.manifest.epoch == 4
+
+
+def test_rule_violations() -> None:
+    a, b, m = _dev("a"), _dev("b"), _dev("m")
+    g = new_group(a, NODES)
+    _advance(g, add_value(g, a, [b]), b)
+    prev = g.manifest
+    good = update_value(g, b)
+    validate_transition(prev, good)
+
+    def broken(value: LogValue, rule: Rule) -> None:
+        with pytest.raises(ManifestError) as err:
+            validate_transition(prev, value)
+        assert err.value.rule == rule, err.value
+
+    broken(sign_value(m.key, good.manifest, good.commit), Rule.SIGNER_NOT_MEMBER)
+    broken(replace(good, signature=bytes(64)), Rule.BAD_SIGNATURE)
+    broken(sign_value(b.key, replace(good.manifest, prev_manifest_hash=bytes(32)), good.commit),
+           Rule.BROKEN_CHAIN)
+    broken(sign_value(b.key, replace(good.manifest, epoch=9), good.commit), Rule.WRONG_EPOCH)
+    # The commit was made by b (leaf 1), but a signs the manifest: sender mismatch.
+    broken(sign_value(a.key, good.manifest, good.commit), Rule.COMMIT_MISMATCH)
+    # Non-admin b changes the syncnodes or promotes itself.
+    broken(sign_value(b.key, replace(good.manifest, syncnodes=NODES[:1]), good.commit),
+           Rule.NOT_ADMIN)
+    promoted = tuple(replace(x, role=Role.ADMIN) for x in good.manifest.devices)
+    broken(sign_value(b.key, replace(good.manifest, devices=promoted), good.commit),
+           Rule.NOT_ADMIN)
+    # A roster that silently drops a device the commit keeps.
+    broken(sign_value(b.key, replace(good.manifest, devices=good.manifest.devices[:1]),
+                      good.commit), Rule.ROSTER_MISMATCH)
+    # A commit from another epoch (replayed) does not match.
+    old = next_manifest(prev, g.values[1].commit)
+    broken(sign_value(a.key, old, g.values[1].commit), Rule.COMMIT_MISMATCH)
+
+
+def test_genesis_rules() -> None:
+    a, b = _dev("a"), _dev("b")
+    g = new_group(a, NODES)
+    with pytest.raises(ManifestError) as err:
+        validate_genesis(secrets.token_bytes(32), g.values[0])
+    assert err.value.rule == Rule.WRONG_GROUP
+    two = replace(g.values[0].manifest, devices=(*g.values[0].manifest.devices, b.entry()))
+    with pytest.raises(ManifestError):
+        validate_genesis(g.group_id, sign_value(a.key, two, None))
+    with pytest.raises(ManifestError) as err:
+        validate_genesis(g.group_id, sign_value(b.key, g.values[0].manifest, None))
+    assert err.value.rule == Rule.SIGNER_NOT_MEMBER
+
+
+_sample: list[bytes] = []
+
+
+def _commit_sample() -> bytes:
+    if not _sample:
+        a, b = _dev("fa"), _dev("fb")
+        g = new_group(a, NODES)
+        _sample.append(add_value(g, a, [b]).commit or b"")
+    return _sample[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parser_rejects_mutations_with_decode_error(data: st.DataObject) -> None:
+    raw = bytearray(_commit_sample())
+    cut = data.draw(st.integers(0, len(raw)))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(1, 255)),
+                               max_size=4))
+    for pos, x in flips:
+        raw[pos] ^= x
+    try:
+        parse_commit(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
+    except DecodeError:
+        pass
