@@ -21,6 +21,7 @@ test: lint
 
 bench: venv
 	$(PY) scripts/bench_transport.py
+	$(PY) scripts/bench_syncnode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

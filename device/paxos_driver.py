@@ -53,11 +53,13 @@ async def _broadcast(clients: Sequence[SyncnodeClient], msg: Any, timeout: float
 async def propose(key: SecretKey, clients: Sequence[SyncnodeClient], group_id: bytes, slot: int,
                   value: bytes, acceptors: AcceptorSet, *, attempts: int = 12,
                   backoff: float = 0.02, timeout: float = REPLY_TIMEOUT,
-                  rng: random.Random | None = None) -> Outcome:
+                  rng: random.Random | None = None, announce: bool = True) -> Outcome:
     """Run Paxos for ``(group_id, slot)`` proposing ``value``; return the outcome.
 
     ``Decided`` if ``value`` won, :class:`Lost` (with the winner) otherwise. Raises
-    :class:`ProposeFailed` when no decision is reached in ``attempts`` ballots.
+    :class:`ProposeFailed` when no decision is reached in ``attempts`` ballots. With
+    ``announce`` (the default) a won decision is sent to every syncnode before returning;
+    otherwise the caller does it with :func:`announce_decision`.
     """
     rng = rng or random.Random()
     proposer = Proposer(key, group_id, slot, value, acceptors)
@@ -84,11 +86,17 @@ async def propose(key: SecretKey, clients: Sequence[SyncnodeClient], group_id: b
                              detail=reply.detail)
         if proposer.outcome is not None:
             outcome = proposer.outcome
-            if isinstance(outcome, Decided):
-                await _broadcast(clients, outcome, timeout)
+            if isinstance(outcome, Decided) and announce:
+                await announce_decision(clients, outcome, timeout)
             return outcome
         await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
     raise ProposeFailed(f"no decision for slot {slot} after {attempts} ballots")
+
+
+async def announce_decision(clients: Sequence[SyncnodeClient], decided: Decided,
+                            timeout: float = REPLY_TIMEOUT) -> None:
+    """Send a decision with its certificate to every syncnode (they verify and store it)."""
+    await _broadcast(clients, decided, timeout)
 
 
 def _already_decided(reply: Any, value: bytes, acceptors: AcceptorSet) -> Outcome | None:
