@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated
 
 from proto.codec import U64, Hash32, MaxLen, Signature64, encode_struct, message
@@ -43,13 +44,17 @@ class Envelope:
     def body(self) -> EnvelopeBody:
         return EnvelopeBody(self.group_id, self.sender, self.seq, self.epoch, self.ciphertext)
 
+    @cached_property
+    def signed_bytes(self) -> bytes:
+        """The canonical encoding of the body; a syncnode both verifies and hashes it."""
+        return encode_struct(self.body())
+
     def verify(self, sig_pub: bytes) -> bool:
-        return is_valid_signature(sig_pub, ENVELOPE_CTX, encode_struct(self.body()),
-                                  self.signature)
+        return is_valid_signature(sig_pub, ENVELOPE_CTX, self.signed_bytes, self.signature)
 
     def digest(self) -> bytes:
         """Identity of the signed content: two envelopes with one (sender, seq) must match."""
-        return hashlib.blake2b(encode_struct(self.body()), digest_size=32,
+        return hashlib.blake2b(self.signed_bytes, digest_size=32,
                                person=b"syncnode-envelope"[:16]).digest()
 
     @classmethod

@@ -32,7 +32,7 @@ from proto.identity import SecretKey, fingerprint, is_valid_signature, short_id
 from proto.logs import get_logger
 from proto.manifest import LogValue, Manifest, ManifestError, validate_genesis, validate_transition
 from proto.messages import ErrorCode, ErrorReply
-from proto.paxos.acceptor import Acceptor, Reject, SlotState
+from proto.paxos.acceptor import Acceptor, Reject, RejectReason, SlotState
 from proto.paxos.messages import (
     Accept,
     AcceptorRecord,
@@ -382,7 +382,7 @@ class Service:
             return self.decided_at(g.group_id, msg.slot)  # tell the proposer it is over
         if msg.slot > g.top + 1:
             self.catchup(g.group_id)
-            return PaxosRejected(msg.group_id, msg.slot, 4, 0,
+            return PaxosRejected(msg.group_id, msg.slot, RejectReason.UNKNOWN_SLOT, 0,
                                  f"this syncnode has decided up to slot {g.top} only; "
                                  "catching up from peers, retry shortly")
         step = self.acceptor.handle(msg)
