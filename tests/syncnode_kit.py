@@ -12,6 +12,7 @@ import trio
 
 from device.mls import Member
 from device.paxos_driver import propose
+from proto.codec import encode_struct
 from proto.identity import SecretKey
 from proto.manifest import (
     DeviceEntry,
@@ -23,7 +24,17 @@ from proto.manifest import (
     next_manifest,
     sign_value,
 )
-from proto.paxos.messages import Decided
+from proto.paxos.messages import (
+    ACCEPT_CTX,
+    PREPARE_CTX,
+    Accept,
+    AcceptBody,
+    Ballot,
+    Decided,
+    Prepare,
+    PrepareBody,
+    value_hash,
+)
 from proto.paxos.proposer import Outcome
 from proto.rpc import SyncnodeClient
 from proto.ticket import NodeTicket
@@ -95,6 +106,36 @@ def remove_value(g: Group, committer: Device, leaving: Sequence[Device]) -> LogV
 def update_value(g: Group, committer: Device) -> LogValue:
     commit = committer.mls.update()
     return sign_value(committer.key, next_manifest(g.manifest, commit), commit)
+
+
+def signed_prepare(device: Device, group_id: bytes, slot: int, rnd: int) -> Prepare:
+    """A Prepare at round ``rnd`` signed by ``device`` (tests pick rounds themselves)."""
+    ballot = Ballot(rnd, device.key_fpr)
+    body = PrepareBody(group_id, slot, ballot)
+    return Prepare(group_id, slot, ballot, device.key.sign(PREPARE_CTX, encode_struct(body)))
+
+
+def signed_accept(device: Device, group_id: bytes, slot: int, rnd: int, value: bytes) -> Accept:
+    ballot = Ballot(rnd, device.key_fpr)
+    body = AcceptBody(group_id, slot, ballot, value_hash(value))
+    return Accept(group_id, slot, ballot, value, device.key.sign(ACCEPT_CTX, encode_struct(body)))
+
+
+async def found_group(syncnodes: Sequence[SyncnodeEntry], clients: Sequence[SyncnodeClient],
+                      creator: Device, members: Sequence[Device] = ()) -> Group:
+    """Register a new group of ``syncnodes`` through ``clients`` (one per syncnode) and, if
+    ``members`` are given, decide slot 1 adding them; the MLS state of creator and members
+    follows the decision."""
+    g = new_group(creator, syncnodes)
+    for c in clients:
+        assert (await c.register_group(g.values[0])).created
+    if members:
+        value = add_value(g, creator, list(members))
+        assert isinstance(await decide(g, creator, clients, value), Decided)
+        creator.mls.apply(value.commit)
+        for m in members:
+            m.mls.join(value.welcome)
+    return g
 
 
 async def decide(g: Group, proposer: Device, clients: Sequence[SyncnodeClient],

@@ -11,31 +11,33 @@ from pathlib import Path
 import pytest
 import trio
 
-from proto.codec import decode, encode_struct
+from proto.codec import decode
 from proto.envelope import Envelope
 from proto.errors import TransportError
 from proto.identity import SecretKey
 from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.messages import (
-    ACCEPT_CTX,
-    PREPARE_CTX,
-    Accept,
-    AcceptBody,
     Accepted,
     Ballot,
     Decided,
     Nack,
     PaxosRejected,
     Prepare,
-    PrepareBody,
     Promise,
-    value_hash,
 )
 from proto.paxos.quorum import verify_certificate
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.service import FetchDecided
 from proto.transport.iroh import IrohTransport
-from tests.syncnode_kit import Device, Group, add_value, decide, new_group, update_value
+from tests.syncnode_kit import (
+    Device,
+    Group,
+    decide,
+    found_group,
+    signed_accept,
+    signed_prepare,
+    update_value,
+)
 from tests.syncnode_proc import NodeProcess, start_cluster
 
 
@@ -68,17 +70,8 @@ async def connected(nodes: Sequence[NodeProcess], device: Device | None = None
 
 
 async def _new_group(nodes: Sequence[NodeProcess], alice: Device, *members: Device) -> Group:
-    g = new_group(alice, [n.entry for n in nodes])
     async with connected(nodes, alice) as clients:
-        for c in clients:
-            assert (await c.register_group(g.values[0])).created
-        if members:
-            v = add_value(g, alice, list(members))
-            assert isinstance(await decide(g, alice, clients, v), Decided)
-            alice.mls.apply(v.commit)
-            for m in members:
-                m.mls.join(v.welcome)
-    return g
+        return await found_group([n.entry for n in nodes], clients, alice, members)
 
 
 async def test_group_paxos_messages_and_push(nodes: list[NodeProcess]) -> None:
@@ -125,19 +118,13 @@ async def test_bad_input_is_refused_and_changes_nothing(nodes: list[NodeProcess]
     target = nodes[0]
     before = target.info()
 
-    def signed_prepare(dev: Device, slot: int, rnd: int, group_id: bytes = g.group_id
-                       ) -> Prepare:
-        ballot = Ballot(rnd, dev.key_fpr)
-        sig = dev.key.sign(PREPARE_CTX, encode_struct(PrepareBody(group_id, slot, ballot)))
-        return Prepare(group_id, slot, ballot, sig)
-
     async with connected([target], alice) as (c,):
         cases = [
-            (signed_prepare(alice, 1, 1, group_id=b"\x07" * 32), ErrorCode.NOT_FOUND),
-            (signed_prepare(mallory, 1, 1), 2),  # NOT_A_MEMBER
-            (signed_prepare(alice, 5, 1), 4),  # wrong slot: UNKNOWN_SLOT (not decided yet)
+            (signed_prepare(alice, b"\x07" * 32, 1, 1), ErrorCode.NOT_FOUND),
+            (signed_prepare(mallory, g.group_id, 1, 1), 2),  # NOT_A_MEMBER
+            (signed_prepare(alice, g.group_id, 5, 1), 4),  # wrong slot: UNKNOWN_SLOT
         ]
-        good = signed_prepare(alice, 1, 3)
+        good = signed_prepare(alice, g.group_id, 1, 3)
         replayed = Prepare(g.group_id, 1, Ballot(9, alice.key_fpr), good.signature)
         cases.append((replayed, 3))  # BAD_SIGNATURE: a signature for another ballot
         for msg, expected in cases:
@@ -206,19 +193,12 @@ async def test_sigkill_during_storms_loses_nothing_acknowledged(nodes: list[Node
         rnd = 0
         while True:
             rnd += 1
-            ballot = Ballot(rnd, bob.key_fpr)
             if rnd % 2:
-                body = PrepareBody(g2.group_id, 1, ballot)
-                reply = await client.request(Prepare(g2.group_id, 1, ballot,
-                                                     bob.key.sign(PREPARE_CTX,
-                                                                  encode_struct(body))))
+                reply = await client.request(signed_prepare(bob, g2.group_id, 1, rnd))
                 if isinstance(reply, Promise):
                     acked_round["promise"] = rnd
             else:
-                body2 = AcceptBody(g2.group_id, 1, ballot, value_hash(raw2))
-                reply = await client.request(Accept(g2.group_id, 1, ballot, raw2,
-                                                    bob.key.sign(ACCEPT_CTX,
-                                                                 encode_struct(body2))))
+                reply = await client.request(signed_accept(bob, g2.group_id, 1, rnd, raw2))
                 if isinstance(reply, Accepted):
                     acked_round["accepted"] = rnd
 
@@ -261,15 +241,10 @@ async def test_sigkill_during_storms_loses_nothing_acknowledged(nodes: list[Node
         # Acknowledged promise/accept survived: a lower ballot is refused, and a new prepare
         # reports the value accepted at (at least) the acknowledged round.
         top = max(acked_round.values()) + 10
-        ballot = Ballot(top, bob.key_fpr)
-        prep = Prepare(g2.group_id, 1, ballot, bob.key.sign(
-            PREPARE_CTX, encode_struct(PrepareBody(g2.group_id, 1, ballot))))
-        promise = await c.request(prep)
+        promise = await c.request(signed_prepare(bob, g2.group_id, 1, top))
         assert isinstance(promise, Promise) and promise.accepted is not None
         assert promise.accepted.ballot.round >= acked_round["accepted"]
-        low = Ballot(acked_round["promise"], bob.key_fpr)
-        nack = await c.request(Prepare(g2.group_id, 1, low, bob.key.sign(
-            PREPARE_CTX, encode_struct(PrepareBody(g2.group_id, 1, low)))))
+        nack = await c.request(signed_prepare(bob, g2.group_id, 1, acked_round["promise"]))
         assert isinstance(nack, Nack)
         # It catches up on the decisions it missed, from its peers, by itself.
         with trio.fail_after(30):

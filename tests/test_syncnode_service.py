@@ -11,35 +11,29 @@ import pytest
 import trio
 
 from device.paxos_driver import ProposeFailed, propose
-from proto.codec import encode_struct
 from proto.envelope import Envelope
 from proto.manifest import Rule, sign_value
 from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.messages import (
-    ACCEPT_CTX,
-    PREPARE_CTX,
-    Accept,
-    AcceptBody,
-    Ballot,
     Decided,
     PaxosRejected,
-    Prepare,
-    PrepareBody,
-    value_hash,
 )
-from proto.paxos.proposer import Lost, Proposer
-from proto.paxos.quorum import AcceptorSet
+from proto.paxos.proposer import Lost
 from proto.rpc import RemoteError
 from proto.service import GetChallenge, MailboxKind, RegisterGroup
 from proto.transport.memory import MemoryNetwork
 from syncnode.config import Limits
 from tests.syncnode_kit import (
     Device,
+    Group,
     MemoryCluster,
     add_value,
     decide,
+    found_group,
     new_group,
     remove_value,
+    signed_accept,
+    signed_prepare,
     update_value,
 )
 
@@ -71,13 +65,8 @@ async def test_genesis_paxos_learn_and_fetch(cluster: MemoryCluster) -> None:
             assert page.top == 1 and page.genesis == g.values[0].encode()
             assert [d.value for d in page.decided] == [value.encode()]
         # A proposer arriving late at a decided slot is told the decision, not a new vote.
-        late = await clients[0].request(
-            await _prepare_for(alice, g.group_id, 1))
+        late = await clients[0].request(signed_prepare(alice, g.group_id, 1, 1))
         assert isinstance(late, Decided) and late.value == value.encode()
-
-
-async def _prepare_for(device: Device, group_id: bytes, slot: int) -> Prepare:
-    return Proposer(device.key, group_id, slot, b"x", AcceptorSet.of(b"\0" * 32)).start()[0]
 
 
 async def test_invalid_values_are_rejected_with_rule(cluster: MemoryCluster) -> None:
@@ -102,8 +91,7 @@ async def test_invalid_values_are_rejected_with_rule(cluster: MemoryCluster) -> 
             reply = await _accept_reply(alice, clients[0], g, bad, 1000 * (i + 1))
             assert isinstance(reply, PaxosRejected) and reply.rule == rule, reply
         # A non-member cannot even prepare.
-        mallory_prepare = await _prepare_for(mallory, g.group_id, 1)
-        reply = await clients[0].request(mallory_prepare)
+        reply = await clients[0].request(signed_prepare(mallory, g.group_id, 1, 1))
         assert isinstance(reply, PaxosRejected) and reply.reason == 2  # NOT_A_MEMBER
         assert isinstance(await decide(g, alice, clients, good), Decided)
 
@@ -115,29 +103,14 @@ async def decide_quick(g, device, clients, value):  # type: ignore[no-untyped-de
 
 async def _accept_reply(device, client, g, value, round_):  # type: ignore[no-untyped-def]
     """Prepare at a high round then Accept ``value``: the acceptor's verdict on the value."""
-    prepare = await _prepare_for(device, g.group_id, g.next_slot)
-    ballot = Ballot(round_, prepare.ballot.proposer)
-    body = PrepareBody(g.group_id, g.next_slot, ballot)
-    await client.request(Prepare(g.group_id, g.next_slot, ballot,
-                                 device.key.sign(PREPARE_CTX, encode_struct(body))))
-    raw = value.encode()
-    abody = AcceptBody(g.group_id, g.next_slot, ballot, value_hash(raw))
-    return await client.request(Accept(g.group_id, g.next_slot, ballot, raw,
-                                       device.key.sign(ACCEPT_CTX, encode_struct(abody))))
+    await client.request(signed_prepare(device, g.group_id, g.next_slot, round_))
+    return await client.request(signed_accept(device, g.group_id, g.next_slot, round_,
+                                              value.encode()))
 
 
-async def _group_with(cluster: MemoryCluster, creator: Device, *members: Device):  # type: ignore[no-untyped-def]
-    g = new_group(creator, [n.entry for n in cluster.nodes])
+async def _group_with(cluster: MemoryCluster, creator: Device, *members: Device) -> Group:
     async with cluster.clients(creator) as clients:
-        for c in clients:
-            await c.register_group(g.values[0])
-        if members:
-            value = add_value(g, creator, list(members))
-            assert isinstance(await decide(g, creator, clients, value), Decided)
-            creator.mls.apply(value.commit)
-            for m in members:
-                m.mls.join(value.welcome)
-    return g
+        return await found_group([n.entry for n in cluster.nodes], clients, creator, members)
 
 
 async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> None:
@@ -273,14 +246,12 @@ async def test_restart_restores_state_and_lru_bounds_memory(cluster: MemoryClust
     async with cluster.clients(bob, [node]) as (bc,):
         assert [e.seq for e in (await bc.backfill(g.group_id, {})).envelopes] == [1, 2, 3]
         # The acceptor state of slot 3 survives a restart too: promise, restart, higher slot.
-        p = Proposer(alice.key, g.group_id, 3, b"v", g.manifest.acceptors(), first_round=7)
-        promise = await bc.request(p.start()[0])
+        promise = await bc.request(signed_prepare(alice, g.group_id, 3, 7))
         assert type(promise).__name__ == "Promise"
     await cluster.stop_node(node)
     node = await cluster.start_node(old.key, cache_groups=1, cache_slots=1)
     async with cluster.clients(None, [node]) as (anon,):
-        p = Proposer(alice.key, g.group_id, 3, b"v", g.manifest.acceptors(), first_round=5)
-        nack = await anon.request(p.start()[0])
+        nack = await anon.request(signed_prepare(alice, g.group_id, 3, 5))
         assert type(nack).__name__ == "Nack" and nack.promised.round == 7
 
 
