@@ -64,15 +64,16 @@ async def run_daemon(config: Config, *, echo: Callable[[str], None] = print) -> 
                 serving.start_soon(_mailbox_sweeper, service)
 
                 ticket = NodeTicket(key.public, tuple(transport.addresses()))
+                groups = service.group_count()
                 _write_state(config, ticket, host, http_port)
                 echo(f"node id:   {node_id_hex(key.public)}")
                 echo(f"ticket:    {ticket}")
                 echo(f"listening: {', '.join(transport.addresses())}")
                 echo(f"http:      http://{host}:{http_port}/metrics")
-                echo(f"data dir:  {config.data_dir}  ({service.group_count()} groups)")
+                echo(f"data dir:  {config.data_dir}  ({groups} groups)")
                 log.info("syncnode ready", node_id=node_id_hex(key.public),
                          addrs=transport.addresses(), http_port=http_port,
-                         groups=service.group_count(), ticket=str(ticket))
+                         groups=groups, ticket=str(ticket))
                 ready = True
 
                 async for signum in signals:

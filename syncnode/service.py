@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from proto.codec import decode_as, encode, encode_struct
+from proto.codec import decode_as, decode_struct, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError
 from proto.identity import SecretKey, fingerprint, is_valid_signature, short_id
@@ -256,11 +256,13 @@ class Service:
         g: GroupState | None = self.groups.get(group_id)
         if g is not None and g.top == epoch:
             return g.manifest
-        row = one(self.db, "SELECT value FROM decided WHERE group_id=? AND slot=?",
+        # The manifests table holds just the manifest of each epoch: reading it avoids loading
+        # and decoding whole log values (commit + Welcome, up to megabytes).
+        row = one(self.db, "SELECT manifest FROM manifests WHERE group_id=? AND epoch=?",
                   group_id, epoch)
         if row is None:
             raise KeyError((group_id, epoch))
-        return LogValue.decode(row[0]).manifest
+        return decode_struct(row[0], Manifest)
 
     def _acceptors_for(self, group_id: bytes, slot: int) -> AcceptorSet | None:
         g = self.group(group_id)
