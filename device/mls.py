@@ -1,22 +1,183 @@
 """The MLS adapter: the only module that imports the ``mls_rs_uniffi`` binding.
 
-For now it loads and patches the binding (the per-byte buffer copy fix, after checking the
-generated names it relies on) and offers :func:`selfcheck`. The group-state storage, commit and
-application-message API of the device agent grow here (issue: device agent).
+It patches the binding (the per-byte buffer copy fix), stores group state in the device's
+SQLite database (:class:`SqliteGroupStorage`, with a bounded number of past epochs kept so late
+messages still decrypt), and wraps groups in :class:`MlsGroup`, whose methods raise
+:class:`MlsError` instead of the binding's exceptions.
+
+The rules the device engine builds on (notes/mls.md): building a commit does not apply it
+(Paxos decides first; a losing commit is dropped by processing the winner); nothing is written
+to storage until :meth:`MlsGroup.persist`, which the engine calls inside the same SQLite
+transaction that records what it did, and always before a ciphertext leaves the device.
+A member's MLS credential identity is its signature public key, so a member is named by
+:func:`identity_for` from the manifest alone.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import mls_rs_uniffi
 import mls_rs_uniffi.mls_rs_uniffi as _generated
 
+from proto.errors import SyncnodeError
 from proto.transport.uniffi_trio import patch_module
 
 patch_module(_generated, async_api=False)
 
 CIPHER_SUITE = mls_rs_uniffi.CipherSuite.CURVE25519_AES128
+DEFAULT_EPOCH_RETENTION = 64
+
+
+class MlsError(SyncnodeError):
+    """The MLS library refused an operation. ``future_epoch``: the message is for an epoch we
+    have not reached (buffer it); ``unknown_epoch``: it is for an epoch we no longer (or never)
+    had the secrets of."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.future_epoch = False
+        self.unknown_epoch = "Epoch not found" in message
+
+
+def _mls(what: str, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except mls_rs_uniffi.Error as exc:
+        raise MlsError(f"{what}: {exc}") from None
+
+
+class SqliteGroupStorage(mls_rs_uniffi.GroupStateStorage):  # type: ignore[misc]
+    """Group state in the device database. Keeps the newest ``retention`` epoch records (the
+    secrets needed to decrypt messages of past epochs); older ones are deleted on write.
+
+    The binding calls these methods synchronously during ``write_to_storage``, joins and loads,
+    on the caller's thread: they run inside whatever transaction the caller has open."""
+
+    def __init__(self, db: sqlite3.Connection, retention: int = DEFAULT_EPOCH_RETENTION) -> None:
+        self.db = db
+        self.retention = retention
+
+    def state(self, group_id: bytes) -> bytes | None:
+        row = self.db.execute("SELECT state FROM mls_state WHERE group_id=?",
+                              (bytes(group_id),)).fetchone()
+        return row[0] if row else None
+
+    def epoch(self, group_id: bytes, epoch_id: int) -> bytes | None:
+        row = self.db.execute("SELECT data FROM mls_epochs WHERE group_id=? AND epoch_id=?",
+                              (bytes(group_id), epoch_id)).fetchone()
+        return row[0] if row else None
+
+    def write(self, group_id: bytes, group_state: bytes, epoch_inserts: list[Any],
+              epoch_updates: list[Any]) -> None:
+        gid = bytes(group_id)
+        self.db.execute("INSERT OR REPLACE INTO mls_state VALUES (?,?)", (gid, bytes(group_state)))
+        self.db.executemany("INSERT OR REPLACE INTO mls_epochs VALUES (?,?,?)",
+                            [(gid, r.id, bytes(r.data)) for r in [*epoch_inserts,
+                                                                  *epoch_updates]])
+        top = self.max_epoch_id(gid)
+        if top is not None:
+            self.db.execute("DELETE FROM mls_epochs WHERE group_id=? AND epoch_id<=?",
+                            (gid, top - self.retention))
+
+    def max_epoch_id(self, group_id: bytes) -> int | None:
+        row = self.db.execute("SELECT max(epoch_id) FROM mls_epochs WHERE group_id=?",
+                              (bytes(group_id),)).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+
+def _config(storage: Any) -> Any:
+    return mls_rs_uniffi.ClientConfig(group_state_storage=storage, use_ratchet_tree_extension=True)
+
+
+def _keypair(public: bytes, secret: bytes) -> Any:
+    return mls_rs_uniffi.SignatureKeypair(
+        cipher_suite=CIPHER_SUITE, public_key=mls_rs_uniffi.SignaturePublicKey(bytes=public),
+        secret_key=mls_rs_uniffi.SignatureSecretKey(bytes=secret))
+
+
+def new_signature_key() -> tuple[bytes, bytes]:
+    """A fresh MLS signature key pair ``(public, secret)``; ``secret[:32]`` is an Ed25519 seed
+    (the same key signs manifests, envelopes and syncnode challenges)."""
+    kp = mls_rs_uniffi.generate_signature_keypair(CIPHER_SUITE)
+    return bytes(kp.public_key.bytes), bytes(kp.secret_key.bytes)
+
+
+def identity_for(sig_pub: bytes) -> Any:
+    """The MLS signing identity of the member whose signature key is ``sig_pub``."""
+    dummy = _keypair(sig_pub, bytes(64))
+    return mls_rs_uniffi.Client(sig_pub, dummy, _config(_MemoryGroupStorage())).signing_identity()
+
+
+class MlsClient:
+    """This device's MLS client: one signature key, group state in SQLite."""
+
+    def __init__(self, public: bytes, secret: bytes, storage: SqliteGroupStorage) -> None:
+        self.public = public
+        self.client = mls_rs_uniffi.Client(public, _keypair(public, secret), _config(storage))
+        self.identity = self.client.signing_identity()
+
+    def key_package(self) -> bytes:
+        """A fresh KeyPackage. Its private part lives only in this process (binding limit)."""
+        return bytes(_mls("key package", self.client.generate_key_package_message).to_bytes())
+
+    def create_group(self, group_id: bytes) -> MlsGroup:
+        return MlsGroup(_mls("create group", self.client.create_group, group_id))
+
+    def join(self, welcome: bytes) -> MlsGroup:
+        msg = _mls("welcome", mls_rs_uniffi.Message.from_bytes, welcome)
+        return MlsGroup(_mls("join", self.client.join_group, None, msg).group)
+
+    def load(self, group_id: bytes) -> MlsGroup:
+        return MlsGroup(_mls("load group", self.client.load_group, group_id))
+
+
+class MlsGroup:
+    """One MLS group. Commits are built with ``build_*`` (not applied) and applied with
+    :meth:`apply_commit` once Paxos decided them."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def build_add(self, key_packages: list[bytes]) -> tuple[bytes, bytes]:
+        msgs = [_mls("key package", mls_rs_uniffi.Message.from_bytes, kp) for kp in key_packages]
+        out = _mls("add", self.group.add_members, msgs)
+        return bytes(out.commit_message.to_bytes()), bytes(out.welcome_message.to_bytes())
+
+    def build_remove(self, sig_pubs: list[bytes]) -> bytes:
+        out = _mls("remove", self.group.remove_members, [identity_for(p) for p in sig_pubs])
+        return bytes(out.commit_message.to_bytes())
+
+    def build_update(self) -> bytes:
+        return bytes(_mls("key update", self.group.commit).commit_message.to_bytes())
+
+    def apply_commit(self, commit: bytes) -> tuple[Any, bool]:
+        """Apply a decided commit; returns (committer identity, whether we were removed)."""
+        msg = _mls("commit", mls_rs_uniffi.Message.from_bytes, commit)
+        received = _mls("commit", self.group.process_incoming_message, msg)
+        if not received.is_commit():
+            raise MlsError("commit: the decided value is not a commit")
+        removed = isinstance(received.effect, mls_rs_uniffi.CommitEffect.REMOVED)
+        return received.committer, removed
+
+    def encrypt(self, data: bytes) -> bytes:
+        return bytes(_mls("encrypt", self.group.encrypt_application_message, data).to_bytes())
+
+    def decrypt(self, data: bytes) -> tuple[Any, bytes]:
+        """Decrypt an application message; returns (sender identity, plaintext)."""
+        msg = _mls("message", mls_rs_uniffi.Message.from_bytes, data)
+        received = _mls("decrypt", self.group.process_incoming_message, msg)
+        if not received.is_application_message():
+            raise MlsError("decrypt: not an application message")
+        return received.sender, bytes(received.data)
+
+    def export_secret(self, label: bytes, context: bytes, n: int) -> bytes:
+        return bytes(_mls("export", self.group.export_secret, label, context, n))
+
+    def persist(self) -> None:
+        """Write the group state (and pending commit) through the storage callbacks."""
+        _mls("persist", self.group.write_to_storage)
 
 
 class _MemoryGroupStorage(mls_rs_uniffi.GroupStateStorage):  # type: ignore[misc]

@@ -36,8 +36,8 @@ from proto.codec import (
 from proto.errors import DecodeError, SyncnodeError
 from proto.identity import SecretKey, fingerprint, is_valid_signature, register_context
 from proto.mls_wire import parse_commit
-from proto.paxos.messages import MAX_ACCEPTORS, GroupId
-from proto.paxos.quorum import AcceptorSet
+from proto.paxos.messages import MAX_ACCEPTORS, Certificate, GroupId, value_hash
+from proto.paxos.quorum import AcceptorSet, CertificateError, verify_certificate
 
 MANIFEST_CTX = register_context("syncnode/manifest/v1")
 MAX_DEVICES = 1000
@@ -299,3 +299,21 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
             raise ManifestError(Rule.NOT_ADMIN, "only admins change roles")
     if m.syncnodes != prev.syncnodes and not is_admin:
         raise ManifestError(Rule.NOT_ADMIN, "only admins change the syncnodes")
+
+
+def verify_decided(prev: Manifest, value_bytes: bytes, certificate: Certificate) -> LogValue:
+    """Check a decided value for the slot after ``prev``: the certificate proves a decision
+    by ``prev``'s syncnodes for exactly these bytes and that slot, and the value follows the
+    manifest rules. What every learner (syncnode or device) runs before trusting a decision.
+    Raises :class:`proto.paxos.quorum.CertificateError` or :class:`ManifestError`."""
+    if certificate.group_id != prev.group_id or certificate.slot != prev.epoch + 1:
+        raise CertificateError("certificate is for another group or slot")
+    if value_hash(value_bytes) != certificate.value_hash:
+        raise CertificateError("value does not match the certificate")
+    verify_certificate(certificate, prev.acceptors())
+    try:
+        value = LogValue.decode(value_bytes)
+    except DecodeError as exc:
+        raise ManifestError(Rule.MALFORMED, str(exc)) from None
+    validate_transition(prev, value)
+    return value

@@ -30,7 +30,14 @@ from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError
 from proto.identity import SecretKey, fingerprint, is_valid_signature, short_id
 from proto.logs import get_logger
-from proto.manifest import LogValue, Manifest, ManifestError, validate_genesis, validate_transition
+from proto.manifest import (
+    LogValue,
+    Manifest,
+    ManifestError,
+    validate_genesis,
+    validate_transition,
+    verify_decided,
+)
 from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.acceptor import Acceptor, Reject, RejectReason, SlotState
 from proto.paxos.messages import (
@@ -435,13 +442,10 @@ class Service:
                 raise RequestError(ErrorCode.NOT_FOUND,
                                    f"missing slots {g.top + 1}..{cert.slot - 1}; catching up")
             try:
-                verify_certificate(cert, g.manifest.acceptors())
+                value = verify_decided(g.manifest, msg.value, cert)
             except CertificateError as exc:
                 raise RequestError(ErrorCode.INVALID, f"certificate: {exc}") from None
-            try:
-                value = LogValue.decode(msg.value)
-                validate_transition(g.manifest, value)
-            except (DecodeError, ManifestError) as exc:
+            except ManifestError as exc:
                 # A valid certificate for an invalid value means a quorum of acceptors broke the
                 # rules. Refuse to serve it; members will see the same.
                 log.error("certified value breaks the manifest rules", group=short_id(g.group_id),

@@ -1,0 +1,312 @@
+"""The device agent library: what an app embeds.
+
+    async with Device.open("~/.local/share/myapp/device") as device:
+        doc = await device.create_document(syncnodes=["sn1...", "sn1...", "sn1..."])
+        doc.change(lambda e: e.text("notes").insert(0, "hello"))
+        await doc.wait_durable()
+
+A :class:`Device` owns one local store (identity keys, MLS state, documents), one iroh endpoint,
+and the background tasks of its documents. Everything is async under trio; edits apply locally
+and immediately, also offline, and are delivered whenever syncnodes are reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import trio
+
+from device.document import Document, DocumentError
+from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, new_signature_key
+from device.store import Store
+from proto.codec import encode
+from proto.errors import DecodeError, SyncnodeError, TransportError
+from proto.identity import SecretKey, fingerprint, short_id
+from proto.invite import InviteTicket, JoinRequest
+from proto.logs import get_logger
+from proto.manifest import (
+    LogValue,
+    Manifest,
+    SyncnodeEntry,
+    genesis,
+    validate_genesis,
+    verify_decided,
+)
+from proto.paxos.messages import Decided
+from proto.rpc import RemoteError, SyncnodeClient
+from proto.service import MailboxKind
+from proto.ticket import NodeTicket
+from proto.transport.base import Transport
+from proto.transport.iroh import IrohTransport
+
+log = get_logger("device.agent")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    flush_interval: float = 0.02
+    """Local edits within this many seconds go out as one encrypted update."""
+    epoch_retention: int = DEFAULT_EPOCH_RETENTION
+    """Past MLS epochs whose secrets are kept, so late messages of those epochs decrypt."""
+    snapshot_every: int = 2000
+    """Stored CRDT updates are folded into one snapshot after this many."""
+    connect_timeout: float = 10.0
+    reconnect_min: float = 0.2
+    reconnect_max: float = 10.0
+    propose_attempts: int = 12
+    propose_backoff: float = 0.02
+    rebase_attempts: int = 8
+    max_in_flight: int = 256
+    mailbox_interval: float = 1.0
+    sync_request_interval: float = 3.0
+    join_poll_interval: float = 0.5
+    listen: str = "127.0.0.1:0"
+    relays: tuple[str, ...] | None = ()
+    """iroh relay URLs; ``()`` for direct connections only, ``None`` for iroh's defaults."""
+
+
+class JoinError(SyncnodeError):
+    """The join could not complete (bad or expired ticket, no syncnode reachable, timeout)."""
+
+
+class Device:
+    """One device: identity, local store, iroh endpoint, documents. Use :meth:`open`."""
+
+    def __init__(self, store: Store, transport: Transport, config: DeviceConfig,
+                 nursery: trio.Nursery) -> None:
+        self.store = store
+        self.transport = transport
+        self.config = config
+        self.nursery = nursery
+        secret = store.get_meta("mls_secret")
+        public = store.get_meta("mls_public")
+        assert secret is not None and public is not None
+        self.key = SecretKey(secret[:32])
+        self.fingerprint = fingerprint(public)
+        self.mls = MlsClient(public, secret, SqliteGroupStorage(store.db, config.epoch_retention))
+        self._docs: dict[bytes, Document] = {}
+        self._scopes: dict[bytes, trio.CancelScope] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | os.PathLike[str], *, config: DeviceConfig | None = None,
+                   transport: Callable[[SecretKey], Transport] | None = None
+                   ) -> AsyncIterator[Device]:
+        """Open (creating on first use) the device stored in directory ``path``.
+
+        ``transport`` makes the endpoint from the device's endpoint key instead of binding iroh
+        (tests and the simulator pass an in-memory network's ``endpoint``)."""
+        config = config or DeviceConfig()
+        store = Store(Path(os.path.expanduser(os.fspath(path))))
+        try:
+            endpoint_key = init_identity(store)
+            async with AsyncExitStack() as stack:
+                if transport is None:
+                    endpoint: Transport = await IrohTransport.bind(
+                        endpoint_key, listen=config.listen,
+                        relays=list(config.relays) if config.relays is not None else None)
+                else:
+                    endpoint = transport(endpoint_key)
+                stack.push_async_callback(endpoint.aclose)
+                async with trio.open_nursery() as nursery:
+                    device = cls(store, endpoint, config, nursery)
+                    for (gid,) in store.all("SELECT group_id FROM documents ORDER BY created_at"):
+                        device._start(Document(device, gid))
+                    try:
+                        yield device
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            store.close()
+
+    @property
+    def id(self) -> str:
+        return short_id(self.fingerprint)
+
+    @property
+    def endpoint_id(self) -> bytes:
+        return self.transport.node_id
+
+    def documents(self) -> list[Document]:
+        return list(self._docs.values())
+
+    def document(self, ref: str) -> Document:
+        """A document by name or by (a prefix of) its id."""
+        ref = ref.lower()
+        found = [d for d in self._docs.values() if d.name == ref] or \
+            [d for d in self._docs.values() if d.id.startswith(ref)]
+        if len(found) != 1:
+            raise DocumentError(f"{'no' if not found else 'more than one'} document matches "
+                                f"{ref!r}")
+        return found[0]
+
+    def _start(self, doc: Document) -> None:
+        self._docs[doc.group_id] = doc
+        scope = trio.CancelScope()
+        self._scopes[doc.group_id] = scope
+
+        async def run() -> None:
+            with scope:
+                await doc.run()
+
+        self.nursery.start_soon(run)
+
+    async def create_document(self, syncnodes: Sequence[str | NodeTicket], crdt: str = "loro",
+                              name: str = "") -> Document:
+        """A new document served by ``syncnodes`` (tickets). Works offline: the syncnodes
+        learn about it when they are reachable."""
+        if not syncnodes:
+            raise DocumentError("a document needs at least one syncnode")
+        tickets = [t if isinstance(t, NodeTicket) else NodeTicket.parse(t) for t in syncnodes]
+        entries = tuple(SyncnodeEntry(t.node_id, t.addrs) for t in tickets)
+        if crdt != "loro":
+            raise DocumentError(f"unknown CRDT backend {crdt!r} (available: loro)")
+        gid = secrets.token_bytes(32)
+        group = self.mls.create_group(gid)
+        g = genesis(self.key, gid, self.endpoint_id, entries, crdt)
+        with self.store.transaction() as db:
+            group.persist()
+            _insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
+            db.execute("INSERT INTO log VALUES (?,?,?,?)", (gid, 0, g.encode(), None))
+        doc = Document(self, gid)
+        self._start(doc)
+        log.info("document created", doc=short_id(gid), syncnodes=len(entries))
+        return doc
+
+    async def join(self, ticket: str, *, name: str = "", timeout: float = 600.0,
+                   progress: Callable[[str], None] | None = None) -> Document:
+        """Join a document with an invite ticket from a member.
+
+        Sends our KeyPackage, sealed to the inviter, through the syncnodes' mailbox; waits
+        until the inviter's add is decided (the inviter may come online later); joins the MLS
+        group from the Welcome in the decided log (after verifying the whole log); then asks the
+        members for the current state. This process must stay up until it returns: the
+        KeyPackage's private key lives only in memory.
+        """
+        say = progress or (lambda _msg: None)
+        try:
+            t = InviteTicket.parse(ticket)
+        except DecodeError as exc:
+            raise JoinError(f"bad invite ticket: {exc}") from None
+        if t.expires_at < time.time():
+            raise JoinError("the invite ticket has expired")
+        if t.group_id in self._docs:
+            raise JoinError("this device is already a member of that document")
+        key_package = self.mls.key_package()
+        request = JoinRequest(t.group_id, t.secret, key_package, self.key.public,
+                              self.endpoint_id).seal(t.inviter)
+        with trio.fail_after(timeout):
+            async with AsyncExitStack() as stack:
+                clients = await self._connect_any(stack, t.syncnodes)
+                for c in clients:
+                    await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request,
+                                        int(max(60, t.expires_at - time.time())))
+                say(f"join request sent to {len(clients)} syncnode(s); waiting for the "
+                    "inviter to add this device")
+                slot, values, decided = await self._await_welcome(clients, t)
+        welcome = values[slot].welcome
+        assert welcome is not None
+        group = self.mls.join(welcome)
+        with self.store.transaction() as db:
+            group.persist()
+            _insert_document(db, t.group_id, name or t.group_id.hex()[:8],
+                             values[0].manifest.crdt_type, slot)
+            for s in range(slot + 1):
+                db.execute("INSERT INTO log VALUES (?,?,?,?)",
+                           (t.group_id, s, values[s].encode(),
+                            encode(decided[s]) if s else None))
+        doc = Document(self, t.group_id)
+        self._start(doc)
+        say(f"joined at epoch {slot}; fetching the document from members")
+        log.info("joined document", doc=short_id(t.group_id), epoch=slot)
+        return doc
+
+    async def _connect_any(self, stack: AsyncExitStack, entries: Sequence[SyncnodeEntry]
+                           ) -> list[SyncnodeClient]:
+        clients = []
+        for e in entries:
+            try:
+                c = await stack.enter_async_context(SyncnodeClient.connect(
+                    self.transport, NodeTicket(e.node_id, e.addrs),
+                    timeout=self.config.connect_timeout))
+                await c.authenticate(self.key)
+                clients.append(c)
+            except (TransportError, RemoteError) as exc:
+                log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
+        if not clients:
+            raise JoinError("none of the document's syncnodes is reachable")
+        return clients
+
+    async def _await_welcome(self, clients: list[SyncnodeClient], t: InviteTicket
+                             ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
+        """Poll the decided log until a verified slot adds this device."""
+        while True:
+            for c in clients:
+                try:
+                    found = await self._scan_log(c, t)
+                except (TransportError, RemoteError) as exc:
+                    log.info("cannot read the decided log", node=short_id(c.node_id),
+                             error=str(exc))
+                    continue
+                if found is not None:
+                    return found
+            await trio.sleep(self.config.join_poll_interval)
+
+    async def _scan_log(self, c: SyncnodeClient, t: InviteTicket
+                        ) -> tuple[int, dict[int, LogValue], dict[int, Decided]] | None:
+        values: dict[int, LogValue] = {}
+        decided: dict[int, Decided] = {}
+        slot = 0
+        while True:
+            page = await c.fetch_decided(t.group_id, slot)
+            if slot == 0:
+                if page.genesis is None:
+                    return None
+                g = LogValue.decode(page.genesis)
+                validate_genesis(t.group_id, g)
+                values[0] = g
+                slot = 1
+            for d in page.decided:
+                s = d.certificate.slot
+                if s != slot:
+                    break
+                values[s] = verify_decided(values[s - 1].manifest, d.value, d.certificate)
+                decided[s] = d
+                if values[s].manifest.device(self.fingerprint) is not None \
+                        and values[s].welcome is not None:
+                    return s, values, decided
+                slot += 1
+            if not page.decided or slot > page.top:
+                return None
+
+
+def _insert_document(db: object, gid: bytes, name: str, crdt: str, epoch: int) -> None:
+    import sqlite3
+
+    assert isinstance(db, sqlite3.Connection)
+    db.execute("INSERT INTO documents VALUES (?,?,?,?,?,?,?,?,?,?)",
+               (gid, name, crdt, secrets.randbits(63), epoch, epoch, 1, msgpack.packb({}),
+                "active", time.time()))
+
+
+def init_identity(store: Store) -> SecretKey:
+    """Create the device's keys on first use; returns the iroh endpoint key."""
+    if store.get_meta("mls_secret") is None:
+        public, secret = new_signature_key()
+        with store.transaction():
+            store.set_meta("mls_public", public)
+            store.set_meta("mls_secret", secret)
+            store.set_meta("endpoint_seed", SecretKey.generate().seed)
+    seed = store.get_meta("endpoint_seed")
+    assert seed is not None
+    return SecretKey(seed)
+
+
+__all__ = ["Device", "DeviceConfig", "Document", "JoinError", "Manifest"]

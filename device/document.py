@@ -1,0 +1,889 @@
+"""One shared document: an MLS group, a CRDT, a decided log, and its links to syncnodes.
+
+The engine steps (each one SQLite transaction that also saves the MLS state it touched):
+
+* **edit** (:meth:`Document.change`): run the app's function on the CRDT, store the update as
+  local state and as "not yet sent". Nothing else; works offline.
+* **flush** (every ``flush_interval`` while there are unsent edits): coalesce them into one
+  payload, encrypt it in the current epoch, seal it in a signed envelope with the next seq and
+  put it in the outbox. The outbox is sent to every syncnode of the group; an envelope leaves
+  the outbox once a quorum stored it (then it is **durable**).
+* **receive**: envelopes from live push and backfill are deduplicated by ``(sender, seq)``,
+  checked against the manifest of their epoch, decrypted (messages of a future epoch wait for
+  the commit), checked against the MLS sender, and delivered causally to the CRDT in batches.
+* **decide**: a decided value is applied only in slot order, after its certificate and the
+  manifest rules verify (:func:`proto.manifest.verify_decided`) and MLS accepts the commit from
+  the signer. Our own membership changes go through Paxos (:meth:`_commit`); if another
+  device's commit wins the slot, ours is rebuilt on the new epoch and proposed again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+import trio.lowlevel
+
+from device.crdt_loro import BACKENDS, Editor, LoroDocument
+from device.mls import MlsError, MlsGroup, identity_for
+from device.paxos_driver import ProposeFailed, propose
+from proto.causal import CausalBuffer
+from proto.codec import decode_as, encode
+from proto.crdt import CrdtError
+from proto.envelope import Envelope
+from proto.errors import DecodeError, SyncnodeError, TransportError
+from proto.identity import fingerprint, short_id
+from proto.invite import InviteTicket, JoinRequest, secret_hash
+from proto.logs import get_logger
+from proto.manifest import (
+    DeviceEntry,
+    LogValue,
+    Manifest,
+    ManifestError,
+    Role,
+    next_manifest,
+    sign_value,
+    validate_transition,
+    verify_decided,
+)
+from proto.messages import ErrorCode
+from proto.paxos.messages import Decided, EquivocationProof
+from proto.paxos.proposer import Lost
+from proto.paxos.quorum import CertificateError
+from proto.payload import (
+    Payload,
+    PayloadKind,
+    pack_updates,
+    unpack_updates,
+    vector_deps,
+)
+from proto.rpc import RemoteError, SyncnodeClient
+from proto.service import MailboxKind
+from proto.ticket import NodeTicket
+
+if TYPE_CHECKING:
+    from device.agent import Device
+
+log = get_logger("device.document")
+
+MAX_FLUSH_BYTES = 1024 * 1024
+
+
+class DocumentError(SyncnodeError):
+    """The operation cannot be done on this document (removed, unknown device, ...)."""
+
+
+class Offline(DocumentError):
+    """Not enough syncnodes reachable for a membership change (it needs a quorum)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the document. ``origin`` is ``"local"`` or ``"remote"``; ``senders`` are the
+    short ids of the devices whose updates were applied."""
+
+    origin: str
+    senders: tuple[str, ...]
+    updates: int
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Something the app must show the user: ``equivocation`` (syncnodes signed two different
+    decisions for one slot — evidence is kept), ``invalid-decision``, ``bad-update``,
+    ``removed``."""
+
+    kind: str
+    detail: str
+
+
+Event = Change | Alarm
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    fingerprint: bytes
+    role: str
+    endpoint_id: bytes
+    is_self: bool
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    epoch: int
+    durable: int
+    """Our updates a quorum of syncnodes has stored."""
+    unsent: int
+    """Local edits not yet sealed into an update (sealed within the flush interval)."""
+    outbox: int
+    """Sealed updates still waiting for a quorum of acknowledgements."""
+    connected: tuple[str, ...]
+    syncnodes: int
+    status: str
+
+
+@dataclass
+class _Outgoing:
+    envelope: Envelope
+    acks: set[bytes] = field(default_factory=set)
+
+
+class Signal:
+    """A broadcast wake-up: every task waiting when :meth:`fire` runs wakes up."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Document:
+    def __init__(self, device: Device, group_id: bytes) -> None:
+        self.device = device
+        self.store = device.store
+        self.group_id = group_id
+        self.me = device.fingerprint
+        row = self.store.one("SELECT name, crdt, peer_id, epoch, joined_epoch, next_seq, "
+                             "delivered, status FROM documents WHERE group_id=?", group_id)
+        (self.name, self.crdt_type, peer_id, self.epoch, self.joined_epoch, self.next_seq,
+         delivered, self.status) = row
+        self.values: dict[int, LogValue] = {}
+        self.decided: dict[int, Decided] = {}
+        for slot, value, dec in self.store.all("SELECT slot, value, decided FROM log WHERE "
+                                               "group_id=? ORDER BY slot", group_id):
+            self.values[slot] = LogValue.decode(value)
+            if dec is not None:
+                self.decided[slot] = decode_as(dec, Decided)
+        self.mls: MlsGroup = device.mls.load(group_id)
+        snap = self.store.one("SELECT snapshot FROM crdt_snapshot WHERE group_id=?", group_id)
+        self.crdt: LoroDocument = BACKENDS[self.crdt_type](peer_id, snap[0] if snap else None)
+        updates = [u for (u,) in self.store.all("SELECT data FROM crdt_updates WHERE group_id=? "
+                                                "ORDER BY id", group_id)]
+        self._updates_since_snapshot = len(updates)
+        self.crdt.apply(updates)
+        pending = [Payload.decode(p) for (p,) in self.store.all(
+            "SELECT payload FROM pending WHERE group_id=?", group_id)]
+        self.buffer = CausalBuffer(msgpack.unpackb(delivered, strict_map_key=False), pending)
+        self.outbox: dict[int, _Outgoing] = {
+            seq: _Outgoing(decode_as(env, Envelope), _split_ids(acks))
+            for seq, env, acks in self.store.all("SELECT seq, envelope, acks FROM outbox "
+                                                 "WHERE group_id=?", group_id)}
+        self.clients: dict[bytes, SyncnodeClient] = {}
+        self.future: dict[tuple[bytes, int], Envelope] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._outbox_changed = Signal()
+        self._dirty = trio.Event()
+        self._learn_wanted = Signal()
+        self._epoch_changed = Signal()
+        self._durable_changed = Signal()
+        self._links_changed = Signal()
+        self._propose_lock = trio.Lock()
+        self._apply_lock = trio.Lock()
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[SyncnodeClient, Any]](
+            4096)
+        self._missing = False
+        self._last_sync_request = 0.0
+        self._answered: set[tuple[bytes, int]] = set()
+        self._join_lock = trio.Lock()
+        if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", group_id):
+            self._dirty.set()
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.group_id.hex()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.values[self.epoch].manifest
+
+    def value(self) -> Any:
+        """The document as plain Python values."""
+        return self.crdt.value()
+
+    def change(self, fn: Callable[[Editor], Any]) -> None:
+        """Apply a local edit now (also offline); it is sent within the flush interval.
+
+        ``fn`` receives an :class:`~device.crdt_loro.Editor`: ``e.text("body").insert(0, "hi")``,
+        ``e.map("meta").insert("title", "x")``, ``e.list("items").push(1)``,
+        ``e.counter("likes").increment(1)``. The edit is on disk when this returns.
+        """
+        if self.status != "active":
+            raise DocumentError(f"document is {self.status}")
+        update = self.crdt.change(fn)
+        if update is None:
+            return
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
+                       (self.group_id, update))
+            db.execute("INSERT INTO local_pending (group_id, data) VALUES (?,?)",
+                       (self.group_id, update))
+        self._updates_since_snapshot += 1
+        self._dirty.set()
+        self._emit(Change("local", (short_id(self.me),), 1))
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback`` with every :class:`Change` and :class:`Alarm`; returns a function
+        that unsubscribes."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    @asynccontextmanager
+    async def events(self, buffer: int = 1024) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+        """``async with doc.events() as changes: async for ev in changes: ...``"""
+        send, receive = trio.open_memory_channel[Event](buffer)
+
+        def push(ev: Event) -> None:
+            try:
+                send.send_nowait(ev)
+            except trio.WouldBlock:
+                pass
+
+        unsubscribe = self.subscribe(push)
+        try:
+            yield receive
+        finally:
+            unsubscribe()
+
+    def members(self) -> list[Member]:
+        return [Member(short_id(d.fingerprint), d.fingerprint, d.role.name.lower(),
+                       d.endpoint_id, d.fingerprint == self.me)
+                for d in self.manifest.devices]
+
+    def sync_status(self) -> SyncStatus:
+        unsent = self.store.one("SELECT count(*) FROM local_pending WHERE group_id=?",
+                                self.group_id)[0]
+        return SyncStatus(self.epoch, self.next_seq - 1 - len(self.outbox), unsent,
+                          len(self.outbox), tuple(short_id(n) for n in self.clients),
+                          len(self.manifest.syncnodes), self.status)
+
+    def alarms(self) -> list[Alarm]:
+        return [Alarm(k, d) for k, d in self.store.all(
+            "SELECT kind, detail FROM alarms WHERE group_id=? ORDER BY id", self.group_id)]
+
+    async def wait_durable(self) -> None:
+        """Until every edit made so far is stored by a quorum of syncnodes."""
+        while self.status == "active":
+            s = self.sync_status()
+            if s.unsent == 0 and s.outbox == 0:
+                return
+            await self._durable_changed.wait()
+
+    async def wait_epoch(self, epoch: int) -> None:
+        while self.epoch < epoch:
+            await self._epoch_changed.wait()
+
+    def invite(self, ttl: float = 24 * 3600) -> str:
+        """A one-time invite ticket for a new device (see :meth:`Device.join`). The add happens
+        when the new device's request arrives and this device is online."""
+        import secrets
+
+        secret = secrets.token_bytes(16)
+        expires = time.time() + ttl
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
+                       (secret_hash(secret), self.group_id, expires))
+        return str(InviteTicket(self.group_id, self.device.key.public, self.manifest.syncnodes,
+                                secret, int(expires)))
+
+    async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
+                         role: Role = Role.MEMBER) -> int:
+        """Add a device by its KeyPackage (through Paxos); returns the slot that added it."""
+        fpr = fingerprint(sig_pub)
+
+        def build() -> LogValue | None:
+            if self.manifest.device(fpr) is not None:
+                return None
+            commit, welcome = self.mls.build_add([key_package])
+            entry = DeviceEntry(fpr, sig_pub, endpoint_id, 0, role)
+            m = next_manifest(self.manifest, commit, add=(entry,))
+            return sign_value(self.device.key, m, commit, welcome)
+
+        return await self._commit(build)
+
+    async def remove_device(self, device_id: str) -> int:
+        """Remove a member (by id prefix); returns the slot of the removal."""
+        target = self._find(device_id)
+
+        def build() -> LogValue | None:
+            entry = self.manifest.device(target.fingerprint)
+            if entry is None:
+                return None
+            commit = self.mls.build_remove([entry.sig_pub])
+            m = next_manifest(self.manifest, commit, remove=(entry.fingerprint,))
+            return sign_value(self.device.key, m, commit)
+
+        return await self._commit(build)
+
+    async def rotate_keys(self) -> int:
+        """Commit a key update (new epoch secrets, fresh leaf key); returns its slot."""
+
+        def build() -> LogValue:
+            commit = self.mls.build_update()
+            return sign_value(self.device.key, next_manifest(self.manifest, commit), commit)
+
+        return await self._commit(build)
+
+    def _find(self, device_id: str) -> DeviceEntry:
+        prefix = device_id.lower()
+        found = [d for d in self.manifest.devices if d.fingerprint.hex().startswith(prefix)]
+        if len(found) != 1:
+            raise DocumentError(f"{'no' if not found else 'more than one'} member matches "
+                                f"{device_id!r}")
+        return found[0]
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("event listener failed")
+
+    def _alarm(self, kind: str, detail: str, evidence: bytes | None = None) -> None:
+        log.error("alarm", doc=short_id(self.group_id), kind=kind, detail=detail)
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO alarms (group_id, kind, detail, evidence, at) "
+                       "VALUES (?,?,?,?,?)", (self.group_id, kind, detail, evidence, time.time()))
+        self._emit(Alarm(kind, detail))
+
+    # -- flush: local edits -> outbox ------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(self.device.config.flush_interval)
+            self._dirty = trio.Event()
+            if self.status != "active":
+                return
+            while self._flush_once():
+                await trio.lowlevel.checkpoint()
+
+    def _flush_once(self) -> bool:
+        rows = self.store.all("SELECT id, data FROM local_pending WHERE group_id=? ORDER BY id",
+                              self.group_id)
+        if not rows:
+            return False
+        take, size = [], 0
+        for rid, data in rows:
+            if take and size + len(data) > MAX_FLUSH_BYTES:
+                break
+            take.append((rid, data))
+            size += len(data)
+        body = pack_updates([d for _, d in take])
+        with self.store.transaction() as db:
+            self._seal(PayloadKind.UPDATE, body, exclude_self=True)
+            db.executemany("DELETE FROM local_pending WHERE id=?", [(r,) for r, _ in take])
+        return len(take) < len(rows)
+
+    def _seal(self, kind: PayloadKind, body: bytes, *, exclude_self: bool) -> None:
+        """Encrypt a payload as our next seq and put it in the outbox (inside a transaction)."""
+        seq = self.next_seq
+        deps = vector_deps(self.buffer.delivered, exclude=self.me if exclude_self else None)
+        payload = Payload(kind, self.me, seq, deps, self.crdt.backend_id, body)
+        ciphertext = self.mls.encrypt(payload.encode())
+        env = Envelope.seal(self.device.key, self.group_id, seq, self.epoch, ciphertext)
+        with self.store.transaction() as db:
+            self.mls.persist()  # before the ciphertext can leave
+            db.execute("INSERT INTO outbox VALUES (?,?,?,?)",
+                       (self.group_id, seq, encode(env), b""))
+            self.buffer.mark_delivered(self.me, seq)
+            db.execute("UPDATE documents SET next_seq=?, delivered=? WHERE group_id=?",
+                       (seq + 1, msgpack.packb(self.buffer.delivered), self.group_id))
+        self.next_seq = seq + 1
+        self.outbox[seq] = _Outgoing(env)
+        self._outbox_changed.fire()
+
+    # -- receive: envelopes -> CRDT --------------------------------------------------------------
+
+    def receive(self, envelopes: Sequence[Envelope]) -> int:
+        """Process envelopes from a syncnode; returns how many payloads were delivered."""
+        payloads: list[Payload] = []
+        taken: set[tuple[bytes, int]] = set()
+        for env in envelopes:
+            if env.group_id != self.group_id or self.status != "active":
+                continue
+            key = (env.sender, env.seq)
+            if key in taken or self.buffer.seen(*key):
+                continue
+            taken.add(key)
+            if env.epoch > self.epoch:
+                self.future[(env.sender, env.seq)] = env
+                self._learn_wanted.fire()
+                continue
+            if env.epoch < self.joined_epoch:
+                self._missing = True
+                continue
+            p = self._open(env)
+            if p is not None:
+                payloads.append(p)
+        if not payloads:
+            return 0
+        before = set(self.buffer.pending)
+        ready = self.buffer.add_many(payloads)
+        bodies: list[bytes] = []
+        senders: set[str] = set()
+        for p in ready:
+            if p.kind == PayloadKind.SYNC_REQUEST:
+                self._answer_later(p)
+                continue
+            try:
+                updates = unpack_updates(p.body)
+            except DecodeError as exc:
+                self._alarm("bad-update", f"from {short_id(p.sender)} seq {p.seq}: {exc}")
+                continue
+            bodies += updates
+            senders.add(short_id(p.sender))
+        applied = []
+        for body, err in zip(bodies, self.crdt.apply(bodies), strict=True):
+            if err is None:
+                applied.append(body)
+            else:
+                self._alarm("bad-update", str(err))
+        after = set(self.buffer.pending)
+        with self.store.transaction() as db:
+            self.mls.persist()
+            db.executemany("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
+                           [(self.group_id, b) for b in applied])
+            db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,?)",
+                           [(self.group_id, s, q, self.buffer.pending[(s, q)].encode())
+                            for (s, q) in after - before])
+            db.executemany("DELETE FROM pending WHERE group_id=? AND sender=? AND seq=?",
+                           [(self.group_id, s, q) for (s, q) in before - after])
+            db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
+                       (msgpack.packb(self.buffer.delivered), self.group_id))
+        self._updates_since_snapshot += len(applied)
+        if self._updates_since_snapshot >= self.device.config.snapshot_every:
+            self.compact()
+        if applied:
+            self._emit(Change("remote", tuple(sorted(senders)), len(applied)))
+        return len(ready)
+
+    def _open(self, env: Envelope) -> Payload | None:
+        """Verify, decrypt and check one envelope; None (logged) if it is not acceptable."""
+        m = self.values.get(env.epoch)
+        entry = m.manifest.device(env.sender) if m is not None else None
+        if entry is None or not env.verify(entry.sig_pub):
+            log.warning("envelope refused: sender not a member or bad signature",
+                        doc=short_id(self.group_id), sender=short_id(env.sender), seq=env.seq)
+            return None
+        try:
+            sender, plaintext = self.mls.decrypt(env.ciphertext)
+        except MlsError as exc:
+            if exc.unknown_epoch:
+                self._missing = True
+            log.warning("cannot decrypt", doc=short_id(self.group_id), me=short_id(self.me),
+                        sender=short_id(env.sender),
+                        seq=env.seq, epoch=env.epoch, error=str(exc))
+            return None
+        if sender != identity_for(entry.sig_pub):
+            log.warning("envelope sender is not the MLS sender", doc=short_id(self.group_id))
+            return None
+        try:
+            p = Payload.decode(plaintext)
+            if p.sender != env.sender or p.seq != env.seq:
+                raise DecodeError("Payload", "does not match its envelope")
+            if p.backend != self.crdt.backend_id:
+                raise DecodeError("Payload.backend", f"{p.backend!r} in a {self.crdt_type} doc")
+            if p.kind == PayloadKind.STATE and p.vector().get(p.sender, 0) < p.seq - 1:
+                raise DecodeError("Payload.deps", "STATE must cover its sender's past")
+        except DecodeError as exc:
+            self._alarm("bad-update", f"from {short_id(env.sender)} seq {env.seq}: {exc}")
+            return None
+        return p
+
+    def compact(self) -> None:
+        """Replace the stored CRDT updates by one snapshot (bounded load time)."""
+        snap = self.crdt.snapshot()
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO crdt_snapshot VALUES (?,?)", (self.group_id, snap))
+            db.execute("DELETE FROM crdt_updates WHERE group_id=?", (self.group_id,))
+        self._updates_since_snapshot = 0
+
+    # -- state sync for devices that cannot read older epochs ------------------------------------
+
+    def _request_state(self) -> None:
+        now = trio.current_time()
+        if now - self._last_sync_request < self.device.config.sync_request_interval:
+            return
+        self._last_sync_request = now
+        self._missing = False
+        with self.store.transaction():
+            self._seal(PayloadKind.SYNC_REQUEST, self.crdt.version(), exclude_self=True)
+        log.info("asked members for the document state", doc=short_id(self.group_id))
+
+    def _answer_later(self, request: Payload) -> None:
+        if request.sender == self.me or (request.sender, request.seq) in self._answered:
+            return
+        theirs = request.vector()
+        if all(theirs.get(s, 0) >= q for s, q in self.buffer.delivered.items()):
+            return  # they have everything we have
+        self._answered.add((request.sender, request.seq))
+        self.device.nursery.start_soon(self._answer, request)
+
+    async def _answer(self, request: Payload) -> None:
+        # A little jitter so several members answering do not all send at the same instant.
+        await trio.sleep(random.uniform(0, 0.2))
+        if self.status != "active":
+            return
+        try:
+            diff = self.crdt.diff_since(request.body)
+        except CrdtError as exc:
+            self._alarm("bad-update", f"sync request from {short_id(request.sender)}: {exc}")
+            return
+        with self.store.transaction():
+            self._seal(PayloadKind.STATE, pack_updates([diff]), exclude_self=False)
+        log.info("sent document state", doc=short_id(self.group_id),
+                 to=short_id(request.sender), bytes=len(diff))
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def apply_decided(self, d: Decided) -> bool:
+        """Apply the decision for the next slot (or check a known one for equivocation).
+        Returns True if the epoch advanced."""
+        async with self._apply_lock:
+            return self._apply_decided(d)
+
+    def _apply_decided(self, d: Decided) -> bool:
+        slot = d.certificate.slot
+        if d.certificate.group_id != self.group_id or self.status != "active":
+            return False
+        if slot <= self.epoch:
+            self._check_known(d)
+            return False
+        if slot > self.epoch + 1:
+            self._learn_wanted.fire()
+            return False
+        try:
+            value = verify_decided(self.manifest, d.value, d.certificate)
+        except (CertificateError, ManifestError) as exc:
+            self._alarm("invalid-decision", f"slot {slot}: {exc}")
+            return False
+        signer = self.manifest.device(value.signer)
+        assert signer is not None and value.commit is not None  # verify_decided checked
+        try:
+            committer, removed = self.mls.apply_commit(value.commit)
+        except MlsError as exc:
+            self._fail(f"MLS rejected the decided commit of slot {slot}: {exc}")
+            return False
+        if committer != identity_for(signer.sig_pub):
+            self._fail(f"slot {slot}: the MLS committer is not the manifest signer")
+            return False
+        removed = removed or value.manifest.device(self.me) is None
+        status = "removed" if removed else "active"
+        with self.store.transaction() as db:
+            self.mls.persist()
+            db.execute("INSERT INTO log VALUES (?,?,?,?)",
+                       (self.group_id, slot, d.value, encode(d)))
+            db.execute("UPDATE documents SET epoch=?, status=? WHERE group_id=?",
+                       (slot, status, self.group_id))
+            db.execute("DELETE FROM proposal WHERE group_id=? AND slot<=?", (self.group_id, slot))
+        self.values[slot], self.decided[slot] = value, d
+        self.epoch, self.status = slot, status
+        log.info("decision applied", doc=short_id(self.group_id), slot=slot,
+                 signer=short_id(value.signer), devices=len(value.manifest.devices))
+        self._epoch_changed.fire()
+        if removed:
+            self._emit(Alarm("removed", f"this device was removed at epoch {slot}"))
+            self._durable_changed.fire()
+            return True
+        future = [e for e in self.future.values() if e.epoch <= self.epoch]
+        for e in future:
+            del self.future[(e.sender, e.seq)]
+        if future:
+            self.receive(future)
+        return True
+
+    def _check_known(self, d: Decided) -> None:
+        slot = d.certificate.slot
+        known = self.decided.get(slot)
+        if known is None or known.value == d.value:
+            return
+        try:
+            verify_decided(self.values[slot - 1].manifest, d.value, d.certificate)
+        except (CertificateError, ManifestError):
+            return  # not a valid decision at all: a syncnode sent garbage
+        proof = EquivocationProof(known.certificate, d.certificate)
+        self._alarm("equivocation", f"two certified values for slot {slot}", encode(proof))
+
+    def _fail(self, reason: str) -> None:
+        self.status = "failed"
+        with self.store.transaction() as db:
+            db.execute("UPDATE documents SET status='failed' WHERE group_id=?", (self.group_id,))
+        self._alarm("invalid-decision", reason)
+
+    async def learn(self, client: SyncnodeClient) -> None:
+        """Fetch and apply every decision the syncnode has beyond our epoch."""
+        while self.status == "active":
+            page = await client.fetch_decided(self.group_id, self.epoch + 1)
+            progressed = False
+            for d in page.decided:
+                progressed |= await self.apply_decided(d)
+            if not progressed or self.epoch >= page.top:
+                return
+
+    async def _learn_everywhere(self) -> None:
+        for client in list(self.clients.values()):
+            try:
+                await self.learn(client)
+            except (TransportError, RemoteError) as exc:
+                log.debug("learn failed", node=short_id(client.node_id), error=str(exc))
+
+    async def _wait_for_quorum(self) -> None:
+        """Give links a moment to come up (right after start, or after a network change)."""
+        acceptors = self.manifest.acceptors()
+        with trio.move_on_after(self.device.config.connect_timeout):
+            while sum(n in acceptors for n in self.clients) < acceptors.quorum:
+                await self._links_changed.wait()
+
+    async def _commit(self, build: Callable[[], LogValue | None]) -> int:
+        """Get one commit of ours decided. ``build`` makes it for the current epoch (None: no
+        longer needed). Losing a slot re-bases: the winner is applied and ``build`` runs again."""
+        cfg = self.device.config
+        async with self._propose_lock:
+            for _ in range(cfg.rebase_attempts):
+                if self.status != "active":
+                    raise DocumentError(f"document is {self.status}")
+                await self._wait_for_quorum()
+                await self._learn_everywhere()
+                slot = self.epoch + 1
+                row = self.store.one("SELECT slot, value FROM proposal WHERE group_id=?",
+                                     self.group_id)
+                mine: bytes | None = None
+                if row is not None and row[0] == slot:
+                    value_bytes = row[1]  # a commit of ours from before: finish it first
+                else:
+                    value = build()
+                    if value is None:
+                        return self.epoch
+                    validate_transition(self.manifest, value)
+                    value_bytes = mine = value.encode()
+                    with self.store.transaction() as db:
+                        self.mls.persist()
+                        db.execute("INSERT OR REPLACE INTO proposal VALUES (?,?,?)",
+                                   (self.group_id, slot, value_bytes))
+                acceptors = self.manifest.acceptors()
+                clients = [c for n, c in self.clients.items() if n in acceptors]
+                if len(clients) < acceptors.quorum:
+                    raise Offline(f"{len(clients)} of {len(acceptors)} syncnodes reachable, "
+                                  f"a membership change needs {acceptors.quorum}")
+                try:
+                    outcome = await propose(self.device.key, clients, self.group_id, slot,
+                                            value_bytes, acceptors, attempts=cfg.propose_attempts,
+                                            backoff=cfg.propose_backoff)
+                except ProposeFailed as exc:
+                    raise Offline(str(exc)) from None
+                if isinstance(outcome, Decided):
+                    await self.apply_decided(outcome)
+                    if mine is not None:
+                        return slot
+                    continue  # that was an older commit of ours; now build this one
+                if isinstance(outcome, Lost):
+                    log.info("our commit lost the slot; re-basing", doc=short_id(self.group_id),
+                             slot=slot)
+                    if outcome.value is not None:
+                        await self.apply_decided(Decided(outcome.value, outcome.certificate))
+                    continue
+                assert isinstance(outcome, EquivocationProof)
+                self._alarm("equivocation", f"conflicting certificates for slot {slot}",
+                            encode(outcome))
+                raise DocumentError("syncnodes equivocated; see alarms")
+            raise Offline(f"no commit decided after {cfg.rebase_attempts} rounds of contention")
+
+    # -- links to syncnodes ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """All the document's background work; runs until cancelled or the doc is removed."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher)
+            nursery.start_soon(self._processor)
+            for entry in self.manifest.syncnodes:
+                nursery.start_soon(self._link, NodeTicket(entry.node_id, entry.addrs))
+
+    async def _link(self, ticket: NodeTicket) -> None:
+        cfg = self.device.config
+        delay = cfg.reconnect_min
+        node = short_id(ticket.node_id)
+        while self.status == "active":
+            try:
+                async with SyncnodeClient.connect(self.device.transport, ticket,
+                                                  timeout=cfg.connect_timeout) as client:
+                    await client.authenticate(self.device.key)
+                    delay = cfg.reconnect_min
+                    await self._serve(client)
+            except (TransportError, RemoteError, DecodeError) as exc:
+                log.info("syncnode link down", doc=short_id(self.group_id), node=node,
+                         error=str(exc))
+            finally:
+                self.clients.pop(ticket.node_id, None)
+                self._links_changed.fire()
+            if self.status != "active":
+                return
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, cfg.reconnect_max)
+
+    async def _serve(self, client: SyncnodeClient) -> None:
+        await self._sync_node(client)
+        async with client.subscribe(self.group_id) as sub, trio.open_nursery() as nursery:
+            self.clients[client.node_id] = client
+            self._links_changed.fire()
+            log.info("syncnode link up", doc=short_id(self.group_id),
+                     node=short_id(client.node_id))
+            nursery.start_soon(self._push_outbox, client)
+            nursery.start_soon(self._learner, client)
+            nursery.start_soon(self._mailbox, client)
+            await self.learn(client)
+            await self._backfill(client)
+            async for item in sub:
+                await self._inbox_send.send((client, item))
+            raise TransportError("subscription ended")
+
+    async def _sync_node(self, client: SyncnodeClient) -> None:
+        """Make the syncnode know our group and every decision we know (it may have missed
+        the genesis while offline, or the decision that added us)."""
+        heads = {h.group_id: h.top for h in (await client.heads([self.group_id])).heads}
+        top = heads.get(self.group_id)
+        if top is None:
+            await client.register_group(self.values[0])
+            top = 0
+        for slot in range(top + 1, self.epoch + 1):
+            await client.learn(self.decided[slot])
+        if top > self.epoch:
+            await self.learn(client)
+
+    async def _backfill(self, client: SyncnodeClient) -> None:
+        more = True
+        while more and self.status == "active":
+            page = await client.backfill(self.group_id, self.buffer.watermarks())
+            async with self._apply_lock:
+                self.receive(page.envelopes)
+            more = page.more and bool(page.envelopes)
+            await trio.lowlevel.checkpoint()
+        if self._missing and self.status == "active":
+            self._request_state()
+
+    async def _learner(self, client: SyncnodeClient) -> None:
+        while True:
+            await self._learn_wanted.wait()
+            await self.learn(client)
+
+    async def _processor(self) -> None:
+        """Apply pushed items in arrival order, envelopes in batches."""
+        while True:
+            client, item = await self._inbox.receive()
+            batch = [(client, item)]
+            while len(batch) < 1024:
+                try:
+                    batch.append(self._inbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            envelopes: list[Envelope] = []
+            async with self._apply_lock:
+                for _client, it in batch:
+                    if isinstance(it, Envelope):
+                        envelopes.append(it)
+                        continue
+                    if envelopes:
+                        self.receive(envelopes)
+                        envelopes = []
+                    self._apply_decided(it)
+                if envelopes:
+                    self.receive(envelopes)
+            if self._missing and self.status == "active":
+                self._request_state()
+
+    async def _push_outbox(self, client: SyncnodeClient) -> None:
+        node = client.node_id
+        limiter = trio.Semaphore(self.device.config.max_in_flight)
+        while self.status == "active":
+            todo = [o for o in sorted(self.outbox.items()) if node not in o[1].acks]
+            if not todo:
+                await self._outbox_changed.wait()
+                continue
+            async with trio.open_nursery() as nursery:
+                for _seq, out in todo:
+                    await limiter.acquire()
+                    nursery.start_soon(self._send_one, client, out, limiter)
+
+    async def _send_one(self, client: SyncnodeClient, out: _Outgoing,
+                        limiter: trio.Semaphore) -> None:
+        try:
+            try:
+                await client.store(out.envelope)
+            except RemoteError as exc:
+                if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAUTHORIZED):
+                    raise
+                await self._sync_node(client)  # it lags behind our epoch; tell it and retry
+                await client.store(out.envelope)
+            self._acked(out, client.node_id)
+        finally:
+            limiter.release()
+
+    def _acked(self, out: _Outgoing, node: bytes) -> None:
+        out.acks.add(node)
+        acceptors = self.manifest.acceptors()
+        seq = out.envelope.seq
+        if seq in self.outbox and len(out.acks & acceptors.members) >= acceptors.quorum:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM outbox WHERE group_id=? AND seq=?", (self.group_id, seq))
+            del self.outbox[seq]
+            self._durable_changed.fire()
+
+    async def _mailbox(self, client: SyncnodeClient) -> None:
+        """Pick up join requests for our open invites (this device is the inviter)."""
+        while self.status == "active":
+            if self.store.one("SELECT 1 FROM invites WHERE group_id=? AND used=0 AND "
+                              "expires_at>?", self.group_id, time.time()):
+                items = await client.mailbox_fetch(self.device.key.public)
+                for item in items.items:
+                    if item.kind == MailboxKind.KEY_PACKAGE:
+                        await self._join_request(item.payload)
+                if items.items:
+                    await client.mailbox_ack(self.device.key.public,
+                                             [i.item_id for i in items.items])
+            await trio.sleep(self.device.config.mailbox_interval)
+
+    async def _join_request(self, sealed: bytes) -> None:
+        try:
+            req = JoinRequest.open(self.device.key, sealed)
+        except DecodeError as exc:
+            log.warning("unreadable join request", error=str(exc))
+            return
+        if req.group_id != self.group_id:
+            return  # for another of our documents; its own link handles it
+        async with self._join_lock:
+            row = self.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
+                                 "group_id=?", secret_hash(req.secret), self.group_id)
+            if row is None or row[1] or row[0] < time.time():
+                log.warning("join request with an unknown, used or expired invite",
+                            doc=short_id(self.group_id))
+                return
+            try:
+                slot = await self.add_device(req.key_package, req.sig_pub, req.endpoint_id)
+            except (ManifestError, MlsError) as exc:
+                log.warning("join request refused", doc=short_id(self.group_id), error=str(exc))
+                return
+            with self.store.transaction() as db:
+                db.execute("UPDATE invites SET used=1 WHERE secret_hash=?",
+                           (secret_hash(req.secret),))
+            log.info("device added from an invite", doc=short_id(self.group_id),
+                     device=short_id(fingerprint(req.sig_pub)), slot=slot)
+
+
+def _split_ids(blob: bytes) -> set[bytes]:
+    return {blob[i:i + 32] for i in range(0, len(blob), 32)}
+

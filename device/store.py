@@ -1,0 +1,141 @@
+"""The device's local store: one SQLite database per device (WAL, ``synchronous=FULL``).
+
+It holds the identity keys, MLS group state (written by the binding through
+:class:`device.mls.SqliteGroupStorage`), each document's decided log with certificates, CRDT
+state (a snapshot plus the updates applied since), local edits not yet sent, the outbox of
+sealed envelopes until a quorum of syncnodes acknowledged them, decrypted payloads waiting for
+their causal dependencies, open invites, and alarms.
+
+Crash rule: each engine step (flush an edit, apply received messages, apply a decision) runs in
+**one transaction** that also writes the MLS state it changed, so after a crash the database
+is at a step boundary: never a ciphertext in the outbox whose ratchet state was not saved,
+never a delivered update that is not in the CRDT state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from proto.errors import SyncnodeError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    group_id BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    crdt TEXT NOT NULL,
+    peer_id INTEGER NOT NULL,        -- this device's CRDT peer id in this document
+    epoch INTEGER NOT NULL,          -- MLS epoch = highest applied slot
+    joined_epoch INTEGER NOT NULL,   -- messages of earlier epochs cannot be decrypted here
+    next_seq INTEGER NOT NULL,       -- our next envelope seq
+    delivered BLOB NOT NULL,         -- per-sender delivered watermarks (msgpack map)
+    status TEXT NOT NULL,            -- active | removed | failed
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log (     -- slot -> encoded LogValue and encoded Decided (NULL: slot 0)
+    group_id BLOB NOT NULL, slot INTEGER NOT NULL, value BLOB NOT NULL, decided BLOB,
+    PRIMARY KEY (group_id, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mls_state (group_id BLOB PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS mls_epochs (
+    group_id BLOB NOT NULL, epoch_id INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (group_id, epoch_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS crdt_snapshot (group_id BLOB PRIMARY KEY, snapshot BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS crdt_updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS crdt_updates_group ON crdt_updates (group_id, id);
+CREATE TABLE IF NOT EXISTS local_pending (   -- local edits not yet sealed into an envelope
+    id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (          -- sealed envelopes until a quorum acknowledged
+    group_id BLOB NOT NULL, seq INTEGER NOT NULL, envelope BLOB NOT NULL,
+    acks BLOB NOT NULL,                      -- concatenated node ids that stored it
+    PRIMARY KEY (group_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (         -- decrypted payloads waiting for dependencies
+    group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
+    PRIMARY KEY (group_id, sender, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS proposal (        -- our commit in flight (re-proposed after restart)
+    group_id BLOB PRIMARY KEY, slot INTEGER NOT NULL, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (
+    secret_hash BLOB PRIMARY KEY, group_id BLOB NOT NULL, expires_at REAL NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, kind TEXT NOT NULL,
+    detail TEXT NOT NULL, evidence BLOB, at REAL NOT NULL);
+"""
+
+
+class StoreLocked(SyncnodeError):
+    """Another process has this device store open."""
+
+
+class Store:
+    """The open database plus an exclusive lock on the device directory (two processes driving
+    one MLS state would reuse ratchet keys and fork it)."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self._lock = open(path / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreLocked(f"{path} is in use by another syncdevice process") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        self.db = sqlite3.connect(path / "device.db", isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self._depth = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic step. Nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    def one(self, sql: str, *args: Any) -> Any:
+        return self.db.execute(sql, args).fetchone()
+
+    def all(self, sql: str, *args: Any) -> list[Any]:
+        return self.db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        self.db.close()
+        self._lock.close()

@@ -1,0 +1,52 @@
+"""The CRDT backend interface the device engine talks to (DESIGN.md "Application messages").
+
+The engine never looks inside CRDT updates: it moves opaque update bytes between devices,
+encrypted, and hands them to a backend. What the engine needs from a backend is small:
+apply remote updates (idempotent, any order, in batches), take the updates made locally,
+snapshot/load, and a version with a diff since a version (for state transfer and
+anti-entropy). Anything a member sends is untrusted input for the backend: a malformed update
+must raise :class:`CrdtError` and leave the document untouched.
+
+``backend_id`` (for example ``"loro/1"``) travels in every payload and snapshot, so documents of
+different backends are never mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from proto.errors import SyncnodeError
+
+
+class CrdtError(SyncnodeError):
+    """An update or snapshot was rejected by the backend; the document is unchanged."""
+
+
+class CrdtBackend(Protocol):
+    backend_id: str
+
+    def apply(self, updates: Sequence[bytes]) -> list[CrdtError | None]:
+        """Import remote updates as one batch. Returns, per update, ``None`` if it was
+        applied or the :class:`CrdtError` it was rejected with (the others still apply)."""
+        ...
+
+    def change(self, fn: Any) -> bytes | None:
+        """Run ``fn`` on the document as one local transaction; return its update (``None``
+        if it changed nothing)."""
+        ...
+
+    def snapshot(self) -> bytes: ...
+
+    def version(self) -> bytes:
+        """An encoded version (state vector) of everything this document contains."""
+        ...
+
+    def diff_since(self, version: bytes) -> bytes:
+        """One update with everything this document has beyond ``version``.
+        Raises :class:`CrdtError` if ``version`` is malformed."""
+        ...
+
+    def value(self) -> Any:
+        """The whole document as plain Python values (dicts, lists, str, numbers)."""
+        ...

@@ -1,0 +1,85 @@
+"""Invite tickets and join requests (DESIGN.md "Join").
+
+An invite ticket is what a member hands to a new device out of band (copy-paste): the group,
+the inviter's MLS signature key, the group's syncnodes, a one-time secret and an expiry. The new
+device answers with a :class:`JoinRequest` (its KeyPackage and endpoint id, plus the secret)
+sealed to the inviter's key (X25519 derived from the Ed25519 signature key) and left in the
+syncnodes' mailbox for the inviter. Sealing matters: the syncnodes relay the request but must not
+learn the secret, or they could get their own key package added.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+
+from proto.codec import U64, Len, MaxItems, MaxLen, PublicKey, decode_struct, encode_struct
+from proto.errors import DecodeError
+from proto.identity import SecretKey
+from proto.manifest import SyncnodeEntry
+from proto.paxos.messages import MAX_ACCEPTORS, GroupId
+
+PREFIX = "sninv1"
+MAX_TICKET_CHARS = 4096
+MAX_KEY_PACKAGE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class InviteTicket:
+    group_id: GroupId
+    inviter: PublicKey
+    syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
+    secret: Annotated[bytes, Len(16)]
+    expires_at: U64
+
+    def __str__(self) -> str:
+        raw = base64.b32encode(encode_struct(self)).decode("ascii").rstrip("=").lower()
+        return PREFIX + raw
+
+    @classmethod
+    def parse(cls, text: str) -> InviteTicket:
+        text = "".join(text.split())
+        if len(text) > MAX_TICKET_CHARS:
+            raise DecodeError("<invite>", "too long")
+        if not text.startswith(PREFIX):
+            raise DecodeError("<invite>", f"an invite ticket starts with {PREFIX!r}")
+        body = text[len(PREFIX):].upper()
+        try:
+            raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        except ValueError:
+            raise DecodeError("<invite>", "not base32") from None
+        return decode_struct(raw, cls)
+
+
+def secret_hash(secret: bytes) -> bytes:
+    return hashlib.blake2b(secret, digest_size=32, person=b"syncnode-invite").digest()
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    group_id: GroupId
+    secret: Annotated[bytes, Len(16)]
+    key_package: Annotated[bytes, MaxLen(MAX_KEY_PACKAGE)]
+    sig_pub: PublicKey
+    endpoint_id: PublicKey
+
+    def seal(self, inviter: bytes) -> bytes:
+        pk = nacl.public.PublicKey(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(inviter))
+        return bytes(nacl.public.SealedBox(pk).encrypt(encode_struct(self)))
+
+    @classmethod
+    def open(cls, key: SecretKey, sealed: bytes) -> JoinRequest:
+        """Decrypt a request sealed to ``key``; raises :class:`DecodeError`."""
+        sk = nacl.public.PrivateKey(
+            nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(key.seed + key.public))
+        try:
+            raw = nacl.public.SealedBox(sk).decrypt(sealed)
+        except nacl.exceptions.CryptoError:
+            raise DecodeError("<join request>", "not sealed to this device") from None
+        return decode_struct(raw, cls)

@@ -1,0 +1,45 @@
+"""Helpers for device-agent tests: devices on the in-memory network or on iroh."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from device.agent import Device, DeviceConfig
+from device.document import Document
+from proto.identity import SecretKey
+from proto.transport.memory import MemoryNetwork
+
+FAST = DeviceConfig(flush_interval=0.01, reconnect_min=0.05, reconnect_max=0.5,
+                    mailbox_interval=0.1, join_poll_interval=0.1, sync_request_interval=0.5,
+                    connect_timeout=5.0)
+
+
+@asynccontextmanager
+async def memory_device(net: MemoryNetwork, path: Path, config: DeviceConfig = FAST
+                        ) -> AsyncIterator[Device]:
+    def endpoint(key: SecretKey) -> Any:
+        net._listeners.pop(key.public, None)
+        return net.endpoint(key.public)
+
+    async with Device.open(path, config=config, transport=endpoint) as device:
+        yield device
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Wait (polling) until ``check()`` holds; fail with ``what`` after ``timeout`` seconds."""
+    with trio.move_on_after(timeout) as scope:
+        while not check():
+            await trio.sleep(0.02)
+    if scope.cancelled_caught:
+        raise AssertionError(f"timed out waiting for {what or check}")
+
+
+async def converged(docs: list[Document], timeout: float = 30.0) -> Any:
+    await eventually(lambda: all(d.value() == docs[0].value() for d in docs), timeout,
+                     "documents to converge")
+    return docs[0].value()
