@@ -104,7 +104,7 @@ class Device:
         ``transport`` makes the endpoint from the device's endpoint key instead of binding iroh
         (tests and the simulator pass an in-memory network's ``endpoint``)."""
         config = config or DeviceConfig()
-        store = Store(Path(os.path.expanduser(os.fspath(path))))
+        store = _open_store(path)
         try:
             endpoint_key = init_identity(store)
             async with AsyncExitStack() as stack:
@@ -285,6 +285,10 @@ class Device:
                 slot += 1
             if not page.decided or slot > page.top:
                 return None
+
+
+def _open_store(path: str | os.PathLike[str]) -> Store:
+    return Store(Path(os.path.expanduser(os.fspath(path))))
 
 
 def _insert_document(db: object, gid: bytes, name: str, crdt: str, epoch: int) -> None:

@@ -72,16 +72,17 @@ class CausalBuffer:
         while progress and self.pending:
             progress = False
             for p in [p for p in self.pending.values() if p.kind == PayloadKind.STATE]:
-                self._deliver(p)
-                out.append(p)
-                progress = True
-            for sender in {k[0] for k in self.pending}:
-                while True:
-                    p = self.pending.get((sender, self.delivered.get(sender, 0) + 1))
-                    if p is None or not self._ready(p):
-                        break
+                if (p.sender, p.seq) in self.pending:  # an earlier STATE may have covered it
                     self._deliver(p)
                     out.append(p)
+                    progress = True
+            for sender in {k[0] for k in self.pending}:
+                while True:
+                    nxt = self.pending.get((sender, self.delivered.get(sender, 0) + 1))
+                    if nxt is None or not self._ready(nxt):
+                        break
+                    self._deliver(nxt)
+                    out.append(nxt)
                     progress = True
         return out
 

@@ -33,7 +33,7 @@ async def memory_device(net: MemoryNetwork, path: Path, config: DeviceConfig = F
 async def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
     """Wait (polling) until ``check()`` holds; fail with ``what`` after ``timeout`` seconds."""
     with trio.move_on_after(timeout) as scope:
-        while not check():
+        while not check():  # noqa: ASYNC110 - the condition spans several tasks' state
             await trio.sleep(0.02)
     if scope.cancelled_caught:
         raise AssertionError(f"timed out waiting for {what or check}")
