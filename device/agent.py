@@ -68,8 +68,8 @@ class DeviceConfig:
     sync_request_interval: float = 3.0
     join_poll_interval: float = 0.5
     listen: str = "127.0.0.1:0"
-    relays: tuple[str, ...] | None = ()
-    """iroh relay URLs; ``()`` for direct connections only, ``None`` for iroh's defaults."""
+    relays: tuple[str, ...] = ()
+    """iroh relay URLs; empty for direct connections only."""
 
 
 class JoinError(SyncnodeError):
@@ -110,8 +110,7 @@ class Device:
             async with AsyncExitStack() as stack:
                 if transport is None:
                     endpoint: Transport = await IrohTransport.bind(
-                        endpoint_key, listen=config.listen,
-                        relays=list(config.relays) if config.relays is not None else None)
+                        endpoint_key, listen=config.listen, relays=list(config.relays))
                 else:
                     endpoint = transport(endpoint_key)
                 stack.push_async_callback(endpoint.aclose)

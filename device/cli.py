@@ -1,22 +1,404 @@
-"""``syncdevice``: the device agent's command line."""
+"""``syncdevice``: the device agent's command line, a thin layer over :mod:`device.agent`.
+
+Every command opens the device store, does its work over iroh, and exits. Edits are saved
+locally first; a command that edits then waits (``--wait`` seconds) until a quorum of syncnodes
+stored the update, and if they are unreachable it says so and leaves the update in the outbox
+for the next run. ``--json`` gives machine-readable output on stdout.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import click
+import trio
 
 from proto import PROTOCOL_VERSION
+
+DEFAULT_HOME = Path(os.environ.get("SYNCDEVICE_HOME", "~/.local/share/syncdevice"))
+
+
+class Ctx:
+    def __init__(self, home: Path, as_json: bool) -> None:
+        self.home = home
+        self.json = as_json
+
+    def out(self, human: str, data: Any) -> None:
+        if self.json:
+            click.echo(json.dumps(data, sort_keys=True, default=str))
+        else:
+            click.echo(human)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="syncnode",
                       message=f"%(prog)s %(version)s (wire protocol v{PROTOCOL_VERSION})")
-def cli() -> None:
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME,
+              show_default=True, envvar="SYNCDEVICE_HOME",
+              help="Device directory: keys, MLS state and documents (env SYNCDEVICE_HOME).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log verbosity (logs go to stderr).")
+@click.pass_context
+def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str) -> None:
     """syncdevice: edit end-to-end encrypted documents offline and sync them via syncnodes.
 
     The device keeps the keys and the documents; syncnodes only ever see ciphertext.
+    Start with `syncdevice init`, then `create --syncnode TICKET ...` or `join INVITE`.
+    DOC arguments take a document name or a prefix of its id.
     """
+    from proto.logs import configure_logging
+
+    configure_logging(log_level)
+    ctx.obj = Ctx(home.expanduser(), as_json)
+
+
+def _run(ctx: Ctx, fn: Callable[[Any], Awaitable[int | None]]) -> None:
+    """Open the device, run ``fn(device)`` under trio (its result is the exit code), and turn
+    project errors into messages."""
+    from device.agent import Device
+    from proto.errors import SyncnodeError
+
+    failure: list[SyncnodeError] = []
+
+    async def main() -> int | None:
+        try:
+            async with Device.open(ctx.home) as device:
+                try:
+                    return await fn(device)
+                except SyncnodeError as exc:  # caught here, before the device's nursery
+                    failure.append(exc)
+                    return 1
+        except SyncnodeError as exc:
+            failure.append(exc)
+            return 1
+
+    try:
+        code = trio.run(main)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if failure:
+        raise click.ClickException(str(failure[0]))
+    if code:
+        sys.exit(code)
+
+
+async def _settle(ctx: Ctx, doc: Any, wait: float) -> None:
+    """Send pending edits now and wait up to ``wait`` s until a quorum stored them."""
+    doc.flush()
+    with trio.move_on_after(wait):
+        await doc.wait_durable()
+    s = doc.sync_status()
+    if s.unsent or s.outbox:
+        click.echo(f"saved locally; {s.unsent + s.outbox} update(s) not yet stored by a quorum "
+                   f"of syncnodes ({len(s.connected)}/{s.syncnodes} reachable); they are sent "
+                   "the next time syncdevice runs", err=True)
+
+
+WAIT = click.option("--wait", default=15.0, show_default=True,
+                    help="Seconds to wait for syncnodes to acknowledge (0: do not wait).")
+
+
+@cli.command()
+@pass_ctx
+def init(ctx: Ctx) -> None:
+    """Create this device's identity (keys) in --home, or show the existing one."""
+
+    async def go(device: Any) -> None:
+        ctx.out(f"device {device.id}\nhome {ctx.home}",
+                {"device": device.fingerprint.hex(), "endpoint": device.endpoint_id.hex(),
+                 "home": str(ctx.home)})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.option("--syncnode", "syncnodes", multiple=True, required=True, metavar="TICKET",
+              help="A syncnode ticket (sn1...); repeat for each syncnode (3 recommended).")
+@click.option("--name", default="", help="A local name for the document.")
+@WAIT
+@pass_ctx
+def create(ctx: Ctx, syncnodes: tuple[str, ...], name: str, wait: float) -> None:
+    """Create a new document served by the given syncnodes."""
+
+    async def go(device: Any) -> None:
+        doc = await device.create_document(list(syncnodes), name=name)
+        with trio.move_on_after(wait):
+            await doc.wait_connected(doc.manifest.acceptors().quorum)
+        ctx.out(f"created {doc.name} {doc.id}", {"name": doc.name, "id": doc.id})
+
+    _run(ctx, go)
+
+
+@cli.command(name="list")
+@pass_ctx
+def list_(ctx: Ctx) -> None:
+    """List this device's documents."""
+
+    async def go(device: Any) -> None:
+        rows = [{"name": d.name, "id": d.id, "epoch": d.epoch, "members": len(d.members()),
+                 "status": d.status} for d in device.documents()]
+        human = "\n".join(f"{r['name']:<16} {r['id'][:16]}  epoch {r['epoch']:<4} "
+                          f"{r['members']} member(s)  {r['status']}" for r in rows)
+        ctx.out(human or "no documents", rows)
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@click.option("--sync", "sync_for", default=2.0, show_default=True,
+              help="Seconds to fetch news from syncnodes first (0: show the local copy).")
+@pass_ctx
+def show(ctx: Ctx, doc: str, sync_for: float) -> None:
+    """Print a document's content."""
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        await trio.sleep(sync_for)
+        value = d.value()
+        ctx.out(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False), value)
+
+    _run(ctx, go)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@cli.command(name="set")
+@click.argument("doc")
+@click.argument("path")
+@click.argument("value")
+@WAIT
+@pass_ctx
+def set_(ctx: Ctx, doc: str, path: str, value: str, wait: float) -> None:
+    """Set MAP.KEY to VALUE (JSON if it parses, else a string), e.g. `set notes meta.title Hi`."""
+    container, sep, key = path.partition(".")
+    if not sep or not key:
+        raise click.BadParameter("PATH is MAP.KEY, e.g. meta.title", param_hint="PATH")
+    parsed = _parse_value(value)
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        d.change(lambda e: e.map(container).insert(key, parsed))
+        await _settle(ctx, d, wait)
+        ctx.out(f"{path} = {parsed!r}", {"path": path, "value": parsed})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@click.option("--text", "text_name", metavar="NAME", help="Edit text container NAME.")
+@click.option("--insert", nargs=2, type=(int, str), metavar="POS STR",
+              help="With --text: insert STR at code point POS.")
+@click.option("--append", metavar="STR", help="With --text: append STR.")
+@click.option("--delete", nargs=2, type=(int, int), metavar="POS LEN",
+              help="With --text: delete LEN code points at POS.")
+@click.option("--list", "list_name", metavar="NAME", help="Append to list container NAME.")
+@click.option("--push", metavar="VALUE", help="With --list: the value to append (JSON or str).")
+@click.option("--counter", metavar="NAME", help="Add to counter NAME.")
+@click.option("--add", type=float, default=1, show_default=True, help="With --counter: amount.")
+@WAIT
+@pass_ctx
+def edit(ctx: Ctx, doc: str, text_name: str | None, insert: tuple[int, str] | None,
+         append: str | None, delete: tuple[int, int] | None, list_name: str | None,
+         push: str | None, counter: str | None, add: float, wait: float) -> None:
+    """Edit text, lists and counters: `edit notes --text body --append "hi"`,
+    `edit notes --list todo --push milk`, `edit notes --counter likes --add 1`."""
+    if not (text_name or list_name or counter):
+        raise click.UsageError("say what to edit: --text NAME, --list NAME or --counter NAME")
+
+    def fn(e: Any) -> None:
+        if text_name:
+            t = e.text(text_name)
+            if delete:
+                t.delete(*delete)
+            if insert:
+                t.insert(*insert)
+            if append is not None:
+                t.insert(len(t.to_string()), append)
+        if list_name:
+            if push is None:
+                raise click.UsageError("--list needs --push VALUE")
+            e.list(list_name).push(_parse_value(push))
+        if counter:
+            e.counter(counter).increment(add)
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        d.change(fn)
+        await _settle(ctx, d, wait)
+        ctx.out("ok", {"ok": True})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@click.option("--for", "duration", type=float, default=None,
+              help="Stop after this many seconds (default: until Ctrl-C).")
+@pass_ctx
+def watch(ctx: Ctx, doc: str, duration: float | None) -> None:
+    """Print the document, then every change as it arrives (also sends pending edits)."""
+
+    async def go(device: Any) -> None:
+        from device.document import Alarm
+
+        d = device.document(doc)
+        ctx.out(json.dumps(d.value(), sort_keys=True, ensure_ascii=False),
+                {"event": "value", "value": d.value()})
+        with trio.move_on_after(duration if duration is not None else float("inf")):
+            async with d.events() as events:
+                async for ev in events:
+                    if isinstance(ev, Alarm):
+                        ctx.out(f"ALARM {ev.kind}: {ev.detail}",
+                                {"event": "alarm", "kind": ev.kind, "detail": ev.detail})
+                        continue
+                    value = d.value()
+                    ctx.out(f"[{ev.origin} {','.join(ev.senders)}] "
+                            f"{json.dumps(value, sort_keys=True, ensure_ascii=False)}",
+                            {"event": "change", "origin": ev.origin,
+                             "senders": list(ev.senders), "value": value})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@pass_ctx
+def members(ctx: Ctx, doc: str) -> None:
+    """List the document's member devices."""
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        rows = [{"id": m.id, "fingerprint": m.fingerprint.hex(), "role": m.role,
+                 "self": m.is_self} for m in d.members()]
+        human = "\n".join(f"{r['id']}  {r['role']:<6} {'(this device)' if r['self'] else ''}"
+                          for r in rows)
+        ctx.out(human, rows)
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@click.option("--ttl", default=24 * 3600.0, show_default=True, help="Ticket lifetime, seconds.")
+@click.option("--wait", default=600.0, show_default=True,
+              help="Stay online this long to add the new device (0: print and exit; the add "
+                   "happens the next time this device runs).")
+@pass_ctx
+def invite(ctx: Ctx, doc: str, ttl: float, wait: float) -> None:
+    """Print a one-time invite ticket for a new device, then add it when it asks."""
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        before = {m.fingerprint for m in d.members()}
+        ticket = d.invite(ttl=ttl)
+        ctx.out(ticket, {"ticket": ticket})
+        sys.stdout.flush()
+        if wait <= 0:
+            return
+        click.echo("waiting for the new device to join (Ctrl-C to stop)...", err=True)
+        with trio.move_on_after(wait):
+            while {m.fingerprint for m in d.members()} <= before:
+                await d.wait_epoch(d.epoch + 1)
+            added = [m.id for m in d.members() if m.fingerprint not in before]
+            click.echo(f"added {', '.join(added)}", err=True)
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("ticket")
+@click.option("--name", default="", help="A local name for the document.")
+@click.option("--timeout", default=600.0, show_default=True, help="Give up after seconds.")
+@pass_ctx
+def join(ctx: Ctx, ticket: str, name: str, timeout: float) -> None:
+    """Join a document with an invite ticket (the inviter adds this device)."""
+
+    async def go(device: Any) -> None:
+        d = await device.join(ticket, name=name, timeout=timeout,
+                              progress=lambda msg: click.echo(msg, err=True))
+        with trio.move_on_after(10):
+            async with d.events() as events:
+                if not d.value():
+                    await events.receive()  # the members' state arrived
+        ctx.out(f"joined {d.name} {d.id}", {"name": d.name, "id": d.id, "epoch": d.epoch})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@click.argument("device_id")
+@pass_ctx
+def remove(ctx: Ctx, doc: str, device_id: str) -> None:
+    """Remove DEVICE_ID (an id prefix from `members`) from the document."""
+
+    async def go(device: Any) -> None:
+        slot = await device.document(doc).remove_device(device_id)
+        ctx.out(f"removed {device_id} at epoch {slot}", {"epoch": slot})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc")
+@pass_ctx
+def rotate(ctx: Ctx, doc: str) -> None:
+    """Rotate the document's keys (an MLS key update through Paxos)."""
+
+    async def go(device: Any) -> None:
+        slot = await device.document(doc).rotate_keys()
+        ctx.out(f"keys rotated; epoch {slot}", {"epoch": slot})
+
+    _run(ctx, go)
+
+
+@cli.command()
+@click.argument("doc", required=False)
+@WAIT
+@pass_ctx
+def status(ctx: Ctx, doc: str | None, wait: float) -> None:
+    """Sync status: updates durable on a quorum vs pending, reachable syncnodes, alarms.
+    Also delivers pending updates (waits up to --wait seconds for that)."""
+
+    async def go(device: Any) -> int | None:
+        docs = [device.document(doc)] if doc else device.documents()
+        with trio.move_on_after(wait):
+            for d in docs:
+                d.flush()
+                await d.wait_durable()
+        rows = []
+        for d in docs:
+            s = d.sync_status()
+            rows.append({"name": d.name, "id": d.id, "epoch": s.epoch, "durable": s.durable,
+                         "pending": s.unsent + s.outbox, "connected": len(s.connected),
+                         "syncnodes": s.syncnodes, "status": s.status,
+                         "alarms": [a.kind for a in d.alarms()]})
+        human = "\n".join(
+            f"{r['name']:<16} epoch {r['epoch']:<4} durable {r['durable']:<6} "
+            f"pending {r['pending']:<6} syncnodes {r['connected']}/{r['syncnodes']}  "
+            f"{r['status']}{'  ALARMS: ' + ','.join(r['alarms']) if r['alarms'] else ''}"
+            for r in rows)
+        ctx.out(human or "no documents", rows)
+        return 3 if any(r["pending"] for r in rows) else None
+
+    _run(ctx, go)
 
 
 @cli.command()

@@ -235,6 +235,12 @@ class Document:
         self._dirty.set()
         self._emit(Change("local", (short_id(self.me),), 1))
 
+    def flush(self) -> None:
+        """Seal pending local edits into an update now rather than at the flush interval."""
+        if self.status == "active":
+            while self._flush_once():
+                pass
+
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback`` with every :class:`Change` and :class:`Alarm`; returns a function
         that unsubscribes."""
@@ -281,6 +287,11 @@ class Document:
             if s.unsent == 0 and s.outbox == 0:
                 return
             await self._durable_changed.wait()
+
+    async def wait_connected(self, count: int) -> None:
+        """Until links to ``count`` syncnodes are up."""
+        while len(self.clients) < count:
+            await self._links_changed.wait()
 
     async def wait_epoch(self, epoch: int) -> None:
         while self.epoch < epoch:
@@ -725,9 +736,9 @@ class Document:
                     await client.authenticate(self.device.key)
                     delay = cfg.reconnect_min
                     await self._serve(client)
-            except (TransportError, RemoteError, DecodeError) as exc:
+            except* (TransportError, RemoteError, DecodeError) as group:
                 log.info("syncnode link down", doc=short_id(self.group_id), node=node,
-                         error=str(exc))
+                         error="; ".join(str(e) for e in group.exceptions))
             finally:
                 self.clients.pop(ticket.node_id, None)
                 self._links_changed.fire()
@@ -868,8 +879,11 @@ class Document:
         async with self._join_lock:
             row = self.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
                                  "group_id=?", secret_hash(req.secret), self.group_id)
-            if row is None or row[1] or row[0] < time.time():
-                log.warning("join request with an unknown, used or expired invite",
+            if row is not None and row[1]:
+                log.debug("join request for a used invite (a copy from another syncnode)")
+                return
+            if row is None or row[0] < time.time():
+                log.warning("join request with an unknown or expired invite",
                             doc=short_id(self.group_id))
                 return
             try:

@@ -36,7 +36,7 @@ from proto.paxos.messages import Decided
 from proto.rpc import SyncnodeClient
 from proto.transport.iroh import IrohTransport
 from tests.syncnode_kit import Device, add_value, new_group, update_value
-from tests.syncnode_proc import NodeProcess, start_cluster
+from syncnode.procs import NodeProcess, start_cluster
 
 CLIENTS = 10
 ENVELOPE = 1024

@@ -38,7 +38,7 @@ from tests.syncnode_kit import (
     signed_prepare,
     update_value,
 )
-from tests.syncnode_proc import NodeProcess, start_cluster
+from syncnode.procs import NodeProcess, start_cluster
 
 
 @pytest.fixture

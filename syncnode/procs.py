@@ -1,4 +1,4 @@
-"""Running real ``syncnode`` daemons as subprocesses (for tests and benchmarks)."""
+"""Running real ``syncnode`` daemons as subprocesses (tests, benchmarks and the demo)."""
 
 from __future__ import annotations
 
