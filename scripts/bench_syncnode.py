@@ -35,8 +35,8 @@ from proto.identity import SecretKey
 from proto.paxos.messages import Decided
 from proto.rpc import SyncnodeClient
 from proto.transport.iroh import IrohTransport
-from tests.syncnode_kit import Device, add_value, new_group, update_value
 from syncnode.procs import NodeProcess, start_cluster
+from tests.syncnode_kit import Device, add_value, new_group, update_value
 
 CLIENTS = 10
 ENVELOPE = 1024

@@ -29,6 +29,7 @@ from proto.paxos.quorum import verify_certificate
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.service import FetchDecided
 from proto.transport.iroh import IrohTransport
+from syncnode.procs import NodeProcess, start_cluster
 from tests.syncnode_kit import (
     Device,
     Group,
@@ -38,7 +39,6 @@ from tests.syncnode_kit import (
     signed_prepare,
     update_value,
 )
-from syncnode.procs import NodeProcess, start_cluster
 
 
 @pytest.fixture
