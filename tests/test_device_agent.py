@@ -3,7 +3,11 @@ loopback, real MLS, real SQLite on both sides."""
 
 from __future__ import annotations
 
+import json
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -222,3 +226,53 @@ async def test_one_syncnode_down_throughout(tmp_path: Path, nodes: list[NodeProc
             with trio.fail_after(30):
                 await d.wait_durable()  # a quorum of 2 of 3 acknowledged
             assert len(d.sync_status().connected) == 2
+
+
+def syncdevice(home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "device", "--home", str(home), *args]
+
+
+async def test_sigkill_with_outbox_delivers_exactly_once(
+        tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    home = tmp_path / "cli-device"
+    async with devices(tmp_path, "a") as (a,):
+        doc = await a.create_document(tickets(nodes))
+        changes: list[Change] = []
+        doc.subscribe(lambda ev: changes.append(ev) if isinstance(ev, Change) else None)
+        with trio.fail_after(90):
+            done = await trio.run_process(syncdevice(home, "--json", "join", doc.invite()),
+                                          capture_stdout=True, capture_stderr=True)
+        joined = json.loads(done.stdout)
+        assert joined["id"] == doc.id
+
+        # Two of three syncnodes frozen: updates reach one, never a quorum.
+        for n in nodes[1:]:
+            assert n.proc is not None
+            n.proc.send_signal(signal.SIGSTOP)
+        edits = 5
+        for _ in range(edits):
+            await trio.run_process(syncdevice(home, "edit", doc.id, "--counter", "c",
+                                              "--add", "1", "--wait", "0"),
+                                   capture_stderr=True)
+        proc = subprocess.Popen(syncdevice(home, "watch", doc.id), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        await trio.sleep(3)  # it reconnects and resends to the reachable syncnode
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        outbox = sqlite3.connect(home / "device.db").execute(
+            "SELECT count(*) FROM outbox").fetchone()[0]
+        assert outbox == edits  # all sealed, none acknowledged by a quorum
+
+        for n in nodes[1:]:
+            assert n.proc is not None
+            n.proc.send_signal(signal.SIGCONT)
+        with trio.fail_after(90):
+            status = await trio.run_process(syncdevice(home, "--json", "status", "--wait", "60"),
+                                            capture_stdout=True, check=False)
+        assert status.returncode == 0, status.stdout
+        assert json.loads(status.stdout)[0]["pending"] == 0
+        await eventually(lambda: doc.value().get("c") == edits, 30, "a sees every edit")
+        await trio.sleep(1)  # time for any duplicate to show up
+        from_cli = [ch for ch in changes if ch.origin == "remote"]
+        assert sum(ch.updates for ch in from_cli) == edits  # exactly once
+        assert doc.value()["c"] == edits

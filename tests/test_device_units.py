@@ -1,0 +1,125 @@
+"""Sans-IO and local pieces of the device agent: causal delivery, payloads, the Loro boundary,
+invite tickets, and the device store's crash rule."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device.crdt_loro import LoroDocument
+from proto.causal import CausalBuffer
+from proto.crdt import CrdtError
+from proto.errors import DecodeError
+from proto.identity import SecretKey
+from proto.invite import InviteTicket, JoinRequest
+from proto.manifest import SyncnodeEntry
+from proto.payload import Dep, Payload, PayloadKind, pack_updates, unpack_updates
+
+A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
+
+
+def upd(sender: bytes, seq: int, **deps: int) -> Payload:
+    names = {"a": A, "b": B, "c": C}
+    return Payload(PayloadKind.UPDATE, sender, seq,
+                   tuple(Dep(names[k], v) for k, v in sorted(deps.items())), "loro/1", b"")
+
+
+def history() -> list[Payload]:
+    """A causal history over three senders: each depends on what it had seen."""
+    return [upd(A, 1), upd(B, 1, a=1), upd(A, 2, b=1), upd(C, 1, a=2, b=1), upd(B, 2, a=2),
+            upd(C, 2, b=2), upd(A, 3, c=2, b=2)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.permutations(history() * 2))
+def test_any_order_with_duplicates_delivers_each_once_in_causal_order(
+        order: list[Payload]) -> None:
+    buf = CausalBuffer()
+    out: list[Payload] = []
+    for p in order:
+        out += buf.add(p)
+    assert sorted((p.sender, p.seq) for p in out) == sorted((p.sender, p.seq) for p in history())
+    position = {(p.sender, p.seq): i for i, p in enumerate(out)}
+    for p in out:
+        if p.seq > 1:
+            assert position[(p.sender, p.seq - 1)] < position[(p.sender, p.seq)]
+        for d in p.deps:
+            assert position[(d.sender, d.seq)] < position[(p.sender, p.seq)]
+    assert not buf.pending and buf.watermarks() == {A: 3, B: 2, C: 2}
+
+
+def test_state_covers_a_vector_and_drops_covered_pending() -> None:
+    buf = CausalBuffer()
+    assert buf.add(upd(B, 3, a=5)) == []  # waits for b1..2 and a1..5
+    assert buf.watermarks() == {}
+    state = Payload(PayloadKind.STATE, C, 4, (Dep(A, 5), Dep(B, 3), Dep(C, 3)), "loro/1", b"")
+    assert buf.add(state) == [state]
+    assert buf.delivered == {A: 5, B: 3, C: 4} and not buf.pending
+    assert buf.add(upd(B, 3, a=5)) == []  # covered: a duplicate now
+    bad = Payload(PayloadKind.STATE, A, 9, (Dep(A, 2),), "loro/1", b"")
+    with pytest.raises(DecodeError):
+        buf.add(bad)  # a STATE must cover its own sender's earlier payloads
+
+
+def test_pack_updates_round_trip_and_bounds() -> None:
+    assert unpack_updates(pack_updates([b"x", b"yz"])) == (b"x", b"yz")
+    with pytest.raises(DecodeError):
+        unpack_updates(b"not zlib")
+    bomb = zlib.compress(b"\0" * (8 * 1024 * 1024))
+    with pytest.raises(DecodeError):
+        unpack_updates(bomb)
+
+
+def test_loro_rejects_corrupt_updates_and_keeps_the_good_ones() -> None:
+    a, b = LoroDocument(1), LoroDocument(2)
+    good = a.change(lambda e: e.text("t").insert(0, "hello"))
+    assert good is not None
+    corrupt = good[:-4] + bytes(4)
+    result = b.apply([corrupt, good, b"\xff" * 10])
+    assert result[1] is None
+    assert isinstance(result[0], CrdtError) and isinstance(result[2], CrdtError)
+    assert b.value() == {"t": "hello"}
+    before = b.snapshot()
+    assert isinstance(b.apply([corrupt])[0], CrdtError)
+    assert b.snapshot() == before  # untouched
+    with pytest.raises(CrdtError):
+        b.diff_since(b"\x07garbage")
+    with pytest.raises(CrdtError):
+        LoroDocument(3, snapshot=b"junk")
+
+
+def test_loro_diff_since_and_idempotence() -> None:
+    a, b = LoroDocument(1), LoroDocument(2)
+    a.change(lambda e: e.counter("c").increment(2))
+    v = b.version()
+    u = a.change(lambda e: e.list("l").push("x"))
+    assert u is not None
+    b.apply([a.diff_since(v)])
+    b.apply([a.diff_since(v), u])  # again: no double counting
+    assert b.value() == a.value() == {"c": 2.0, "l": ["x"]}
+    assert a.change(lambda e: None) is None
+
+
+def test_invite_ticket_round_trip_and_errors() -> None:
+    t = InviteTicket(b"g" * 32, b"k" * 32, (SyncnodeEntry(b"n" * 32, ("127.0.0.1:1",)),),
+                     b"s" * 16, 123)
+    assert InviteTicket.parse(str(t)) == t
+    assert InviteTicket.parse(str(t)[:20] + "\n " + str(t)[20:]) == t  # pasted with breaks
+    for bad in ["", "sn1abc", "sninv1!!!", "sninv1" + "a" * 5000, str(t)[:-6]]:
+        with pytest.raises(DecodeError):
+            InviteTicket.parse(bad)
+
+
+def test_join_request_is_sealed_to_the_inviter() -> None:
+    inviter, other = SecretKey.generate(), SecretKey.generate()
+    req = JoinRequest(b"g" * 32, b"s" * 16, b"kp", b"p" * 32, b"e" * 32)
+    sealed = req.seal(inviter.public)
+    assert b"s" * 16 not in sealed
+    assert JoinRequest.open(inviter, sealed) == req
+    with pytest.raises(DecodeError):
+        JoinRequest.open(other, sealed)
+    with pytest.raises(DecodeError):
+        JoinRequest.open(inviter, sealed[:-1] + bytes([sealed[-1] ^ 1]))
