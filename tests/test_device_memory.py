@@ -1,0 +1,101 @@
+"""Device agent on the in-memory network (fast, deterministic timing): equivocation alarms,
+restart with a pending proposal, bad input from members and syncnodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from device.document import Alarm
+from proto.codec import decode_as, encode_struct
+from proto.identity import fingerprint
+from proto.manifest import next_manifest, sign_value
+from proto.paxos.messages import (
+    ACCEPTED_CTX,
+    AcceptedBody,
+    AcceptorSignature,
+    Ballot,
+    Certificate,
+    Decided,
+    EquivocationProof,
+    value_hash,
+)
+from proto.transport.memory import MemoryNetwork
+from tests.device_kit import converged, eventually, memory_device
+from tests.syncnode_kit import MemoryCluster
+
+
+async def test_equivocation_is_detected_raised_and_persisted(tmp_path: Path) -> None:
+    net = MemoryNetwork(seed=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node() for _ in range(3)]
+        async with memory_device(net, tmp_path / "a") as a, \
+                memory_device(net, tmp_path / "b") as b:
+            da = await a.create_document([n.ticket for n in nodes])
+            db_ = await b.join(da.invite())
+            # b builds a key update in the current epoch but never gets it decided: a's wins.
+            prev = db_.manifest
+            commit = db_.mls.build_update()
+            other = sign_value(b.key, next_manifest(prev, commit), commit).encode()
+            slot = await da.rotate_keys()
+            await eventually(lambda: db_.epoch == slot)
+            alarms: list[Alarm] = []
+            db_.subscribe(lambda ev: alarms.append(ev) if isinstance(ev, Alarm) else None)
+
+            # A colluding majority (two of three syncnode keys) certifies a second, otherwise
+            # valid value for the same slot: b's key update.
+            ballot = Ballot(99, fingerprint(b.key.public))
+            body = encode_struct(AcceptedBody(da.group_id, slot, ballot, value_hash(other)))
+            cert = Certificate(da.group_id, slot, ballot, value_hash(other), tuple(
+                AcceptorSignature(n.key.public, n.key.sign(ACCEPTED_CTX, body))
+                for n in nodes[:2]))
+            await db_.apply_decided(Decided(other, cert))
+
+            assert [a.kind for a in alarms] == ["equivocation"]
+            assert [a.kind for a in db_.alarms()] == ["equivocation"]
+            (evidence,) = b.store.one("SELECT evidence FROM alarms WHERE kind='equivocation'")
+            proof = decode_as(evidence, EquivocationProof)
+            assert {proof.first.value_hash, proof.second.value_hash} == {
+                value_hash(other), db_.decided[slot].certificate.value_hash}
+            # The device did not switch to the forged branch.
+            assert db_.epoch == slot and db_.decided[slot].value != other
+
+            # A decision whose certificate is not a quorum is ignored, not alarmed.
+            weak = Certificate(cert.group_id, slot + 1, ballot, cert.value_hash,
+                               cert.signatures[:1])
+            await db_.apply_decided(Decided(other, weak))
+            assert db_.epoch == slot
+        nursery.cancel_scope.cancel()
+
+
+async def test_restart_keeps_documents_outbox_and_identity(tmp_path: Path) -> None:
+    net = MemoryNetwork(seed=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node() for _ in range(3)]
+        async with memory_device(net, tmp_path / "a") as a, \
+                memory_device(net, tmp_path / "b") as b:
+            da = await a.create_document([n.ticket for n in nodes], name="n")
+            db_ = await b.join(da.invite())
+            a_id = a.id
+            for n in list(nodes):
+                await cluster.stop_node(n)  # every syncnode down: offline editing
+            da.change(lambda e: e.text("t").insert(0, "offline edit"))
+            da.flush()
+            assert da.sync_status().outbox == 1
+        # Reopen: same identity, same document, the edit still queued.
+        restarted = [await cluster.start_node(n.key) for n in nodes]
+        async with memory_device(net, tmp_path / "a") as a2, \
+                memory_device(net, tmp_path / "b") as b2:
+            assert a2.id == a_id
+            da2, db2 = a2.document("n"), b2.document(db_.id)
+            assert da2.value() == {"t": "offline edit"}
+            await converged([da2, db2])
+            with trio.fail_after(20):
+                await da2.wait_durable()
+            assert len(restarted) == 3
+        nursery.cancel_scope.cancel()
