@@ -11,6 +11,7 @@ venv:
 
 demo: venv
 	$(VENV)/bin/syncnode selfcheck
+	$(PY) scripts/demo.py
 
 lint: venv
 	$(VENV)/bin/ruff check proto syncnode device simulations scripts tests

@@ -54,5 +54,8 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
 
 
 def get_logger(name: str, **bindings: Any) -> Any:
-    """A structlog logger bound to a component name (``syncnode.acceptor``...)."""
-    return structlog.get_logger(name).bind(component=name, **bindings)
+    """A structlog logger bound to a component name (``syncnode.acceptor``...).
+
+    Lazy: modules create their logger at import time, and it must still follow a
+    :func:`configure_logging` call made later (level, renderer)."""
+    return structlog.get_logger(component=name, **bindings)
