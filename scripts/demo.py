@@ -17,10 +17,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device.agent import Device, DeviceConfig  # noqa: E402
-from device.document import Document  # noqa: E402
-from proto.logs import configure_logging  # noqa: E402
-from syncnode.procs import NodeProcess, start_cluster  # noqa: E402
+from device.agent import Device, DeviceConfig
+from device.document import Document
+from proto.logs import configure_logging
+from syncnode.procs import NodeProcess, start_cluster
 
 T0 = time.monotonic()
 
@@ -57,7 +57,7 @@ async def main(root: Path, nodes: list[NodeProcess]) -> None:
             nursery.start_soon(edit, doc_a, "A", 25)
             nursery.start_soon(edit, doc_b, "B", 25)
         with trio.fail_after(60):
-            while doc_a.value() != doc_b.value():
+            while doc_a.value() != doc_b.value():  # noqa: ASYNC110 - two docs' state
                 await trio.sleep(0.05)
             await doc_a.wait_durable()
             await doc_b.wait_durable()
@@ -68,7 +68,7 @@ async def main(root: Path, nodes: list[NodeProcess]) -> None:
         say(f"B rotated the keys through Paxos: epoch {slot}")
         doc_a.change(lambda e: e.map("last").insert("after-rotation", True))
         with trio.fail_after(30):
-            while doc_a.value() != doc_b.value():
+            while doc_a.value() != doc_b.value():  # noqa: ASYNC110 - two docs' state
                 await trio.sleep(0.05)
         st = doc_a.sync_status()
         say(f"still converged after the rotation; A: {st.durable} updates durable, "

@@ -254,11 +254,12 @@ async def test_sigkill_with_outbox_delivers_exactly_once(
             await trio.run_process(syncdevice(home, "edit", doc.id, "--counter", "c",
                                               "--add", "1", "--wait", "0"),
                                    capture_stderr=True)
-        proc = subprocess.Popen(syncdevice(home, "watch", doc.id), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = await trio.lowlevel.open_process(syncdevice(home, "watch", doc.id),
+                                                stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL)
         await trio.sleep(3)  # it reconnects and resends to the reachable syncnode
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        await proc.wait()
         outbox = sqlite3.connect(home / "device.db").execute(
             "SELECT count(*) FROM outbox").fetchone()[0]
         assert outbox == edits  # all sealed, none acknowledged by a quorum
