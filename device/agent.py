@@ -51,8 +51,11 @@ log = get_logger("device.agent")
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    flush_interval: float = 0.02
-    """Local edits within this many seconds go out as one encrypted update."""
+    flush_interval: float = 0.005
+    """Minimum spacing of two updates of one document; edits in between are coalesced."""
+    coalesce_max: float = 0.25
+    """While our last update waits for its quorum acknowledgement (at most this long), new
+    edits are coalesced into the next update."""
     epoch_retention: int = DEFAULT_EPOCH_RETENTION
     """Past MLS epochs whose secrets are kept, so late messages of those epochs decrypt."""
     snapshot_every: int = 2000

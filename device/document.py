@@ -375,14 +375,23 @@ class Document:
     # -- flush: local edits -> outbox ------------------------------------------------------------
 
     async def _flusher(self) -> None:
+        """Self-clocked coalescing, like Nagle's algorithm: the first edit after a quiet spell
+        goes out at once (low latency); while that update is not yet acknowledged by a quorum
+        (at most ``coalesce_max`` s), further edits accumulate and then leave together. Under
+        load the batch grows with the round trip, so the per-message cost (MLS, signatures,
+        fsyncs on every device) is paid for many edits at once."""
+        cfg = self.device.config
         while True:
             await self._dirty.wait()
-            await trio.sleep(self.device.config.flush_interval)
             self._dirty = trio.Event()
             if self.status != "active":
                 return
             while self._flush_once():
                 await trio.lowlevel.checkpoint()
+            with trio.move_on_after(cfg.coalesce_max):
+                while self.outbox and self.status == "active":
+                    await self._durable_changed.wait()
+            await trio.sleep(cfg.flush_interval)
 
     def _flush_once(self) -> bool:
         rows = self.store.all("SELECT id, data FROM local_pending WHERE group_id=? ORDER BY id",
@@ -466,7 +475,9 @@ class Document:
             else:
                 self._alarm("bad-update", str(err))
         after = set(self.buffer.pending)
-        with self.store.transaction() as db:
+        # Not fsynced: after a power loss this step is redone from the syncnodes (the MLS state
+        # and the watermarks roll back together).
+        with self.store.transaction(durable=False) as db:
             self.mls.persist()
             db.executemany("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
                            [(self.group_id, b) for b in applied])
@@ -596,7 +607,7 @@ class Document:
             return False
         removed = removed or value.manifest.device(self.me) is None
         status = "removed" if removed else "active"
-        with self.store.transaction() as db:
+        with self.store.transaction(durable=False) as db:  # re-learnable, like receive()
             self.mls.persist()
             db.execute("INSERT INTO log VALUES (?,?,?,?)",
                        (self.group_id, slot, d.value, encode(d)))

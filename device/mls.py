@@ -15,6 +15,7 @@ A member's MLS credential identity is its signature public key, so a member is n
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from typing import Any
 
@@ -104,8 +105,10 @@ def new_signature_key() -> tuple[bytes, bytes]:
     return bytes(kp.public_key.bytes), bytes(kp.secret_key.bytes)
 
 
+@functools.lru_cache(maxsize=4096)
 def identity_for(sig_pub: bytes) -> Any:
-    """The MLS signing identity of the member whose signature key is ``sig_pub``."""
+    """The MLS signing identity of the member whose signature key is ``sig_pub`` (cached:
+    building it costs a throwaway client, and every received message is checked against it)."""
     dummy = _keypair(sig_pub, bytes(64))
     return mls_rs_uniffi.Client(sig_pub, dummy, _config(_MemoryGroupStorage())).signing_identity()
 

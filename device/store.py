@@ -100,10 +100,16 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._depth = 0
+        self._sync = "FULL"
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic step. Nested uses join the outer transaction."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic step. Nested uses join the outer transaction.
+
+        ``durable=False`` skips the fsync at commit (WAL, ``synchronous=NORMAL``): still atomic
+        and safe against a process crash; only a power loss can undo it, and the next durable
+        commit makes it durable too. For steps that can be redone from the syncnodes
+        (received messages, learned decisions), never for local edits or the outbox."""
         if self._depth:
             self._depth += 1
             try:
@@ -111,6 +117,10 @@ class Store:
             finally:
                 self._depth -= 1
             return
+        sync = "FULL" if durable else "NORMAL"
+        if sync != self._sync:
+            self.db.execute(f"PRAGMA synchronous={sync}")
+            self._sync = sync
         self.db.execute("BEGIN IMMEDIATE")
         self._depth = 1
         try:

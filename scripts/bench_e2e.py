@@ -1,0 +1,213 @@
+"""End-to-end benchmark: devices on iroh, real syncnode daemons, every update MLS-encrypted
+and fsynced on the syncnodes before it is pushed.
+
+Shapes match the peer harness (``../shared/peers/yjs/y_bench.mjs``, ``automerge/am_bench.mjs``):
+
+* (a) visible latency: a change on device A until it is applied on device B, ``--n`` changes
+  spaced ``--pace-ms`` apart; median and p99.
+* (b) 5 writers + 5 readers on one document for ``--duration`` s, closed loop ``window:32`` (a
+  writer blocks until every reader has seen its change n-32); changes/s, then time until every
+  reader converged. One syncnode.
+* (c) the same with 3 syncnodes (every update stored on a quorum of 2 before it counts).
+
+Run: ``.venv/bin/python scripts/bench_e2e.py`` (add ``--profile FILE`` to write a cProfile of
+phase (b) of this process: devices only; the syncnodes are separate processes). Compare with
+``node y_bench.mjs --phases ab --persist 1 --b_modes window:32`` and pass its JSON with
+``--yjs FILE`` to print ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from device.agent import Device, DeviceConfig  # noqa: E402
+from device.document import Change, Document  # noqa: E402
+from proto.logs import configure_logging  # noqa: E402
+from syncnode.procs import NodeProcess, start_cluster  # noqa: E402
+
+CONFIG = DeviceConfig(mailbox_interval=0.1, join_poll_interval=0.1,
+                      flush_interval=float(__import__("os").environ.get("FLUSH", "0.005")))
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def counter_of(doc: Document, writer: int) -> int:
+    v = doc.crdt.doc.get_map(f"w{writer}").get_deep_value()
+    return int(v.get("n", 0))
+
+
+async def open_group(stack: AsyncExitStack, root: Path, nodes: list[NodeProcess], count: int
+                     ) -> list[Document]:
+    devices = [await stack.enter_async_context(Device.open(root / f"dev{i}", config=CONFIG))
+               for i in range(count)]
+    tickets = [n.ticket for n in nodes if n.ticket is not None]
+    first = await devices[0].create_document(tickets)
+    docs = [first]
+    for d in devices[1:]:
+        docs.append(await d.join(first.invite()))
+        print(f"  device {len(docs)}/{count} joined", file=sys.stderr)
+    for doc in docs:
+        await doc.wait_connected(len(nodes))
+    return docs
+
+
+async def latency(a: Document, b: Document, n: int, pace: float) -> dict[str, float]:
+    seen: dict[int, float] = {}
+
+    def on(ev: Any) -> None:
+        if isinstance(ev, Change) and ev.origin == "remote":
+            seen.setdefault(counter_of(b, 0), time.perf_counter())
+
+    b.subscribe(on)
+    lat: list[float] = []
+    for i in range(1, n + 1):
+        t0 = time.perf_counter()
+        a.change(lambda e, i=i: e.map("w0").insert("n", i))
+        with trio.fail_after(30):
+            while i not in seen and counter_of(b, 0) < i:
+                await trio.sleep(0.0002)
+        lat.append(((seen.get(i) or time.perf_counter()) - t0) * 1000)
+        await trio.sleep(pace)
+    return {"n": n, "median_ms": statistics.median(lat), "p99_ms": pct(lat, 99),
+            "mean_ms": statistics.fmean(lat)}
+
+
+async def throughput(docs: list[Document], writers: int, duration: float, window: int
+                     ) -> dict[str, float]:
+    ws, rs = docs[:writers], docs[writers:]
+    progress = trio.Event()
+
+    def wake(_ev: Any) -> None:
+        nonlocal progress
+        progress.set()
+        progress = trio.Event()
+
+    for r in rs:
+        r.subscribe(wake)
+    sent = [0] * writers
+    stop = trio.current_time() + duration
+
+    async def writer(k: int) -> None:
+        doc = ws[k]
+        while trio.current_time() < stop:
+            n = sent[k] + 1
+            while any(counter_of(r, k) < n - window for r in rs):
+                ev = progress
+                with trio.move_on_after(0.05):
+                    await ev.wait()
+                if trio.current_time() >= stop:
+                    return
+            doc.change(lambda e, n=n, k=k: e.map(f"w{k}").insert("n", n))
+            sent[k] = n
+            await trio.lowlevel.checkpoint()
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for k in range(writers):
+            nursery.start_soon(writer, k)
+    elapsed = time.perf_counter() - t0
+    total = sum(sent)
+    with trio.fail_after(120):
+        while any(counter_of(r, k) < sent[k] for r in rs for k in range(writers)):
+            await trio.sleep(0.01)
+    converge = time.perf_counter() - t0 - elapsed
+    return {"changes": total, "seconds": elapsed, "changes_per_s": total / elapsed,
+            "converge_after_s": converge}
+
+
+async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProcess],
+                     phases: str, out: dict[str, Any], tag: str) -> None:
+    if "a" in phases:
+        async with AsyncExitStack() as stack:
+            a, b = await open_group(stack, root / "latency", nodes, 2)
+            out["a_latency"] = await latency(a, b, args.n, args.pace_ms / 1000)
+            print(f"(a) visible latency A->B: median {out['a_latency']['median_ms']:.2f} ms, "
+                  f"p99 {out['a_latency']['p99_ms']:.2f} ms over {args.n} changes")
+    async with AsyncExitStack() as stack:
+        print(f"setting up 10 devices on {len(nodes)} syncnode(s)...", file=sys.stderr)
+        docs = await open_group(stack, root, nodes, 10)
+        prof = cProfile.Profile() if args.profile else None
+        if prof:
+            prof.enable()
+        res = await throughput(docs, 5, args.duration, 32)
+        if prof:
+            prof.disable()
+            prof.dump_stats(args.profile)
+        out[tag] = res
+        print(f"({tag[0]}) {len(nodes)} syncnode(s), 5 writers + 5 readers, window:32: "
+              f"{res['changes_per_s']:.0f} changes/s ({res['changes']} in {res['seconds']:.1f} s), "
+              f"all readers converged {res['converge_after_s'] * 1000:.0f} ms later")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="changes for the latency phase")
+    ap.add_argument("--pace-ms", type=float, default=20.0)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--phases", default="abc")
+    ap.add_argument("--profile", help="write a cProfile of phase (b) here")
+    ap.add_argument("--yjs", help="y_bench.mjs JSON output to compare with")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    configure_logging("warning")
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        if "a" in args.phases or "b" in args.phases:
+            nodes = start_cluster(root / "one", 1)
+            try:
+                trio.run(run_phases, args, root / "one", nodes, args.phases, out, "b_one_node")
+            finally:
+                for n in nodes:
+                    n.stop()
+        if "c" in args.phases:
+            nodes = start_cluster(root / "three", 3)
+            args.profile = None
+            try:
+                trio.run(run_phases, args, root / "three", nodes, "", out, "c_three_nodes")
+            finally:
+                for n in nodes:
+                    n.stop()
+    if args.yjs:
+        y = json.loads(Path(args.yjs).read_text())
+        compare(out, y)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def compare(out: dict[str, Any], y: dict[str, Any]) -> None:
+    def find(d: Any, *keys: str) -> Any:
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    print("\ncompared with y-websocket (persist=%s):" % find(y, "params", "persist"))
+    ya = find(y, "a")
+    if ya:
+        print(f"  y-websocket (a): {json.dumps(ya)[:300]}")
+    yb = find(y, "b")
+    if yb:
+        print(f"  y-websocket (b): {json.dumps(yb)[:400]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
