@@ -219,14 +219,16 @@ class Document:
 
         ``fn`` receives an :class:`~device.crdt_loro.Editor`: ``e.text("body").insert(0, "hi")``,
         ``e.map("meta").insert("title", "x")``, ``e.list("items").push(1)``,
-        ``e.counter("likes").increment(1)``. The edit is on disk when this returns.
+        ``e.counter("likes").increment(1)``. When this returns the edit is in the database:
+        it survives a crash of the process at once, and a power loss once sealed into an
+        update (within ``flush_interval``/``coalesce_max``; that step fsyncs).
         """
         if self.status != "active":
             raise DocumentError(f"document is {self.status}")
         update = self.crdt.change(fn)
         if update is None:
             return
-        with self.store.transaction() as db:
+        with self.store.transaction(durable=False) as db:
             db.execute("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
                        (self.group_id, update))
             db.execute("INSERT INTO local_pending (group_id, data) VALUES (?,?)",

@@ -31,20 +31,17 @@ from typing import Any
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from device.agent import Device, DeviceConfig
+from device.document import Change, Document
+from proto.logs import configure_logging
+from syncnode.procs import NodeProcess, start_cluster
 
-from device.agent import Device, DeviceConfig  # noqa: E402
-from device.document import Change, Document  # noqa: E402
-from proto.logs import configure_logging  # noqa: E402
-from syncnode.procs import NodeProcess, start_cluster  # noqa: E402
-
-CONFIG = DeviceConfig(mailbox_interval=0.1, join_poll_interval=0.1,
-                      flush_interval=float(__import__("os").environ.get("FLUSH", "0.005")))
+CONFIG = DeviceConfig(mailbox_interval=0.1, join_poll_interval=0.1)
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def counter_of(doc: Document, writer: int) -> int:
@@ -68,11 +65,14 @@ async def open_group(stack: AsyncExitStack, root: Path, nodes: list[NodeProcess]
 
 
 async def latency(a: Document, b: Document, n: int, pace: float) -> dict[str, float]:
-    seen: dict[int, float] = {}
+    """Time from ``change()`` on A until B's change event shows the new value."""
+    arrived: dict[int, float] = {}
+    wake = trio.Event()
 
     def on(ev: Any) -> None:
         if isinstance(ev, Change) and ev.origin == "remote":
-            seen.setdefault(counter_of(b, 0), time.perf_counter())
+            arrived.setdefault(counter_of(b, 0), time.perf_counter())
+            wake.set()
 
     b.subscribe(on)
     lat: list[float] = []
@@ -80,9 +80,10 @@ async def latency(a: Document, b: Document, n: int, pace: float) -> dict[str, fl
         t0 = time.perf_counter()
         a.change(lambda e, i=i: e.map("w0").insert("n", i))
         with trio.fail_after(30):
-            while i not in seen and counter_of(b, 0) < i:
-                await trio.sleep(0.0002)
-        lat.append(((seen.get(i) or time.perf_counter()) - t0) * 1000)
+            while i not in arrived:
+                await wake.wait()
+                wake = trio.Event()
+        lat.append((arrived[i] - t0) * 1000)
         await trio.sleep(pace)
     return {"n": n, "median_ms": statistics.median(lat), "p99_ms": pct(lat, 99),
             "mean_ms": statistics.fmean(lat)}
@@ -125,7 +126,9 @@ async def throughput(docs: list[Document], writers: int, duration: float, window
     total = sum(sent)
     with trio.fail_after(120):
         while any(counter_of(r, k) < sent[k] for r in rs for k in range(writers)):
-            await trio.sleep(0.01)
+            ev = progress
+            with trio.move_on_after(0.05):
+                await ev.wait()
     converge = time.perf_counter() - t0 - elapsed
     return {"changes": total, "seconds": elapsed, "changes_per_s": total / elapsed,
             "converge_after_s": converge}
@@ -193,20 +196,20 @@ def main() -> int:
 
 
 def compare(out: dict[str, Any], y: dict[str, Any]) -> None:
-    def find(d: Any, *keys: str) -> Any:
-        for k in keys:
-            if not isinstance(d, dict) or k not in d:
-                return None
-            d = d[k]
-        return d
-
-    print("\ncompared with y-websocket (persist=%s):" % find(y, "params", "persist"))
-    ya = find(y, "a")
-    if ya:
-        print(f"  y-websocket (a): {json.dumps(ya)[:300]}")
-    yb = find(y, "b")
-    if yb:
-        print(f"  y-websocket (b): {json.dumps(yb)[:400]}")
+    """Print our numbers next to y_bench.mjs's (same shapes) as ratios."""
+    print(f"\ncompared with y-websocket ({y.get('persistence') or 'no persistence'}):")
+    ya, ours_a = y.get("a_latency"), out.get("a_latency")
+    if ya and ours_a:
+        print(f"  (a) median latency: ours {ours_a['median_ms']:.2f} ms, y-websocket "
+              f"{ya['median_ms']:.2f} ms -> {ours_a['median_ms'] / ya['median_ms']:.1f}x "
+              f"(goal <= 2x)")
+    yb = next((b for b in y.get("b_throughput") or [] if b.get("mode") == "window:32"), None)
+    for tag in ("b_one_node", "c_three_nodes"):
+        if yb and tag in out:
+            ours = out[tag]["changes_per_s"]
+            print(f"  ({tag[0]}) changes/s: ours {ours:.0f}, y-websocket "
+                  f"{yb['writer_changes_per_s']:.0f} -> {ours / yb['writer_changes_per_s']:.2f}x "
+                  f"(goal >= 1x)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from device.agent import Device, DeviceConfig
 from device.document import Document
 from proto.logs import configure_logging
