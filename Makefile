@@ -23,6 +23,7 @@ test: lint
 bench: venv
 	$(PY) scripts/bench_transport.py
 	$(PY) scripts/bench_syncnode.py
+	$(PY) scripts/bench_e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

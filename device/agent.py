@@ -33,13 +33,14 @@ from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
 from proto.manifest import (
     LogValue,
-    Manifest,
+    ManifestError,
     SyncnodeEntry,
     genesis,
     validate_genesis,
     verify_decided,
 )
 from proto.paxos.messages import Decided
+from proto.paxos.quorum import CertificateError
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.service import MailboxKind
 from proto.ticket import NodeTicket
@@ -156,7 +157,11 @@ class Device:
 
         async def run() -> None:
             with scope:
-                await doc.run()
+                try:
+                    await doc.run()
+                except* SyncnodeError as group:  # one broken document must not stop the others
+                    log.error("document stopped", doc=short_id(doc.group_id),
+                              error="; ".join(str(e) for e in group.exceptions))
 
         self.nursery.start_soon(run)
 
@@ -253,7 +258,8 @@ class Device:
             for c in clients:
                 try:
                     found = await self._scan_log(c, t)
-                except (TransportError, RemoteError) as exc:
+                except (TransportError, RemoteError, DecodeError, CertificateError,
+                        ManifestError) as exc:  # a bad or unreachable syncnode: try the others
                     log.info("cannot read the decided log", node=short_id(c.node_id),
                              error=str(exc))
                     continue
@@ -315,4 +321,4 @@ def init_identity(store: Store) -> SecretKey:
     return SecretKey(seed)
 
 
-__all__ = ["Device", "DeviceConfig", "Document", "JoinError", "Manifest"]
+__all__ = ["Device", "DeviceConfig", "Document", "JoinError"]

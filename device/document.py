@@ -749,7 +749,9 @@ class Document:
                     await client.authenticate(self.device.key)
                     delay = cfg.reconnect_min
                     await self._serve(client)
-            except* (TransportError, RemoteError, DecodeError) as group:
+            except* SyncnodeError as group:
+                # Transport, remote and protocol errors end this link attempt, never the
+                # device: it reconnects with backoff.
                 log.info("syncnode link down", doc=short_id(self.group_id), node=node,
                          error="; ".join(str(e) for e in group.exceptions))
             finally:
@@ -873,42 +875,49 @@ class Document:
             if self.store.one("SELECT 1 FROM invites WHERE group_id=? AND used=0 AND "
                               "expires_at>?", self.group_id, time.time()):
                 items = await client.mailbox_fetch(self.device.key.public)
+                done = []
                 for item in items.items:
-                    if item.kind == MailboxKind.KEY_PACKAGE:
-                        await self._join_request(item.payload)
-                if items.items:
-                    await client.mailbox_ack(self.device.key.public,
-                                             [i.item_id for i in items.items])
+                    if item.kind != MailboxKind.KEY_PACKAGE or \
+                            await self._join_request(item.payload):
+                        done.append(item.item_id)
+                if done:
+                    await client.mailbox_ack(self.device.key.public, done)
             await trio.sleep(self.device.config.mailbox_interval)
 
-    async def _join_request(self, sealed: bytes) -> None:
+    async def _join_request(self, sealed: bytes) -> bool:
+        """Handle one join request; False if it should stay in the mailbox (retry later)."""
         try:
             req = JoinRequest.open(self.device.key, sealed)
         except DecodeError as exc:
             log.warning("unreadable join request", error=str(exc))
-            return
+            return True
         if req.group_id != self.group_id:
-            return  # for another of our documents; its own link handles it
+            return False  # for another of our documents; its own link handles it
         async with self._join_lock:
             row = self.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
                                  "group_id=?", secret_hash(req.secret), self.group_id)
             if row is not None and row[1]:
                 log.debug("join request for a used invite (a copy from another syncnode)")
-                return
+                return True
             if row is None or row[0] < time.time():
                 log.warning("join request with an unknown or expired invite",
                             doc=short_id(self.group_id))
-                return
+                return True
             try:
                 slot = await self.add_device(req.key_package, req.sig_pub, req.endpoint_id)
             except (ManifestError, MlsError) as exc:
                 log.warning("join request refused", doc=short_id(self.group_id), error=str(exc))
-                return
+                return True
+            except DocumentError as exc:
+                log.info("cannot add the invited device yet", doc=short_id(self.group_id),
+                         error=str(exc))
+                return False
             with self.store.transaction() as db:
                 db.execute("UPDATE invites SET used=1 WHERE secret_hash=?",
                            (secret_hash(req.secret),))
             log.info("device added from an invite", doc=short_id(self.group_id),
                      device=short_id(fingerprint(req.sig_pub)), slot=slot)
+            return True
 
 
 def _split_ids(blob: bytes) -> set[bytes]:

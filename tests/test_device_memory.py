@@ -99,3 +99,45 @@ async def test_restart_keeps_documents_outbox_and_identity(tmp_path: Path) -> No
                 await da2.wait_durable()
             assert len(restarted) == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_path: Path
+                                                                          ) -> None:
+    from dataclasses import replace
+
+    from proto.payload import PayloadKind, pack_updates
+
+    net = MemoryNetwork(seed=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node() for _ in range(3)]
+        async with memory_device(net, tmp_path / "a") as a, \
+                memory_device(net, tmp_path / "b") as b:
+            da = await a.create_document([n.ticket for n in nodes])
+            db_ = await b.join(da.invite())
+            db_.change(lambda e: e.text("t").insert(0, "good"))
+            await converged([da, db_])
+            alarms: list[Alarm] = []
+            da.subscribe(lambda ev: alarms.append(ev) if isinstance(ev, Alarm) else None)
+            before = da.crdt.snapshot()
+
+            # A member (b) sends a well-encrypted update whose CRDT bytes are garbage.
+            with b.store.transaction():
+                db_._seal(PayloadKind.UPDATE, pack_updates([b"\x00garbage"]), exclude_self=True)
+            await eventually(lambda: any(al.kind == "bad-update" for al in alarms),
+                             what="a raises a bad-update alarm")
+            assert da.crdt.snapshot() == before
+            # ...and b's later, valid updates still apply (the bad one does not block).
+            db_.change(lambda e: e.text("t").insert(4, "!"))
+            await converged([da, db_])
+            assert da.value()["t"] == "good!"
+
+            # Envelopes a syncnode tampered with are refused before decryption.
+            async with cluster.clients(b, nodes[:1]) as (c,):
+                env = (await c.backfill(da.group_id, {})).envelopes[-1]
+            forged = replace(env, seq=env.seq + 100)  # signature no longer matches
+            wrong_sender = replace(env, sender=a.fingerprint)
+            assert da.receive([forged, wrong_sender]) == 0
+            assert da.value()["t"] == "good!"
+        nursery.cancel_scope.cancel()
