@@ -383,6 +383,10 @@ def status(ctx: Ctx, doc: str | None, wait: float) -> None:
             for d in docs:
                 d.flush()
                 await d.wait_durable()
+        with trio.move_on_after(min(wait, 5.0)):  # give the links a moment to report
+            for d in docs:
+                if d.status == "active":
+                    await d.wait_connected(len(d.manifest.syncnodes))
         rows = []
         for d in docs:
             s = d.sync_status()

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -277,3 +278,38 @@ async def test_sigkill_with_outbox_delivers_exactly_once(
         from_cli = [ch for ch in changes if ch.origin == "remote"]
         assert sum(ch.updates for ch in from_cli) == edits  # exactly once
         assert doc.value()["c"] == edits
+
+
+async def test_cli_round_trip(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    home = tmp_path / "cli"
+
+    async def run(*args: str, check: bool = True) -> Any:
+        with trio.fail_after(60):
+            done = await trio.run_process(syncdevice(home, "--json", *args), capture_stdout=True,
+                                          capture_stderr=True, check=False)
+        if check:
+            assert done.returncode == 0, done.stderr.decode()
+        return done
+
+    me = json.loads((await run("init")).stdout)
+    created = json.loads((await run("create", "--name", "notes", *(
+        x for t in tickets(nodes) for x in ("--syncnode", str(t))))).stdout)
+    assert created["name"] == "notes"
+    await run("set", "notes", "meta.title", '"Groceries"')
+    await run("edit", "notes", "--text", "body", "--append", "milk")
+    await run("edit", "notes", "--counter", "n", "--add", "2")
+    shown = json.loads((await run("show", "notes", "--sync", "0")).stdout)
+    assert shown == {"meta": {"title": "Groceries"}, "body": "milk", "n": 2.0}
+    members = json.loads((await run("members", "notes")).stdout)
+    assert [m["fingerprint"] for m in members] == [me["device"]] and members[0]["self"]
+    assert json.loads((await run("rotate", "notes")).stdout)["epoch"] == 1
+    listed = json.loads((await run("list")).stdout)
+    assert [(d["name"], d["epoch"], d["status"]) for d in listed] == [("notes", 1, "active")]
+    status = json.loads((await run("status")).stdout)
+    assert status[0]["pending"] == 0 and status[0]["connected"] == 3
+    # Errors are one clear line and a non-zero exit, not a traceback.
+    bad = await run("show", "nope", check=False)
+    assert bad.returncode == 1 and b"no document matches 'nope'" in bad.stderr
+    assert b"Traceback" not in bad.stderr
+    bad = await run("set", "notes", "no-dot", "1", check=False)
+    assert bad.returncode == 2 and b"MAP.KEY" in bad.stderr
