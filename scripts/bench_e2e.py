@@ -142,6 +142,8 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
             out["a_latency"] = await latency(a, b, args.n, args.pace_ms / 1000)
             print(f"(a) visible latency A->B: median {out['a_latency']['median_ms']:.2f} ms, "
                   f"p99 {out['a_latency']['p99_ms']:.2f} ms over {args.n} changes")
+    if tag == "b_one_node" and "b" not in phases:
+        return
     async with AsyncExitStack() as stack:
         print(f"setting up 10 devices on {len(nodes)} syncnode(s)...", file=sys.stderr)
         docs = await open_group(stack, root, nodes, 10)
