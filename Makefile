@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   install everything into .venv and run the main job
-#   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/)
+#   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/ and device/)
 .PHONY: demo test venv lint bench clean
 
 VENV := .venv
@@ -15,7 +15,7 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check proto syncnode device simulations scripts tests
-	$(VENV)/bin/mypy proto
+	$(VENV)/bin/mypy proto device
 
 test: lint
 	$(PY) -m pytest -q

@@ -35,7 +35,7 @@ class LoroDocument:
     backend_id = BACKEND_ID
 
     def __init__(self, peer_id: int, snapshot: bytes | None = None) -> None:
-        self.doc = loro.LoroDoc()
+        self.doc = loro.LoroDoc()  # type: ignore[no-untyped-call]
         if snapshot is not None:
             _guard("snapshot", lambda: self.doc.import_(snapshot))
         self.doc.peer_id = peer_id

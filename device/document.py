@@ -157,8 +157,14 @@ class Document:
         self.me = device.fingerprint
         row = self.store.one("SELECT name, crdt, peer_id, epoch, joined_epoch, next_seq, "
                              "delivered, status FROM documents WHERE group_id=?", group_id)
-        (self.name, self.crdt_type, peer_id, self.epoch, self.joined_epoch, self.next_seq,
-         delivered, self.status) = row
+        self.name: str = row[0]
+        self.crdt_type: str = row[1]
+        peer_id: int = row[2]
+        self.epoch: int = row[3]
+        self.joined_epoch: int = row[4]
+        self.next_seq: int = row[5]
+        delivered: bytes = row[6]
+        self.status: str = row[7]
         self.values: dict[int, LogValue] = {}
         self.decided: dict[int, Decided] = {}
         for slot, value, dec in self.store.all("SELECT slot, value, decided FROM log WHERE "
@@ -400,7 +406,8 @@ class Document:
                               self.group_id)
         if not rows:
             return False
-        take, size = [], 0
+        take: list[tuple[int, bytes]] = []
+        size = 0
         for rid, data in rows:
             if take and size + len(data) > MAX_FLUSH_BYTES:
                 break
