@@ -25,8 +25,10 @@ import trio
 
 from device.document import Document, DocumentError
 from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, new_signature_key
+from device.p2p import PeerServer, Progress, TransferError, fetch_snapshot
 from device.store import Store
 from proto.codec import encode
+from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
@@ -120,6 +122,7 @@ class Device:
                 stack.push_async_callback(endpoint.aclose)
                 async with trio.open_nursery() as nursery:
                     device = cls(store, endpoint, config, nursery)
+                    await nursery.start(endpoint.serve, PeerServer(device).handle_connection)
                     for (gid,) in store.all("SELECT group_id FROM documents ORDER BY created_at"):
                         device._start(Document(device, gid))
                     try:
@@ -188,14 +191,17 @@ class Device:
         return doc
 
     async def join(self, ticket: str, *, name: str = "", timeout: float = 600.0,
-                   progress: Callable[[str], None] | None = None) -> Document:
+                   progress: Callable[[str], None] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> Document:
         """Join a document with an invite ticket from a member.
 
         Sends our KeyPackage, sealed to the inviter, through the syncnodes' mailbox; waits
         until the inviter's add is decided (the inviter may come online later); joins the MLS
         group from the Welcome in the decided log (after verifying the whole log); then asks the
-        members for the current state. This process must stay up until it returns: the
-        KeyPackage's private key lives only in memory.
+        inviter for the current state directly (peer to peer, resumable, verified against the
+        inviter's signature); if that fails, members send it through the syncnodes. ``progress``
+        gets human-readable steps, ``on_progress`` the bytes received. This process must stay up
+        until it returns: the KeyPackage's private key lives only in memory.
         """
         say = progress or (lambda _msg: None)
         try:
@@ -230,10 +236,35 @@ class Device:
                            (t.group_id, s, values[s].encode(),
                             encode(decided[s]) if s else None))
         doc = Document(self, t.group_id)
+        say(f"joined at epoch {slot}; fetching the document from the inviter")
+        await self._initial_state(doc, t, say, on_progress)
         self._start(doc)
-        say(f"joined at epoch {slot}; fetching the document from members")
         log.info("joined document", doc=short_id(t.group_id), epoch=slot)
         return doc
+
+    async def _initial_state(self, doc: Document, t: InviteTicket, say: Callable[[str], None],
+                             on_progress: Callable[[Progress], None] | None) -> None:
+        """Load the document peer to peer from the inviter (one resume after an interruption).
+        If that fails, the members answer our state request through the syncnodes instead."""
+        partial: dict[bytes, bytearray] = {}
+        for attempt in range(2):
+            try:
+                data, body = await fetch_snapshot(self.transport, t.inviter_endpoint,
+                                                  t.inviter_addrs, doc.manifest,
+                                                  progress=on_progress, partial=partial,
+                                                  timeout=self.config.connect_timeout)
+                if body.backend != doc.crdt.backend_id:
+                    raise TransferError(f"snapshot of backend {body.backend!r}")
+                doc.load_state(data, {d.sender: d.seq for d in body.covers})
+                say(f"received the document peer to peer ({len(data)} bytes)")
+                return
+            except (TransferError, CrdtError) as exc:
+                log.info("peer-to-peer state transfer failed", attempt=attempt + 1,
+                         error=str(exc))
+                if not partial:
+                    break
+        say("inviter unreachable for a direct transfer; asking members via the syncnodes")
+        doc._missing = True
 
     async def _connect_any(self, stack: AsyncExitStack, entries: Sequence[SyncnodeEntry]
                            ) -> list[SyncnodeClient]:

@@ -315,8 +315,9 @@ class Document:
         with self.store.transaction() as db:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
                        (secret_hash(secret), self.group_id, expires))
-        return str(InviteTicket(self.group_id, self.device.key.public, self.manifest.syncnodes,
-                                secret, int(expires)))
+        return str(InviteTicket(self.group_id, self.device.key.public, self.device.endpoint_id,
+                                tuple(self.device.transport.addresses()[:8]),
+                                self.manifest.syncnodes, secret, int(expires)))
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
                          role: Role = Role.MEMBER) -> int:
@@ -536,6 +537,24 @@ class Document:
             self._alarm("bad-update", f"from {short_id(env.sender)} seq {env.seq}: {exc}")
             return None
         return p
+
+    def load_state(self, snapshot: bytes, covers: dict[bytes, int]) -> None:
+        """Load a member's snapshot that contains every payload in ``covers`` (a verified p2p
+        transfer); backfill then only fetches what came after it."""
+        (err,) = self.crdt.apply([snapshot])
+        if err is not None:
+            raise err
+        before = set(self.buffer.pending)
+        self.buffer.cover(covers)
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
+                       (self.group_id, snapshot))
+            db.executemany("DELETE FROM pending WHERE group_id=? AND sender=? AND seq=?",
+                           [(self.group_id, s, q) for (s, q) in before - set(self.buffer.pending)])
+            db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
+                       (msgpack.packb(self.buffer.delivered), self.group_id))
+        self._missing = False
+        self._emit(Change("remote", (), 1))
 
     def compact(self) -> None:
         """Replace the stored CRDT updates by one snapshot (bounded load time)."""

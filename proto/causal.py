@@ -56,14 +56,18 @@ class CausalBuffer:
         return all(self.delivered.get(d.sender, 0) >= d.seq for d in p.deps
                    if d.sender != p.sender)
 
+    def cover(self, vector: dict[bytes, int]) -> None:
+        """Mark everything up to ``vector`` delivered (a state that contains it was loaded)."""
+        for sender, seq in vector.items():
+            if seq > self.delivered.get(sender, 0):
+                self.delivered[sender] = seq
+        for key in [k for k in self.pending if k[1] <= self.delivered.get(k[0], 0)]:
+            del self.pending[key]
+
     def _deliver(self, p: Payload) -> None:
         del self.pending[(p.sender, p.seq)]
         if p.kind == PayloadKind.STATE:
-            for sender, seq in p.vector().items():
-                if seq > self.delivered.get(sender, 0):
-                    self.delivered[sender] = seq
-            for key in [k for k in self.pending if k[1] <= self.delivered.get(k[0], 0)]:
-                del self.pending[key]
+            self.cover(p.vector())
         self.delivered[p.sender] = max(self.delivered.get(p.sender, 0), p.seq)
 
     def _drain(self) -> list[Payload]:

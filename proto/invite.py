@@ -34,6 +34,10 @@ MAX_KEY_PACKAGE = 64 * 1024
 class InviteTicket:
     group_id: GroupId
     inviter: PublicKey
+    """The inviter's MLS signature key (join requests are sealed to it)."""
+    inviter_endpoint: PublicKey
+    inviter_addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    """Where to reach the inviter directly for the initial state (peer to peer)."""
     syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
     secret: Annotated[bytes, Len(16)]
     expires_at: U64

@@ -1,0 +1,233 @@
+"""Joining a document: invite tickets, the Welcome through the decided log, and the initial
+state peer to peer (or, failing that, from members through the syncnodes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import device.p2p as p2p
+from device.agent import Device, JoinError
+from device.p2p import Progress
+from proto.invite import InviteTicket
+from proto.transport.memory import MemoryNetwork
+from tests.device_kit import converged, editing_trace, eventually, memory_device
+from tests.syncnode_kit import MemoryCluster, Node
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, seed: int) -> AsyncIterator[tuple[MemoryNetwork, list[Node]]]:
+    net = MemoryNetwork(seed=seed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node() for _ in range(3)]
+        yield net, nodes
+        nursery.cancel_scope.cancel()
+
+
+async def test_join_large_history_transfers_about_the_snapshot(tmp_path: Path) -> None:
+    patches, final = editing_trace()
+    async with world(tmp_path, 11) as (net, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        step = 5000
+        for i in range(0, len(patches), step):
+            def apply(e: object, chunk: list[tuple[int, int, str]] = patches[i:i + step]) -> None:
+                t = e.text("paper")  # type: ignore[attr-defined]
+                for pos, delete, insert in chunk:
+                    if delete:
+                        t.delete(pos, delete)
+                    if insert:
+                        t.insert(pos, insert)
+            doc.change(apply)
+            doc.flush()
+        assert doc.value()["paper"] == final
+        with trio.fail_after(60):
+            await doc.wait_durable()
+        history = sum(len(e.ciphertext)  # type: ignore[attr-defined]
+                      for e in await _all_envelopes(net, a, nodes[0], doc.group_id))
+        snapshot = len(doc.crdt.snapshot())
+
+        seen: list[Progress] = []
+        with trio.fail_after(60):
+            joined = await b.join(doc.invite(), on_progress=seen.append)
+        assert joined.value()["paper"] == final  # usable at once, before any backfill
+        assert seen and seen[-1].done == seen[-1].total
+        transferred = seen[-1].total
+        assert transferred <= snapshot * 1.2
+        await converged([doc, joined])
+        # Nothing from before the join was fetched or asked for: the snapshot covered it.
+        await trio.sleep(0.5)
+        assert joined.next_seq == 1 and not joined.alarms()
+        print(f"history {history} B, snapshot {snapshot} B, transferred {transferred} B")
+
+
+async def _all_envelopes(net: MemoryNetwork, device: Device, node: Node, group_id: bytes
+                         ) -> list[object]:
+    from proto.rpc import SyncnodeClient
+
+    async with SyncnodeClient.connect(device.transport, node.ticket) as c:
+        await c.authenticate(device.key)
+        out, marks = [], {}
+        while True:
+            page = await c.backfill(group_id, marks)
+            out += page.envelopes
+            for e in page.envelopes:
+                marks[e.sender] = max(marks.get(e.sender, 0), e.seq)
+            if not page.more:
+                return out
+
+
+async def test_inviter_offline_at_first_join_completes_later(tmp_path: Path) -> None:
+    async with world(tmp_path, 12) as (net, nodes):
+        async with memory_device(net, tmp_path / "a") as a:
+            doc = await a.create_document([n.ticket for n in nodes], name="n")
+            doc.change(lambda e: e.map("m").insert("k", "v"))
+            with trio.fail_after(20):
+                await doc.wait_durable()
+            ticket = doc.invite()
+        # a is offline now. b starts joining and waits.
+        steps: list[str] = []
+        async with memory_device(net, tmp_path / "b") as b:
+            result: list[object] = []
+
+            async def join() -> None:
+                result.append(await b.join(ticket, progress=steps.append))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(join)
+                await eventually(lambda: any("waiting for the inviter" in s for s in steps))
+                await trio.sleep(1.0)
+                assert not result  # still waiting: nobody can add it
+                async with memory_device(net, tmp_path / "a") as a2:
+                    await eventually(lambda: bool(result), what="join completes")
+                    joined = result[0]
+                    await converged([a2.document("n"), joined])  # type: ignore[list-item]
+
+
+async def test_interrupted_transfer_resumes_or_falls_back_to_members(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2p, "CHUNK", 4096)  # many chunks for a modest document
+    patches, final = editing_trace()
+    async with world(tmp_path, 13) as (net, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "c") as c, \
+            memory_device(net, tmp_path / "b") as b, memory_device(net, tmp_path / "d") as d:
+        doc = await a.create_document([n.ticket for n in nodes])
+
+        def apply(e: object) -> None:
+            t = e.text("paper")  # type: ignore[attr-defined]
+            for pos, delete, insert in patches[:20000]:
+                if delete:
+                    t.delete(pos, delete)
+                if insert:
+                    t.insert(pos, insert)
+
+        doc.change(apply)
+        await c.join(doc.invite())
+        streams: list[int] = []
+        orig = p2p.PeerServer._serve
+
+        async def cut_after_3_chunks(self: p2p.PeerServer, peer: bytes, stream: object,
+                                     req: object) -> None:
+            real_send = stream.send  # type: ignore[attr-defined]
+            streams.append(0)
+            first = len(streams) == 1
+
+            async def send(frame: bytes) -> None:
+                streams[-1] += 1
+                if first and streams[-1] == 5:  # offer + 3 chunks went out, then the cut
+                    raise p2p.TransportError("cut")
+                await real_send(frame)
+
+            stream.send = send  # type: ignore[attr-defined]
+            await orig(self, peer, stream, req)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(p2p.PeerServer, "_serve", cut_after_3_chunks)
+        progress: list[Progress] = []
+        with trio.fail_after(60):
+            joined_b = await b.join(doc.invite(), on_progress=progress.append)
+        # Resumed: the second request started where the first stopped, not at 0.
+        assert progress[-1].done == progress[-1].total
+        assert sum(1 for p in progress if p.done <= 3 * 4096) == 3  # chunks 1-3 received once
+        await converged([doc, joined_b])
+
+        # Now the inviter (a) cannot serve at all: d gets the state from c via the syncnodes.
+        async def refuse(self: p2p.PeerServer, peer: bytes, stream: object, req: object) -> None:
+            raise p2p.TransportError("inviter broke")
+
+        monkeypatch.setattr(p2p.PeerServer, "_serve", refuse)
+        steps: list[str] = []
+        with trio.fail_after(60):
+            joined_d = await d.join(doc.invite(), progress=steps.append)
+        assert any("via the syncnodes" in s for s in steps)
+        value = await converged([doc, joined_b, joined_d], timeout=60)
+        assert value["paper"] == doc.value()["paper"]
+
+
+async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with world(tmp_path, 14) as (net, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b, \
+            memory_device(net, tmp_path / "e") as e:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda ed: ed.map("m").insert("k", 1))
+        # Malformed and expired tickets are refused at once.
+        with pytest.raises(JoinError, match="bad invite ticket"):
+            await b.join("sninv1notbase32!!")
+        expired = InviteTicket.parse(doc.invite())
+        expired = InviteTicket(*[getattr(expired, f) for f in (
+            "group_id", "inviter", "inviter_endpoint", "inviter_addrs", "syncnodes", "secret")],
+            expires_at=int(time.time()) - 1)
+        with pytest.raises(JoinError, match="expired"):
+            await b.join(str(expired))
+        # A forged secret: the inviter ignores the request; the joiner waits, then times out.
+        ticket = InviteTicket.parse(doc.invite())
+        forged = InviteTicket(ticket.group_id, ticket.inviter, ticket.inviter_endpoint,
+                              ticket.inviter_addrs, ticket.syncnodes, b"\x00" * 16,
+                              ticket.expires_at)
+        with pytest.raises(trio.TooSlowError):
+            await b.join(str(forged), timeout=2.0)
+        assert len(doc.members()) == 1
+        # A good ticket works once; reusing it adds nobody else.
+        good = doc.invite()
+        joined = await b.join(good)
+        with pytest.raises(trio.TooSlowError):
+            await e.join(good, timeout=2.0)
+        assert {m.id for m in doc.members()} == {a.id, b.id}
+
+        # A peer whose snapshot does not match its signed hash is rejected, nothing loaded.
+        from proto.p2p import SnapshotChunk
+
+        orig = p2p.PeerServer._serve
+
+        async def corrupt(self: p2p.PeerServer, peer: bytes, stream: object, req: object
+                          ) -> None:
+            real_send = stream.send  # type: ignore[attr-defined]
+
+            async def send(frame: bytes) -> None:
+                from proto.codec import decode, encode
+
+                msg = decode(frame)
+                if isinstance(msg, SnapshotChunk):
+                    frame = encode(SnapshotChunk(msg.offset, bytes(len(msg.data))))
+                await real_send(frame)
+
+            stream.send = send  # type: ignore[attr-defined]
+            await orig(self, peer, stream, req)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(p2p.PeerServer, "_serve", corrupt)
+        with pytest.raises(p2p.TransferError, match="signed hash"):
+            await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
+        monkeypatch.setattr(p2p.PeerServer, "_serve", orig)
+        # Someone who is not in the manifest gets nothing; a non-member endpoint is refused.
+        with pytest.raises(p2p.TransferError, match="UNAUTHORIZED"):
+            await p2p.fetch_snapshot(e.transport, a.endpoint_id, (), joined.manifest)
+        with pytest.raises(p2p.TransferError, match="not a member"):
+            await p2p.fetch_snapshot(b.transport, e.endpoint_id, (), joined.manifest)
+        data, body = await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
+        assert body.size == len(data) > 0
