@@ -114,7 +114,7 @@ async def test_inviter_offline_at_first_join_completes_later(tmp_path: Path) -> 
 async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2p, "CHUNK", 4096)  # many chunks for a modest document
-    patches, final = editing_trace()
+    patches, _ = editing_trace()
     async with world(tmp_path, 13) as (net, nodes), \
             memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "c") as c, \
             memory_device(net, tmp_path / "b") as b, memory_device(net, tmp_path / "d") as d:
