@@ -300,9 +300,13 @@ def members(ctx: Ctx, doc: str) -> None:
 @click.option("--wait", default=600.0, show_default=True,
               help="Stay online this long to add the new device (0: print and exit; the add "
                    "happens the next time this device runs).")
+@click.option("--qr", is_flag=True, help="Also draw the ticket as a QR code (on stderr).")
 @pass_ctx
-def invite(ctx: Ctx, doc: str, ttl: float, wait: float) -> None:
-    """Print a one-time invite ticket for a new device, then add it when it asks."""
+def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
+    """Print a one-time invite ticket for a new device, then add it when it asks.
+
+    The ticket is single use and expires after --ttl seconds; it holds a one-time secret, so
+    hand it over privately. The new device runs `syncdevice join TICKET`."""
 
     async def go(device: Any) -> None:
         d = device.document(doc)
@@ -310,6 +314,16 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float) -> None:
         ticket = d.invite(ttl=ttl)
         ctx.out(ticket, {"ticket": ticket})
         sys.stdout.flush()
+        if qr:
+            import io
+
+            import qrcode
+
+            code = qrcode.QRCode(border=1)
+            code.add_data(ticket.upper())  # upper case fits QR's compact alphanumeric mode
+            buf = io.StringIO()
+            code.print_ascii(out=buf, invert=True)
+            click.echo(buf.getvalue(), err=True)
         if wait <= 0:
             return
         click.echo("waiting for the new device to join (Ctrl-C to stop)...", err=True)
@@ -330,9 +344,16 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float) -> None:
 def join(ctx: Ctx, ticket: str, name: str, timeout: float) -> None:
     """Join a document with an invite ticket (the inviter adds this device)."""
 
+    def bytes_progress(p: Any) -> None:
+        if sys.stderr.isatty() or p.done == p.total:
+            end = "\n" if p.done == p.total else ""
+            click.echo(f"\rdocument state: {p.done / 1024:,.0f} / {p.total / 1024:,.0f} KiB"
+                       f" ({100 * p.done // max(p.total, 1)}%)", err=True, nl=bool(end))
+
     async def go(device: Any) -> None:
         d = await device.join(ticket, name=name, timeout=timeout,
-                              progress=lambda msg: click.echo(msg, err=True))
+                              progress=lambda msg: click.echo(msg, err=True),
+                              on_progress=bytes_progress)
         with trio.move_on_after(10):
             async with d.events() as events:
                 if not d.value():

@@ -48,7 +48,7 @@ class InviteTicket:
 
     @classmethod
     def parse(cls, text: str) -> InviteTicket:
-        text = "".join(text.split())
+        text = "".join(text.split()).lower()  # QR codes carry it upper case
         if len(text) > MAX_TICKET_CHARS:
             raise DecodeError("<invite>", "too long")
         if not text.startswith(PREFIX):

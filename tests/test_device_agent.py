@@ -19,6 +19,7 @@ import trio
 from device.agent import Device
 from device.document import Alarm, Change, Document
 from device.mls import MlsError
+from proto.invite import InviteTicket
 from proto.messages import ErrorCode
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.ticket import NodeTicket
@@ -305,6 +306,10 @@ async def test_cli_round_trip(tmp_path: Path, nodes: list[NodeProcess]) -> None:
     assert json.loads((await run("rotate", "notes")).stdout)["epoch"] == 1
     listed = json.loads((await run("list")).stdout)
     assert [(d["name"], d["epoch"], d["status"]) for d in listed] == [("notes", 1, "active")]
+    inv = await run("invite", "notes", "--qr", "--wait", "0")
+    ticket = json.loads(inv.stdout)["ticket"]
+    assert InviteTicket.parse(ticket.upper()) == InviteTicket.parse(ticket)
+    assert "█" in inv.stderr.decode() or "▀" in inv.stderr.decode()  # the QR code
     status = json.loads((await run("status")).stdout)
     assert status[0]["pending"] == 0 and status[0]["connected"] == 3
     # Errors are one clear line and a non-zero exit, not a traceback.
