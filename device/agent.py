@@ -70,9 +70,12 @@ class DeviceConfig:
     propose_backoff: float = 0.02
     rebase_attempts: int = 8
     max_in_flight: int = 256
-    mailbox_interval: float = 1.0
+    mailbox_interval: float = 0.25
+    """How often a device with open invites checks the mailbox for join requests."""
     sync_request_interval: float = 3.0
-    join_poll_interval: float = 0.5
+    join_poll_interval: float = 0.25
+    p2p_state_transfer: bool = True
+    """On join, fetch the document directly from the inviter (else only via the syncnodes)."""
     listen: str = "127.0.0.1:0"
     relays: tuple[str, ...] = ()
     """iroh relay URLs; empty for direct connections only."""
@@ -247,7 +250,7 @@ class Device:
         """Load the document peer to peer from the inviter (one resume after an interruption).
         If that fails, the members answer our state request through the syncnodes instead."""
         partial: dict[bytes, bytearray] = {}
-        for attempt in range(2):
+        for attempt in range(2 if self.config.p2p_state_transfer else 0):
             try:
                 data, body = await fetch_snapshot(self.transport, t.inviter_endpoint,
                                                   t.inviter_addrs, doc.manifest,
@@ -263,7 +266,7 @@ class Device:
                          error=str(exc))
                 if not partial:
                     break
-        say("inviter unreachable for a direct transfer; asking members via the syncnodes")
+        say("asking members for the document via the syncnodes")
         doc._missing = True
 
     async def _connect_any(self, stack: AsyncExitStack, entries: Sequence[SyncnodeEntry]

@@ -44,15 +44,3 @@ async def converged(docs: list[Document], timeout: float = 30.0) -> Any:
                      "documents to converge")
     return docs[0].value()
 
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "automerge-paper.json.gz"
-
-
-def editing_trace() -> tuple[list[tuple[int, int, str]], str]:
-    """The automerge-perf editing trace: (patches as (pos, delete, insert), final text)."""
-    import gzip
-    import json
-
-    data = json.loads(gzip.decompress(TRACE.read_bytes()))
-    patches = [(p[0], p[1], p[2]) for txn in data["txns"] for p in txn["patches"]]
-    return patches, data["endContent"]

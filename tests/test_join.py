@@ -14,9 +14,10 @@ import trio
 import device.p2p as p2p
 from device.agent import Device, JoinError
 from device.p2p import Progress
+from device.testdata import editing_trace
 from proto.invite import InviteTicket
 from proto.transport.memory import MemoryNetwork
-from tests.device_kit import converged, editing_trace, eventually, memory_device
+from tests.device_kit import converged, eventually, memory_device
 from tests.syncnode_kit import MemoryCluster, Node
 
 
@@ -165,7 +166,7 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         steps: list[str] = []
         with trio.fail_after(60):
             joined_d = await d.join(doc.invite(), progress=steps.append)
-        assert any("via the syncnodes" in s for s in steps)
+        assert any("via the syncnodes" in s for s in steps)  # p2p failed
         value = await converged([doc, joined_b, joined_d], timeout=60)
         assert value["paper"] == doc.value()["paper"]
 
