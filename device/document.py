@@ -57,6 +57,7 @@ from proto.paxos.messages import Decided, EquivocationProof
 from proto.paxos.proposer import Lost
 from proto.paxos.quorum import CertificateError
 from proto.payload import (
+    MAX_BODY,
     Payload,
     PayloadKind,
     pack_updates,
@@ -332,7 +333,22 @@ class Document:
             m = next_manifest(self.manifest, commit, add=(entry,))
             return sign_value(self.device.key, m, commit, welcome)
 
-        return await self._commit(build)
+        slot = await self._commit(build)
+        if self.status == "active" and self.manifest.device(fpr) is not None:
+            self.publish_state()
+        return slot
+
+    def publish_state(self) -> None:
+        """Store the whole document, encrypted in the current epoch, on the syncnodes (a STATE
+        update covering everything we delivered). A device added in this epoch can read it, so
+        it gets the document even when no member is online to send it directly."""
+        body = pack_updates([self.crdt.snapshot()])
+        if len(body) > MAX_BODY - 1024:
+            log.warning("document too large for one state message; not published",
+                        doc=short_id(self.group_id), bytes=len(body))
+            return
+        with self.store.transaction():
+            self._seal(PayloadKind.STATE, body, exclude_self=False)
 
     async def remove_device(self, device_id: str) -> int:
         """Remove a member (by id prefix); returns the slot of the removal."""

@@ -224,6 +224,14 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.setattr(p2p.PeerServer, "_serve", corrupt)
         with pytest.raises(p2p.TransferError, match="signed hash"):
             await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
+        # A peer that stalls is given up on.
+
+        async def stall(self: p2p.PeerServer, peer: bytes, stream: object, req: object) -> None:
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(p2p.PeerServer, "_serve", stall)
+        with pytest.raises(p2p.TransferError, match="stalled"):
+            await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest, timeout=1)
         monkeypatch.setattr(p2p.PeerServer, "_serve", orig)
         # Someone who is not in the manifest gets nothing; a non-member endpoint is refused.
         with pytest.raises(p2p.TransferError, match="UNAUTHORIZED"):
@@ -232,3 +240,38 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
             await p2p.fetch_snapshot(b.transport, e.endpoint_id, (), joined.manifest)
         data, body = await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
         assert body.size == len(data) > 0
+
+
+async def test_no_member_online_joiner_uses_the_state_stored_on_syncnodes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from device.document import Document
+    from tests.device_kit import FAST
+
+    # Members never answer state requests here: only what is stored on the syncnodes counts.
+    monkeypatch.setattr(Document, "_answer_later", lambda self, request: None)
+
+    patches, _ = editing_trace()
+    async with world(tmp_path, 15) as (net, nodes):
+        async with memory_device(net, tmp_path / "b", replace(FAST, p2p_state_transfer=False)
+                                 ) as b:
+            async with memory_device(net, tmp_path / "a") as a:
+                doc = await a.create_document([n.ticket for n in nodes])
+
+                def apply(e: object) -> None:
+                    t = e.text("paper")  # type: ignore[attr-defined]
+                    for pos, delete, insert in patches[:30000]:
+                        if delete:
+                            t.delete(pos, delete)
+                        if insert:
+                            t.insert(pos, insert)
+
+                doc.change(apply)
+                expected = doc.value()
+                joined = await b.join(doc.invite())
+                with trio.fail_after(20):
+                    await doc.wait_durable()  # the state message is on the syncnodes
+            # The only other member is gone; b still gets the document.
+            await eventually(lambda: joined.value() == expected, 30, "b loads the stored state")
+            assert not joined.alarms()
