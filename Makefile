@@ -24,6 +24,7 @@ bench: venv
 	$(PY) scripts/bench_transport.py
 	$(PY) scripts/bench_syncnode.py
 	$(PY) scripts/bench_e2e.py
+	$(PY) scripts/bench_join.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
