@@ -118,8 +118,7 @@ class Device:
             endpoint_key = init_identity(store)
             async with AsyncExitStack() as stack:
                 if transport is None:
-                    endpoint: Transport = await IrohTransport.bind(
-                        endpoint_key, listen=config.listen, relays=list(config.relays))
+                    endpoint: Transport = await _bind(store, endpoint_key, config)
                 else:
                     endpoint = transport(endpoint_key)
                 stack.push_async_callback(endpoint.aclose)
@@ -142,6 +141,10 @@ class Device:
     @property
     def endpoint_id(self) -> bytes:
         return self.transport.node_id
+
+    def addresses(self) -> tuple[str, ...]:
+        """Where other devices can reach this one directly (dialling hints)."""
+        return tuple(self.transport.addresses()[:8])
 
     def documents(self) -> list[Document]:
         return list(self._docs.values())
@@ -183,7 +186,7 @@ class Device:
             raise DocumentError(f"unknown CRDT backend {crdt!r} (available: loro)")
         gid = secrets.token_bytes(32)
         group = self.mls.create_group(gid)
-        g = genesis(self.key, gid, self.endpoint_id, entries, crdt)
+        g = genesis(self.key, gid, self.endpoint_id, entries, crdt, self.addresses())
         with self.store.transaction() as db:
             group.persist()
             _insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
@@ -217,7 +220,7 @@ class Device:
             raise JoinError("this device is already a member of that document")
         key_package = self.mls.key_package()
         request = JoinRequest(t.group_id, t.secret, key_package, self.key.public,
-                              self.endpoint_id).seal(t.inviter)
+                              self.endpoint_id, self.addresses()).seal(t.inviter)
         with trio.fail_after(timeout):
             async with AsyncExitStack() as stack:
                 clients = await self._connect_any(stack, t.syncnodes)
@@ -239,7 +242,7 @@ class Device:
                            (t.group_id, s, values[s].encode(),
                             encode(decided[s]) if s else None))
         doc = Document(self, t.group_id)
-        say(f"joined at epoch {slot}; fetching the document from the inviter")
+        say(f"joined at epoch {slot}; fetching the document from a member")
         await self._initial_state(doc, t, say, on_progress)
         self._start(doc)
         log.info("joined document", doc=short_id(t.group_id), epoch=slot)
@@ -249,25 +252,38 @@ class Device:
                              on_progress: Callable[[Progress], None] | None) -> None:
         """Load the document peer to peer from the inviter (one resume after an interruption).
         If that fails, the members answer our state request through the syncnodes instead."""
+        if self.config.p2p_state_transfer:
+            sources = [(t.inviter_endpoint, t.inviter_addrs)] + [
+                (d.endpoint_id, d.addrs) for d in doc.manifest.devices
+                if d.fingerprint != self.fingerprint and d.endpoint_id != t.inviter_endpoint]
+            for endpoint, addrs in sources:
+                if await self._fetch_from(doc, endpoint, addrs, say, on_progress):
+                    return
+        say("asking members for the document via the syncnodes")
+        doc._missing = True
+
+    async def _fetch_from(self, doc: Document, endpoint: bytes, addrs: tuple[str, ...],
+                          say: Callable[[str], None],
+                          on_progress: Callable[[Progress], None] | None) -> bool:
+        """One member as the source; an interrupted transfer is resumed once."""
         partial: dict[bytes, bytearray] = {}
-        for attempt in range(2 if self.config.p2p_state_transfer else 0):
+        for attempt in range(2):
             try:
-                data, body = await fetch_snapshot(self.transport, t.inviter_endpoint,
-                                                  t.inviter_addrs, doc.manifest,
+                data, body = await fetch_snapshot(self.transport, endpoint, addrs, doc.manifest,
                                                   progress=on_progress, partial=partial,
                                                   timeout=self.config.connect_timeout)
                 if body.backend != doc.crdt.backend_id:
                     raise TransferError(f"snapshot of backend {body.backend!r}")
                 doc.load_state(data, {d.sender: d.seq for d in body.covers})
-                say(f"received the document peer to peer ({len(data)} bytes)")
-                return
+                say(f"received the document peer to peer from {short_id(endpoint)} "
+                    f"({len(data)} bytes)")
+                return True
             except (TransferError, CrdtError) as exc:
-                log.info("peer-to-peer state transfer failed", attempt=attempt + 1,
-                         error=str(exc))
+                log.info("peer-to-peer state transfer failed", source=short_id(endpoint),
+                         attempt=attempt + 1, error=str(exc))
                 if not partial:
                     break
-        say("asking members for the document via the syncnodes")
-        doc._missing = True
+        return False
 
     async def _connect_any(self, stack: AsyncExitStack, entries: Sequence[SyncnodeEntry]
                            ) -> list[SyncnodeClient]:
@@ -327,6 +343,29 @@ class Device:
                 slot += 1
             if not page.decided or slot > page.top:
                 return None
+
+
+async def _bind(store: Store, key: SecretKey, config: DeviceConfig) -> Transport:
+    """Bind iroh, reusing the port of the previous run when ``listen`` asks for any port, so
+    the addresses other members hold for this device (manifest hints) stay valid."""
+    saved = store.get_meta("listen")
+    if saved and config.listen.endswith(":0"):
+        host = config.listen.rpartition(":")[0]
+        addr = saved.decode()
+        if addr.rpartition(":")[0] == host:
+            try:
+                t = await IrohTransport.bind(key, listen=addr, relays=list(config.relays))
+                return t
+            except TransportError as exc:
+                log.info("previous port is taken; binding a new one", addr=addr,
+                         error=str(exc))
+    t = await IrohTransport.bind(key, listen=config.listen, relays=list(config.relays))
+    host = config.listen.rpartition(":")[0]
+    mine = [a for a in t.addresses() if a.rpartition(":")[0] == host]
+    if mine:
+        with store.transaction():
+            store.set_meta("listen", mine[0].encode())
+    return t
 
 
 def _open_store(path: str | os.PathLike[str]) -> Store:

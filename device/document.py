@@ -87,11 +87,13 @@ class Offline(DocumentError):
 @dataclass(frozen=True)
 class Change:
     """A change to the document. ``origin`` is ``"local"`` or ``"remote"``; ``senders`` are the
-    short ids of the devices whose updates were applied."""
+    short ids of the devices whose updates were applied; ``updates`` counts edit updates and
+    ``states`` whole-document states (a member's snapshot, which may repeat known edits)."""
 
     origin: str
     senders: tuple[str, ...]
     updates: int
+    states: int = 0
 
 
 @dataclass(frozen=True)
@@ -317,19 +319,20 @@ class Document:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
                        (secret_hash(secret), self.group_id, expires))
         return str(InviteTicket(self.group_id, self.device.key.public, self.device.endpoint_id,
-                                tuple(self.device.transport.addresses()[:8]),
+                                self.device.addresses(),
                                 self.manifest.syncnodes, secret, int(expires)))
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.MEMBER) -> int:
-        """Add a device by its KeyPackage (through Paxos); returns the slot that added it."""
+                         role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
+        """Add a device by its KeyPackage (through Paxos); returns the slot that added it.
+        ``addrs`` (its endpoint's addresses) go into the manifest as dialling hints."""
         fpr = fingerprint(sig_pub)
 
         def build() -> LogValue | None:
             if self.manifest.device(fpr) is not None:
                 return None
             commit, welcome = self.mls.build_add([key_package])
-            entry = DeviceEntry(fpr, sig_pub, endpoint_id, 0, role)
+            entry = DeviceEntry(fpr, sig_pub, endpoint_id, 0, role, addrs[:8])
             m = next_manifest(self.manifest, commit, add=(entry,))
             return sign_value(self.device.key, m, commit, welcome)
 
@@ -482,6 +485,7 @@ class Document:
         before = set(self.buffer.pending)
         ready = self.buffer.add_many(payloads)
         bodies: list[bytes] = []
+        is_state: list[bool] = []
         senders: set[str] = set()
         for p in ready:
             if p.kind == PayloadKind.SYNC_REQUEST:
@@ -493,11 +497,14 @@ class Document:
                 self._alarm("bad-update", f"from {short_id(p.sender)} seq {p.seq}: {exc}")
                 continue
             bodies += updates
+            is_state += [p.kind == PayloadKind.STATE] * len(updates)
             senders.add(short_id(p.sender))
         applied = []
-        for body, err in zip(bodies, self.crdt.apply(bodies), strict=True):
+        states = 0
+        for body, state, err in zip(bodies, is_state, self.crdt.apply(bodies), strict=True):
             if err is None:
                 applied.append(body)
+                states += state
             else:
                 self._alarm("bad-update", str(err))
         after = set(self.buffer.pending)
@@ -518,7 +525,7 @@ class Document:
         if self._updates_since_snapshot >= self.device.config.snapshot_every:
             self.compact()
         if applied:
-            self._emit(Change("remote", tuple(sorted(senders)), len(applied)))
+            self._emit(Change("remote", tuple(sorted(senders)), len(applied) - states, states))
         return len(ready)
 
     def _open(self, env: Envelope) -> Payload | None:
@@ -570,7 +577,7 @@ class Document:
             db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
                        (msgpack.packb(self.buffer.delivered), self.group_id))
         self._missing = False
-        self._emit(Change("remote", (), 1))
+        self._emit(Change("remote", (), 0, 1))
 
     def compact(self) -> None:
         """Replace the stored CRDT updates by one snapshot (bounded load time)."""
@@ -611,8 +618,13 @@ class Document:
         except CrdtError as exc:
             self._alarm("bad-update", f"sync request from {short_id(request.sender)}: {exc}")
             return
+        body = pack_updates([diff])
+        if len(body) > MAX_BODY - 1024:
+            log.warning("state too large for one message; the requester needs a direct "
+                        "transfer", doc=short_id(self.group_id), bytes=len(body))
+            return
         with self.store.transaction():
-            self._seal(PayloadKind.STATE, pack_updates([diff]), exclude_self=False)
+            self._seal(PayloadKind.STATE, body, exclude_self=False)
         log.info("sent document state", doc=short_id(self.group_id),
                  to=short_id(request.sender), bytes=len(diff))
 
@@ -946,7 +958,8 @@ class Document:
                             doc=short_id(self.group_id))
                 return True
             try:
-                slot = await self.add_device(req.key_package, req.sig_pub, req.endpoint_id)
+                slot = await self.add_device(req.key_package, req.sig_pub, req.endpoint_id,
+                                             addrs=req.addrs)
             except (ManifestError, MlsError) as exc:
                 log.warning("join request refused", doc=short_id(self.group_id), error=str(exc))
                 return True

@@ -72,6 +72,8 @@ class JoinRequest:
     key_package: Annotated[bytes, MaxLen(MAX_KEY_PACKAGE)]
     sig_pub: PublicKey
     endpoint_id: PublicKey
+    addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    """The new device's addresses: dialling hints recorded in the manifest."""
 
     def seal(self, inviter: bytes) -> bytes:
         pk = nacl.public.PublicKey(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(inviter))

@@ -51,15 +51,21 @@ class Role(enum.IntEnum):
     ADMIN = 2
 
 
+Addrs = Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+
+
 @dataclass(frozen=True)
 class DeviceEntry:
-    """A member device: its MLS signature key (and fingerprint), iroh endpoint and MLS leaf."""
+    """A member device: its MLS signature key (and fingerprint), iroh endpoint and MLS leaf.
+    ``addrs`` are dialling hints for the endpoint as of when the device was added (the
+    endpoint id authenticates; a stale address can only fail to connect)."""
 
     fingerprint: Hash32
     sig_pub: PublicKey
     endpoint_id: PublicKey
     leaf: U32
     role: Role
+    addrs: Addrs = ()
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class SyncnodeEntry:
     """A syncnode of the group: its node id and last known addresses (dialling hints)."""
 
     node_id: PublicKey
-    addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    addrs: Addrs
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,11 @@ def sign_value(key: SecretKey, manifest: Manifest, commit: bytes | None,
 
 
 def genesis(key: SecretKey, group_id: bytes, endpoint_id: bytes,
-            syncnodes: tuple[SyncnodeEntry, ...], crdt_type: str) -> LogValue:
+            syncnodes: tuple[SyncnodeEntry, ...], crdt_type: str,
+            addrs: tuple[str, ...] = ()) -> LogValue:
     """The signed genesis record of a new group created by the device holding ``key``."""
-    creator = DeviceEntry(fingerprint(key.public), key.public, endpoint_id, 0, Role.ADMIN)
+    creator = DeviceEntry(fingerprint(key.public), key.public, endpoint_id, 0, Role.ADMIN,
+                          addrs)
     manifest = Manifest(group_id, 0, (creator,), syncnodes, crdt_type, None, None, None)
     return sign_value(key, manifest, None)
 
@@ -293,7 +301,8 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
         if old is None:
             if d.role != Role.MEMBER and not is_admin:
                 raise ManifestError(Rule.NOT_ADMIN, "only admins add admins")
-        elif (old.sig_pub, old.endpoint_id, old.leaf) != (d.sig_pub, d.endpoint_id, d.leaf):
+        elif (old.sig_pub, old.endpoint_id, old.leaf, old.addrs) != \
+                (d.sig_pub, d.endpoint_id, d.leaf, d.addrs):
             raise ManifestError(Rule.ROSTER_MISMATCH, "an existing device entry changed")
         elif old.role != d.role and not is_admin:
             raise ManifestError(Rule.NOT_ADMIN, "only admins change roles")

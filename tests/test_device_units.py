@@ -115,7 +115,7 @@ def test_invite_ticket_round_trip_and_errors() -> None:
 
 def test_join_request_is_sealed_to_the_inviter() -> None:
     inviter, other = SecretKey.generate(), SecretKey.generate()
-    req = JoinRequest(b"g" * 32, b"s" * 16, b"kp", b"p" * 32, b"e" * 32)
+    req = JoinRequest(b"g" * 32, b"s" * 16, b"kp", b"p" * 32, b"e" * 32, ("127.0.0.1:1",))
     sealed = req.seal(inviter.public)
     assert b"s" * 16 not in sealed
     assert JoinRequest.open(inviter, sealed) == req

@@ -15,6 +15,7 @@ import device.p2p as p2p
 from device.agent import Device, JoinError
 from device.p2p import Progress
 from device.testdata import editing_trace
+from proto.identity import short_id
 from proto.invite import InviteTicket
 from proto.transport.memory import MemoryNetwork
 from tests.device_kit import converged, eventually, memory_device
@@ -118,7 +119,8 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
     patches, _ = editing_trace()
     async with world(tmp_path, 13) as (net, nodes), \
             memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "c") as c, \
-            memory_device(net, tmp_path / "b") as b, memory_device(net, tmp_path / "d") as d:
+            memory_device(net, tmp_path / "b") as b, memory_device(net, tmp_path / "d") as d, \
+            memory_device(net, tmp_path / "f") as f:
         doc = await a.create_document([n.ticket for n in nodes])
 
         def apply(e: object) -> None:
@@ -158,16 +160,31 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         assert sum(1 for p in progress if p.done <= 3 * 4096) == 3  # chunks 1-3 received once
         await converged([doc, joined_b])
 
-        # Now the inviter (a) cannot serve at all: d gets the state from c via the syncnodes.
-        async def refuse(self: p2p.PeerServer, peer: bytes, stream: object, req: object) -> None:
-            raise p2p.TransportError("inviter broke")
+        # Now the inviter (a) cannot serve at all: d gets the state from c, peer to peer.
+        async def inviter_broken(self: p2p.PeerServer, peer: bytes, stream: object,
+                                 req: object) -> None:
+            if self.device is a:
+                raise p2p.TransportError("inviter broke")
+            await orig(self, peer, stream, req)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(p2p.PeerServer, "_serve", refuse)
+        monkeypatch.setattr(p2p.PeerServer, "_serve", inviter_broken)
         steps: list[str] = []
         with trio.fail_after(60):
             joined_d = await d.join(doc.invite(), progress=steps.append)
-        assert any("via the syncnodes" in s for s in steps)  # p2p failed
-        value = await converged([doc, joined_b, joined_d], timeout=60)
+        assert any(f"peer to peer from {short_id(c.endpoint_id)}" in s for s in steps)
+        await converged([doc, joined_b, joined_d], timeout=60)
+
+        # No member can serve directly: the members answer through the syncnodes.
+        async def all_broken(self: p2p.PeerServer, peer: bytes, stream: object,
+                             req: object) -> None:
+            raise p2p.TransportError("broken")
+
+        monkeypatch.setattr(p2p.PeerServer, "_serve", all_broken)
+        steps = []
+        with trio.fail_after(60):
+            joined_f = await f.join(doc.invite(), progress=steps.append)
+        assert any("via the syncnodes" in s for s in steps)
+        value = await converged([doc, joined_b, joined_d, joined_f], timeout=60)
         assert value["paper"] == doc.value()["paper"]
 
 
