@@ -222,11 +222,11 @@ class Device:
         request = JoinRequest(t.group_id, t.secret, key_package, self.key.public,
                               self.endpoint_id, self.addresses()).seal(t.inviter)
         with trio.fail_after(timeout):
-            async with AsyncExitStack() as stack:
-                clients = await self._connect_any(stack, t.syncnodes)
-                for c in clients:
-                    await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request,
-                                        int(max(60, t.expires_at - time.time())))
+            async with self._connect_all(t.syncnodes) as clients:
+                async with trio.open_nursery() as nursery:
+                    for c in clients:
+                        nursery.start_soon(c.mailbox_put, t.inviter, MailboxKind.KEY_PACKAGE,
+                                           request, int(max(60, t.expires_at - time.time())))
                 say(f"join request sent to {len(clients)} syncnode(s); waiting for the "
                     "inviter to add this device")
                 slot, values, decided = await self._await_welcome(clients, t)
@@ -285,21 +285,43 @@ class Device:
                     break
         return False
 
-    async def _connect_any(self, stack: AsyncExitStack, entries: Sequence[SyncnodeEntry]
-                           ) -> list[SyncnodeClient]:
-        clients = []
-        for e in entries:
+    @asynccontextmanager
+    async def _connect_all(self, entries: Sequence[SyncnodeEntry]
+                           ) -> AsyncIterator[list[SyncnodeClient]]:
+        """Authenticated connections to every reachable syncnode, dialled in parallel."""
+        clients: list[SyncnodeClient] = []
+        tried = 0
+        all_tried, release = trio.Event(), trio.Event()
+
+        async def hold(e: SyncnodeEntry) -> None:
+            nonlocal tried
             try:
-                c = await stack.enter_async_context(SyncnodeClient.connect(
-                    self.transport, NodeTicket(e.node_id, e.addrs),
-                    timeout=self.config.connect_timeout))
-                await c.authenticate(self.key)
-                clients.append(c)
+                async with SyncnodeClient.connect(self.transport, NodeTicket(e.node_id, e.addrs),
+                                                  timeout=self.config.connect_timeout) as c:
+                    await c.authenticate(self.key)
+                    clients.append(c)
+                    tried += 1
+                    if tried == len(entries):
+                        all_tried.set()
+                    await release.wait()
+                    return
             except (TransportError, RemoteError) as exc:
                 log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
+            tried += 1
+            if tried == len(entries):
+                all_tried.set()
+
+        async with trio.open_nursery() as nursery:
+            for e in entries:
+                nursery.start_soon(hold, e)
+            await all_tried.wait()
+            if clients:
+                try:
+                    yield clients
+                finally:
+                    release.set()
         if not clients:
             raise JoinError("none of the document's syncnodes is reachable")
-        return clients
 
     async def _await_welcome(self, clients: list[SyncnodeClient], t: InviteTicket
                              ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:

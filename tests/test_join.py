@@ -203,6 +203,14 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
             expires_at=int(time.time()) - 1)
         with pytest.raises(JoinError, match="expired"):
             await b.join(str(expired))
+        # No syncnode of the ticket reachable: a clear error.
+        from proto.manifest import SyncnodeEntry
+
+        t0 = InviteTicket.parse(doc.invite())
+        nowhere = InviteTicket(t0.group_id, t0.inviter, t0.inviter_endpoint, t0.inviter_addrs,
+                               (SyncnodeEntry(b"\x01" * 32, ()),), t0.secret, t0.expires_at)
+        with pytest.raises(JoinError, match="none of the document's syncnodes"):
+            await b.join(str(nowhere), timeout=20)
         # A forged secret: the inviter ignores the request; the joiner waits, then times out.
         ticket = InviteTicket.parse(doc.invite())
         forged = InviteTicket(ticket.group_id, ticket.inviter, ticket.inviter_endpoint,
