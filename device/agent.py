@@ -62,6 +62,9 @@ class DeviceConfig:
     epoch_retention: int = DEFAULT_EPOCH_RETENTION
     """Past MLS epochs whose secrets are kept, so late messages of those epochs decrypt."""
     snapshot_every: int = 2000
+    publish_state_every: int = 5000
+    """After this many edit updates with no whole-document state seen on the syncnodes, this
+    device stores one there (encrypted), so new devices can load it with no member online."""
     """Stored CRDT updates are folded into one snapshot after this many."""
     connect_timeout: float = 10.0
     reconnect_min: float = 0.2

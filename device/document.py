@@ -181,6 +181,7 @@ class Document:
         updates = [u for (u,) in self.store.all("SELECT data FROM crdt_updates WHERE group_id=? "
                                                 "ORDER BY id", group_id)]
         self._updates_since_snapshot = len(updates)
+        self._since_state = 0  # edit updates since a whole-document state went to syncnodes
         self.crdt.apply(updates)
         pending = [Payload.decode(p) for (p,) in self.store.all(
             "SELECT payload FROM pending WHERE group_id=?", group_id)]
@@ -243,6 +244,8 @@ class Document:
             db.execute("INSERT INTO local_pending (group_id, data) VALUES (?,?)",
                        (self.group_id, update))
         self._updates_since_snapshot += 1
+        self._since_state += 1
+        self._maybe_publish_state()
         self._dirty.set()
         self._emit(Change("local", (short_id(self.me),), 1))
 
@@ -341,10 +344,17 @@ class Document:
             self.publish_state()
         return slot
 
+    def _maybe_publish_state(self) -> None:
+        """Periodic state upload. Whoever crosses the threshold first publishes; everyone who
+        sees that state resets, so members rarely publish twice for the same stretch."""
+        if self._since_state >= self.device.config.publish_state_every:
+            self.publish_state()
+
     def publish_state(self) -> None:
         """Store the whole document, encrypted in the current epoch, on the syncnodes (a STATE
         update covering everything we delivered). A device added in this epoch can read it, so
         it gets the document even when no member is online to send it directly."""
+        self._since_state = 0
         body = pack_updates([self.crdt.snapshot()])
         if len(body) > MAX_BODY - 1024:
             log.warning("document too large for one state message; not published",
@@ -524,6 +534,8 @@ class Document:
         self._updates_since_snapshot += len(applied)
         if self._updates_since_snapshot >= self.device.config.snapshot_every:
             self.compact()
+        self._since_state = 0 if states else self._since_state + len(applied)
+        self._maybe_publish_state()
         if applied:
             self._emit(Change("remote", tuple(sorted(senders)), len(applied) - states, states))
         return len(ready)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from device.document import Alarm
@@ -140,4 +141,43 @@ async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_pa
             wrong_sender = replace(env, sender=a.fingerprint)
             assert da.receive([forged, wrong_sender]) == 0
             assert da.value()["t"] == "good!"
+        nursery.cancel_scope.cancel()
+
+
+async def test_members_publish_the_state_periodically_and_once_per_stretch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from device.document import Document
+    from proto.payload import PayloadKind
+    from tests.device_kit import FAST
+
+    sealed: list[tuple[str, PayloadKind]] = []
+    orig = Document._seal
+
+    def spy(self: Document, kind: PayloadKind, body: bytes, *, exclude_self: bool) -> None:
+        sealed.append((self.device.id, kind))
+        orig(self, kind, body, exclude_self=exclude_self)
+
+    monkeypatch.setattr(Document, "_seal", spy)
+    config = replace(FAST, publish_state_every=10)
+    net = MemoryNetwork(seed=6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node() for _ in range(3)]
+        async with memory_device(net, tmp_path / "a", config) as a, \
+                memory_device(net, tmp_path / "b", config) as b:
+            da = await a.create_document([n.ticket for n in nodes])
+            db_ = await b.join(da.invite())
+            await converged([da, db_])
+            sealed.clear()
+            for i in range(25):
+                (da if i % 2 else db_).change(lambda e, i=i: e.list("l").push(i))
+                (da if i % 2 else db_).flush()
+                await trio.sleep(0.05)  # the other member sees each update before the next
+            await converged([da, db_])
+            states = [who for who, kind in sealed if kind == PayloadKind.STATE]
+            # 25 edits, a state every 10 without one: two states in all, not one per member.
+            assert len(states) == 2, sealed
         nursery.cancel_scope.cancel()
