@@ -373,23 +373,21 @@ class Device:
 async def _bind(store: Store, key: SecretKey, config: DeviceConfig) -> Transport:
     """Bind iroh, reusing the port of the previous run when ``listen`` asks for any port, so
     the addresses other members hold for this device (manifest hints) stay valid."""
-    saved = store.get_meta("listen")
-    if saved and config.listen.endswith(":0"):
-        host = config.listen.rpartition(":")[0]
-        addr = saved.decode()
-        if addr.rpartition(":")[0] == host:
-            try:
-                t = await IrohTransport.bind(key, listen=addr, relays=list(config.relays))
-                return t
-            except TransportError as exc:
-                log.info("previous port is taken; binding a new one", addr=addr,
-                         error=str(exc))
+    host, _, port = config.listen.rpartition(":")
+    saved = store.get_meta("listen_port")
+    if saved and port == "0":
+        try:
+            return await IrohTransport.bind(key, listen=f"{host}:{int(saved)}",
+                                            relays=list(config.relays))
+        except TransportError as exc:
+            log.info("previous port is taken; binding a new one", port=int(saved),
+                     error=str(exc))
     t = await IrohTransport.bind(key, listen=config.listen, relays=list(config.relays))
-    host = config.listen.rpartition(":")[0]
-    mine = [a for a in t.addresses() if a.rpartition(":")[0] == host]
-    if mine:
+    v6 = host.startswith("[") or ":" in host
+    same_family = [a for a in t.addresses() if a.startswith("[") == v6]
+    if same_family:
         with store.transaction():
-            store.set_meta("listen", mine[0].encode())
+            store.set_meta("listen_port", same_family[0].rpartition(":")[2].encode())
     return t
 
 

@@ -24,9 +24,11 @@ DEFAULT_HOME = Path(os.environ.get("SYNCDEVICE_HOME", "~/.local/share/syncdevice
 
 
 class Ctx:
-    def __init__(self, home: Path, as_json: bool) -> None:
+    def __init__(self, home: Path, as_json: bool, listen: str, relays: tuple[str, ...]) -> None:
         self.home = home
         self.json = as_json
+        self.listen = listen
+        self.relays = relays
 
     def out(self, human: str, data: Any) -> None:
         if self.json:
@@ -48,8 +50,14 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity (logs go to stderr).")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, envvar="SYNCDEVICE_LISTEN",
+              help="Local address for direct (iroh) connections; use 0.0.0.0:0 to be reachable "
+                   "from other machines. Port 0 reuses the previous run's port if free.")
+@click.option("--relay", "relays", multiple=True, metavar="URL",
+              help="iroh relay server(s) for peers that cannot connect directly.")
 @click.pass_context
-def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str) -> None:
+def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str, listen: str,
+        relays: tuple[str, ...]) -> None:
     """syncdevice: edit end-to-end encrypted documents offline and sync them via syncnodes.
 
     The device keeps the keys and the documents; syncnodes only ever see ciphertext.
@@ -59,20 +67,21 @@ def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str) -> None:
     from proto.logs import configure_logging
 
     configure_logging(log_level)
-    ctx.obj = Ctx(home.expanduser(), as_json)
+    ctx.obj = Ctx(home.expanduser(), as_json, listen, relays)
 
 
 def _run(ctx: Ctx, fn: Callable[[Any], Awaitable[int | None]]) -> None:
     """Open the device, run ``fn(device)`` under trio (its result is the exit code), and turn
     project errors into messages."""
-    from device.agent import Device
+    from device.agent import Device, DeviceConfig
     from proto.errors import SyncnodeError
 
     failure: list[SyncnodeError] = []
+    config = DeviceConfig(listen=ctx.listen, relays=ctx.relays)
 
     async def main() -> int | None:
         try:
-            async with Device.open(ctx.home) as device:
+            async with Device.open(ctx.home, config=config) as device:
                 try:
                     return await fn(device)
                 except SyncnodeError as exc:  # caught here, before the device's nursery
