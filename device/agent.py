@@ -54,8 +54,9 @@ log = get_logger("device.agent")
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    flush_interval: float = 0.005
-    """Minimum spacing of two updates of one document; edits in between are coalesced."""
+    flush_interval: float = 0.0
+    """Extra minimum spacing of two updates of one document (edits in between are coalesced).
+    Usually unnecessary: waiting for the previous update's quorum ack already batches."""
     coalesce_max: float = 0.25
     """While our last update waits for its quorum acknowledgement (at most this long), new
     edits are coalesced into the next update."""

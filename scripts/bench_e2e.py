@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +167,16 @@ def main() -> int:
     ap.add_argument("--pace-ms", type=float, default=20.0)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--phases", default="abc")
+    ap.add_argument("--flush-interval", type=float, default=None,
+                    help="override DeviceConfig.flush_interval (seconds)")
     ap.add_argument("--profile", help="write a cProfile of phase (b) here")
     ap.add_argument("--yjs", help="y_bench.mjs JSON output to compare with")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     configure_logging("warning")
+    global CONFIG
+    if args.flush_interval is not None:
+        CONFIG = replace(CONFIG, flush_interval=args.flush_interval)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         root = Path(tmp)
