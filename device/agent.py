@@ -77,6 +77,9 @@ class DeviceConfig:
     mailbox_interval: float = 0.25
     """How often a device with open invites checks the mailbox for join requests."""
     sync_request_interval: float = 3.0
+    backfill_interval: float = 30.0
+    """Safety net: re-ask each syncnode for envelopes past our watermarks this often (covers a
+    push lost on the way; normally finds nothing)."""
     join_poll_interval: float = 0.25
     p2p_state_transfer: bool = True
     """On join, fetch the document directly from the inviter (else only via the syncnodes)."""

@@ -840,6 +840,7 @@ class Document:
             nursery.start_soon(self._mailbox, client)
             await self.learn(client)
             await self._backfill(client)
+            nursery.start_soon(self._periodic_backfill, client)
             async for item in sub:
                 await self._inbox_send.send((client, item))
             raise TransportError("subscription ended")
@@ -867,6 +868,11 @@ class Document:
             await trio.lowlevel.checkpoint()
         if self._missing and self.status == "active":
             self._request_state()
+
+    async def _periodic_backfill(self, client: SyncnodeClient) -> None:
+        while self.status == "active":
+            await trio.sleep(self.device.config.backfill_interval)
+            await self._backfill(client)
 
     async def _learner(self, client: SyncnodeClient) -> None:
         while True:

@@ -181,3 +181,37 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
             # 25 edits, a state every 10 without one: two states in all, not one per member.
             assert len(states) == 2, sealed
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from proto.envelope import Envelope
+    from tests.device_kit import FAST
+
+    net = MemoryNetwork(seed=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        nodes = [await cluster.start_node()]
+        async with memory_device(net, tmp_path / "a") as a, \
+                memory_device(net, tmp_path / "b", replace(FAST, backfill_interval=0.3)) as b:
+            da = await a.create_document([n.ticket for n in nodes])
+            db_ = await b.join(da.invite())
+            await converged([da, db_])
+            dropped: list[int] = []
+            real = db_._inbox_send
+
+            class Lossy:
+                async def send(self, item: tuple[object, object]) -> None:
+                    if isinstance(item[1], Envelope) and not dropped:
+                        dropped.append(item[1].seq)  # this push never reaches b's engine
+                        return
+                    await real.send(item)  # type: ignore[arg-type]
+
+            db_._inbox_send = Lossy()  # type: ignore[assignment]
+            da.change(lambda e: e.map("m").insert("k", "lost push"))
+            await eventually(lambda: bool(dropped), what="the push to be dropped")
+            await converged([da, db_], timeout=10)
+            assert db_.value()["m"] == {"k": "lost push"}
+        nursery.cancel_scope.cancel()

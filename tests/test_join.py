@@ -266,6 +266,25 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
         data, body = await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
         assert body.size == len(data) > 0
 
+        # A join request naming another group, with this document's valid secret: ignored, and
+        # the invite stays usable.
+        import secrets as pysecrets
+
+        from proto.invite import JoinRequest
+        from proto.rpc import SyncnodeClient
+        from proto.service import MailboxKind
+
+        open_invite = InviteTicket.parse(doc.invite())
+        kp = e.mls.key_package()
+        req = JoinRequest(pysecrets.token_bytes(32), open_invite.secret, kp, e.key.public,
+                          e.endpoint_id, e.addresses()).seal(a.key.public)
+        async with SyncnodeClient.connect(e.transport, nodes[0].ticket) as c:
+            await c.mailbox_put(a.key.public, MailboxKind.KEY_PACKAGE, req, 600)
+        await trio.sleep(1.0)
+        assert {m.id for m in doc.members()} == {a.id, b.id}
+        joined_e = await e.join(str(open_invite))
+        assert {m.id for m in joined_e.members()} == {a.id, b.id, e.id}
+
 
 async def test_no_member_online_joiner_uses_the_state_stored_on_syncnodes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
