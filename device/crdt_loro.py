@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import loro
 
-from proto.crdt import CrdtError
+from proto.crdt import CrdtBackend, CrdtError
 
 BACKEND_ID = "loro/1"
 T = TypeVar("T")
@@ -105,4 +105,5 @@ class Editor:
         return self._doc.get_counter(name)
 
 
-BACKENDS: dict[str, Callable[[int, bytes | None], LoroDocument]] = {"loro": LoroDocument}
+BACKENDS: dict[str, Callable[[int, bytes | None], CrdtBackend]] = {"loro": LoroDocument}
+"""Backends by the ``crdt`` name recorded in the manifest: ``factory(peer_id, snapshot)``."""

@@ -30,12 +30,12 @@ import msgpack
 import trio
 import trio.lowlevel
 
-from device.crdt_loro import BACKENDS, Editor, LoroDocument
+from device.crdt_loro import BACKENDS, Editor
 from device.mls import MlsError, MlsGroup, identity_for
 from device.paxos_driver import ProposeFailed, propose
 from proto.causal import CausalBuffer
 from proto.codec import decode_as, encode
-from proto.crdt import CrdtError
+from proto.crdt import CrdtBackend, CrdtError
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import fingerprint, short_id
@@ -177,7 +177,7 @@ class Document:
                 self.decided[slot] = decode_as(dec, Decided)
         self.mls: MlsGroup = device.mls.load(group_id)
         snap = self.store.one("SELECT snapshot FROM crdt_snapshot WHERE group_id=?", group_id)
-        self.crdt: LoroDocument = BACKENDS[self.crdt_type](peer_id, snap[0] if snap else None)
+        self.crdt: CrdtBackend = BACKENDS[self.crdt_type](peer_id, snap[0] if snap else None)
         updates = [u for (u,) in self.store.all("SELECT data FROM crdt_updates WHERE group_id=? "
                                                 "ORDER BY id", group_id)]
         self._updates_since_snapshot = len(updates)

@@ -46,8 +46,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def counter_of(doc: Document, writer: int) -> int:
-    v = doc.crdt.doc.get_map(f"w{writer}").get_deep_value()
-    return int(v.get("n", 0))
+    return int(doc.value().get(f"w{writer}", {}).get("n", 0))
 
 
 async def open_group(stack: AsyncExitStack, root: Path, nodes: list[NodeProcess], count: int

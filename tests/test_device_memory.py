@@ -210,6 +210,8 @@ async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> 
                     await real.send(item)  # type: ignore[arg-type]
 
             db_._inbox_send = Lossy()  # type: ignore[assignment]
+            with trio.fail_after(10):
+                await db_.wait_connected(1)  # b's live feed is up: the update comes as a push
             da.change(lambda e: e.map("m").insert("k", "lost push"))
             await eventually(lambda: bool(dropped), what="the push to be dropped")
             await converged([da, db_], timeout=10)
