@@ -74,13 +74,18 @@ class DeviceConfig:
     propose_backoff: float = 0.02
     rebase_attempts: int = 8
     max_in_flight: int = 256
-    mailbox_interval: float = 0.25
+    mailbox_interval: float = 1.0
     """How often a device with open invites checks the mailbox for join requests."""
+    fast_poll_interval: float = 0.02
+    fast_poll_window: float = 120.0
+    """For this long after making an invite (inviter) or starting a join (new device), poll
+    every ``fast_poll_interval`` instead: an interactive join completes in a fraction of a
+    second, without polling the syncnodes that often the rest of the time."""
     sync_request_interval: float = 3.0
     backfill_interval: float = 30.0
     """Safety net: re-ask each syncnode for envelopes past our watermarks this often (covers a
     push lost on the way; normally finds nothing)."""
-    join_poll_interval: float = 0.25
+    join_poll_interval: float = 1.0
     p2p_state_transfer: bool = True
     """On join, fetch the document directly from the inviter (else only via the syncnodes)."""
     listen: str = "127.0.0.1:0"
@@ -333,6 +338,7 @@ class Device:
     async def _await_welcome(self, clients: list[SyncnodeClient], t: InviteTicket
                              ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
         """Poll the decided log until a verified slot adds this device."""
+        started = trio.current_time()
         while True:
             for c in clients:
                 try:
@@ -344,7 +350,9 @@ class Device:
                     continue
                 if found is not None:
                     return found
-            await trio.sleep(self.config.join_poll_interval)
+            fast = trio.current_time() - started < self.config.fast_poll_window
+            await trio.sleep(self.config.fast_poll_interval if fast
+                             else self.config.join_poll_interval)
 
     async def _scan_log(self, c: SyncnodeClient, t: InviteTicket
                         ) -> tuple[int, dict[int, LogValue], dict[int, Decided]] | None:

@@ -207,6 +207,7 @@ class Document:
         self._last_sync_request = 0.0
         self._answered: set[tuple[bytes, int]] = set()
         self._join_lock = trio.Lock()
+        self._invited_at = -float("inf")
         if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", group_id):
             self._dirty.set()
 
@@ -318,6 +319,7 @@ class Document:
 
         secret = secrets.token_bytes(16)
         expires = time.time() + ttl
+        self._invited_at = trio.current_time()  # the new device usually asks right away
         with self.store.transaction() as db:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
                        (secret_hash(secret), self.group_id, expires))
@@ -727,11 +729,15 @@ class Document:
                 return
 
     async def _learn_everywhere(self) -> None:
-        for client in list(self.clients.values()):
+        async def one(client: SyncnodeClient) -> None:
             try:
                 await self.learn(client)
             except (TransportError, RemoteError) as exc:
                 log.debug("learn failed", node=short_id(client.node_id), error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for client in list(self.clients.values()):
+                nursery.start_soon(one, client)
 
     async def _wait_for_quorum(self) -> None:
         """Give links a moment to come up (right after start, or after a network change)."""
@@ -954,7 +960,9 @@ class Document:
                         done.append(item.item_id)
                 if done:
                     await client.mailbox_ack(self.device.key.public, done)
-            await trio.sleep(self.device.config.mailbox_interval)
+            cfg = self.device.config
+            fast = trio.current_time() - self._invited_at < cfg.fast_poll_window
+            await trio.sleep(cfg.fast_poll_interval if fast else cfg.mailbox_interval)
 
     async def _join_request(self, sealed: bytes) -> bool:
         """Handle one join request; False if it should stay in the mailbox (retry later)."""

@@ -37,7 +37,7 @@ from device.document import Change, Document
 from proto.logs import configure_logging
 from syncnode.procs import NodeProcess, start_cluster
 
-CONFIG = DeviceConfig(mailbox_interval=0.1, join_poll_interval=0.1)
+CONFIG = DeviceConfig()
 
 
 def pct(xs: list[float], p: float) -> float:

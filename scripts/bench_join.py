@@ -36,7 +36,7 @@ from device.testdata import editing_trace
 from proto.logs import configure_logging
 from syncnode.procs import NodeProcess, start_cluster
 
-CONFIG = DeviceConfig(mailbox_interval=0.05, join_poll_interval=0.05)
+CONFIG = DeviceConfig()
 
 
 def build(doc: Document, size: int) -> None:
