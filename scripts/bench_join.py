@@ -32,7 +32,7 @@ import trio
 
 from device.agent import Device, DeviceConfig
 from device.document import Document
-from device.testdata import editing_trace
+from device.testdata import editing_trace, replay
 from proto.logs import configure_logging
 from syncnode.procs import NodeProcess, start_cluster
 
@@ -42,15 +42,7 @@ CONFIG = DeviceConfig()
 def build(doc: Document, size: int) -> None:
     if size >= 100_000:
         patches, _ = editing_trace()
-        for i in range(0, len(patches), 1000):
-            def apply(e: Any, chunk: list[tuple[int, int, str]] = patches[i:i + 1000]) -> None:
-                t = e.text("text")
-                for pos, delete, insert in chunk:
-                    if delete:
-                        t.delete(pos, delete)
-                    if insert:
-                        t.insert(pos, insert)
-            doc.change(apply)
+        replay(doc, patches, "text", per_change=1000)
         return
     for i in range(size):
         doc.change(lambda e, i=i: (e.map("m").insert("n", i), e.text("text").insert(i, "x")))

@@ -13,6 +13,7 @@ from device.agent import Device, DeviceConfig
 from device.document import Document
 from proto.identity import SecretKey
 from proto.transport.memory import MemoryNetwork
+from tests.syncnode_kit import MemoryCluster, Node
 
 FAST = DeviceConfig(flush_interval=0.01, reconnect_min=0.05, reconnect_max=0.5,
                     mailbox_interval=0.1, join_poll_interval=0.1, sync_request_interval=0.5,
@@ -28,6 +29,20 @@ async def memory_device(net: MemoryNetwork, path: Path, config: DeviceConfig = F
 
     async with Device.open(path, config=config, transport=endpoint) as device:
         yield device
+
+
+@asynccontextmanager
+async def memory_cluster(tmp_path: Path, seed: int, nodes: int = 3
+                         ) -> AsyncIterator[tuple[MemoryNetwork, MemoryCluster, list[Node]]]:
+    """A running memory network with ``nodes`` in-process syncnodes (real SQLite in
+    ``tmp_path``); stopped on exit."""
+    net = MemoryNetwork(seed=seed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        cluster = MemoryCluster(net, nursery, tmp_path)
+        started = [await cluster.start_node() for _ in range(nodes)]
+        yield net, cluster, started
+        nursery.cancel_scope.cancel()
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:

@@ -8,7 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,20 +23,10 @@ from proto.invite import InviteTicket
 from proto.messages import ErrorCode
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.ticket import NodeTicket
-from syncnode.procs import NodeProcess, start_cluster
+from syncnode.procs import NodeProcess
 from tests.device_kit import FAST, converged, eventually
 
 MARKER = "PLAINTEXT-MARKER-7f3a"
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    cluster = start_cluster(tmp_path, 3)
-    try:
-        yield cluster
-    finally:
-        for n in cluster:
-            n.stop()
 
 
 def tickets(nodes: list[NodeProcess]) -> list[NodeTicket]:

@@ -22,17 +22,11 @@ from proto.paxos.messages import (
     EquivocationProof,
     value_hash,
 )
-from proto.transport.memory import MemoryNetwork
-from tests.device_kit import converged, eventually, memory_device
-from tests.syncnode_kit import MemoryCluster
+from tests.device_kit import converged, eventually, memory_cluster, memory_device
 
 
 async def test_equivocation_is_detected_raised_and_persisted(tmp_path: Path) -> None:
-    net = MemoryNetwork(seed=3)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node() for _ in range(3)]
+    async with memory_cluster(tmp_path, 3) as (net, _, nodes):
         async with memory_device(net, tmp_path / "a") as a, \
                 memory_device(net, tmp_path / "b") as b:
             da = await a.create_document([n.ticket for n in nodes])
@@ -69,15 +63,10 @@ async def test_equivocation_is_detected_raised_and_persisted(tmp_path: Path) -> 
                                cert.signatures[:1])
             await db_.apply_decided(Decided(other, weak))
             assert db_.epoch == slot
-        nursery.cancel_scope.cancel()
 
 
 async def test_restart_keeps_documents_outbox_and_identity(tmp_path: Path) -> None:
-    net = MemoryNetwork(seed=4)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node() for _ in range(3)]
+    async with memory_cluster(tmp_path, 4) as (net, cluster, nodes):
         async with memory_device(net, tmp_path / "a") as a, \
                 memory_device(net, tmp_path / "b") as b:
             da = await a.create_document([n.ticket for n in nodes], name="n")
@@ -99,7 +88,6 @@ async def test_restart_keeps_documents_outbox_and_identity(tmp_path: Path) -> No
             with trio.fail_after(20):
                 await da2.wait_durable()
             assert len(restarted) == 3
-        nursery.cancel_scope.cancel()
 
 
 async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_path: Path
@@ -108,11 +96,7 @@ async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_pa
 
     from proto.payload import PayloadKind, pack_updates
 
-    net = MemoryNetwork(seed=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node() for _ in range(3)]
+    async with memory_cluster(tmp_path, 5) as (net, cluster, nodes):
         async with memory_device(net, tmp_path / "a") as a, \
                 memory_device(net, tmp_path / "b") as b:
             da = await a.create_document([n.ticket for n in nodes])
@@ -141,7 +125,6 @@ async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_pa
             wrong_sender = replace(env, sender=a.fingerprint)
             assert da.receive([forged, wrong_sender]) == 0
             assert da.value()["t"] == "good!"
-        nursery.cancel_scope.cancel()
 
 
 async def test_members_publish_the_state_periodically_and_once_per_stretch(
@@ -161,11 +144,7 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
 
     monkeypatch.setattr(Document, "_seal", spy)
     config = replace(FAST, publish_state_every=10)
-    net = MemoryNetwork(seed=6)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node() for _ in range(3)]
+    async with memory_cluster(tmp_path, 6) as (net, _, nodes):
         async with memory_device(net, tmp_path / "a", config) as a, \
                 memory_device(net, tmp_path / "b", config) as b:
             da = await a.create_document([n.ticket for n in nodes])
@@ -180,7 +159,6 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
             states = [who for who, kind in sealed if kind == PayloadKind.STATE]
             # 25 edits, a state every 10 without one: two states in all, not one per member.
             assert len(states) == 2, sealed
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> None:
@@ -189,11 +167,7 @@ async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> 
     from proto.envelope import Envelope
     from tests.device_kit import FAST
 
-    net = MemoryNetwork(seed=7)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node()]
+    async with memory_cluster(tmp_path, 7, nodes=1) as (net, _, nodes):
         async with memory_device(net, tmp_path / "a") as a, \
                 memory_device(net, tmp_path / "b", replace(FAST, backfill_interval=0.3)) as b:
             da = await a.create_document([n.ticket for n in nodes])
@@ -216,4 +190,3 @@ async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> 
             await eventually(lambda: bool(dropped), what="the push to be dropped")
             await converged([da, db_], timeout=10)
             assert db_.value()["m"] == {"k": "lost push"}
-        nursery.cancel_scope.cancel()

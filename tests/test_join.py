@@ -4,8 +4,6 @@ state peer to peer (or, failing that, from members through the syncnodes)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,41 +12,20 @@ import trio
 import device.p2p as p2p
 from device.agent import Device, JoinError
 from device.p2p import Progress
-from device.testdata import editing_trace
+from device.testdata import editing_trace, replay
 from proto.identity import short_id
 from proto.invite import InviteTicket
 from proto.transport.memory import MemoryNetwork
-from tests.device_kit import converged, eventually, memory_device
-from tests.syncnode_kit import MemoryCluster, Node
-
-
-@asynccontextmanager
-async def world(tmp_path: Path, seed: int) -> AsyncIterator[tuple[MemoryNetwork, list[Node]]]:
-    net = MemoryNetwork(seed=seed)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(net.run)
-        cluster = MemoryCluster(net, nursery, tmp_path)
-        nodes = [await cluster.start_node() for _ in range(3)]
-        yield net, nodes
-        nursery.cancel_scope.cancel()
+from tests.device_kit import converged, eventually, memory_cluster, memory_device
+from tests.syncnode_kit import Node
 
 
 async def test_join_large_history_transfers_about_the_snapshot(tmp_path: Path) -> None:
     patches, final = editing_trace()
-    async with world(tmp_path, 11) as (net, nodes), \
+    async with memory_cluster(tmp_path, 11) as (net, _, nodes), \
             memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b:
         doc = await a.create_document([n.ticket for n in nodes])
-        step = 5000
-        for i in range(0, len(patches), step):
-            def apply(e: object, chunk: list[tuple[int, int, str]] = patches[i:i + step]) -> None:
-                t = e.text("paper")  # type: ignore[attr-defined]
-                for pos, delete, insert in chunk:
-                    if delete:
-                        t.delete(pos, delete)
-                    if insert:
-                        t.insert(pos, insert)
-            doc.change(apply)
-            doc.flush()
+        replay(doc, patches, "paper", per_change=5000, flush_each=True)
         assert doc.value()["paper"] == final
         with trio.fail_after(60):
             await doc.wait_durable()
@@ -87,7 +64,7 @@ async def _all_envelopes(net: MemoryNetwork, device: Device, node: Node, group_i
 
 
 async def test_inviter_offline_at_first_join_completes_later(tmp_path: Path) -> None:
-    async with world(tmp_path, 12) as (net, nodes):
+    async with memory_cluster(tmp_path, 12) as (net, _, nodes):
         async with memory_device(net, tmp_path / "a") as a:
             doc = await a.create_document([n.ticket for n in nodes], name="n")
             doc.change(lambda e: e.map("m").insert("k", "v"))
@@ -117,21 +94,12 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2p, "CHUNK", 4096)  # many chunks for a modest document
     patches, _ = editing_trace()
-    async with world(tmp_path, 13) as (net, nodes), \
+    async with memory_cluster(tmp_path, 13) as (net, _, nodes), \
             memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "c") as c, \
             memory_device(net, tmp_path / "b") as b, memory_device(net, tmp_path / "d") as d, \
             memory_device(net, tmp_path / "f") as f:
         doc = await a.create_document([n.ticket for n in nodes])
-
-        def apply(e: object) -> None:
-            t = e.text("paper")  # type: ignore[attr-defined]
-            for pos, delete, insert in patches[:20000]:
-                if delete:
-                    t.delete(pos, delete)
-                if insert:
-                    t.insert(pos, insert)
-
-        doc.change(apply)
+        replay(doc, patches[:20000], "paper", per_change=20000)
         await c.join(doc.invite())
         streams: list[int] = []
         orig = p2p.PeerServer._serve
@@ -189,7 +157,7 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
 
 
 async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with world(tmp_path, 14) as (net, nodes), \
+    async with memory_cluster(tmp_path, 14) as (net, _, nodes), \
             memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b, \
             memory_device(net, tmp_path / "e") as e:
         doc = await a.create_document([n.ticket for n in nodes])
@@ -297,21 +265,12 @@ async def test_no_member_online_joiner_uses_the_state_stored_on_syncnodes(
     monkeypatch.setattr(Document, "_answer_later", lambda self, request: None)
 
     patches, _ = editing_trace()
-    async with world(tmp_path, 15) as (net, nodes):
+    async with memory_cluster(tmp_path, 15) as (net, _, nodes):
         async with memory_device(net, tmp_path / "b", replace(FAST, p2p_state_transfer=False)
                                  ) as b:
             async with memory_device(net, tmp_path / "a") as a:
                 doc = await a.create_document([n.ticket for n in nodes])
-
-                def apply(e: object) -> None:
-                    t = e.text("paper")  # type: ignore[attr-defined]
-                    for pos, delete, insert in patches[:30000]:
-                        if delete:
-                            t.delete(pos, delete)
-                        if insert:
-                            t.insert(pos, insert)
-
-                doc.change(apply)
+                replay(doc, patches[:30000], "paper", per_change=30000)
                 expected = doc.value()
                 joined = await b.join(doc.invite())
                 with trio.fail_after(20):

@@ -4,9 +4,8 @@ with real MLS commits and real signatures."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
@@ -29,7 +28,7 @@ from proto.paxos.quorum import verify_certificate
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.service import FetchDecided
 from proto.transport.iroh import IrohTransport
-from syncnode.procs import NodeProcess, start_cluster
+from syncnode.procs import NodeProcess
 from tests.syncnode_kit import (
     Device,
     Group,
@@ -39,16 +38,6 @@ from tests.syncnode_kit import (
     signed_prepare,
     update_value,
 )
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    cluster = start_cluster(tmp_path, 3)
-    try:
-        yield cluster
-    finally:
-        for n in cluster:
-            n.stop()
 
 
 @asynccontextmanager
