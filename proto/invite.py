@@ -10,7 +10,6 @@ learn the secret, or they could get their own key package added.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Annotated
@@ -24,6 +23,7 @@ from proto.errors import DecodeError
 from proto.identity import SecretKey
 from proto.manifest import SyncnodeEntry
 from proto.paxos.messages import MAX_ACCEPTORS, GroupId
+from proto.ticket import Addrs, from_text, to_text
 
 PREFIX = "sninv1"
 MAX_TICKET_CHARS = 4096
@@ -36,29 +36,20 @@ class InviteTicket:
     inviter: PublicKey
     """The inviter's MLS signature key (join requests are sealed to it)."""
     inviter_endpoint: PublicKey
-    inviter_addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    inviter_addrs: Addrs
     """Where to reach the inviter directly for the initial state (peer to peer)."""
     syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
     secret: Annotated[bytes, Len(16)]
     expires_at: U64
 
     def __str__(self) -> str:
-        raw = base64.b32encode(encode_struct(self)).decode("ascii").rstrip("=").lower()
-        return PREFIX + raw
+        return to_text(PREFIX, self)
 
     @classmethod
     def parse(cls, text: str) -> InviteTicket:
         text = "".join(text.split()).lower()  # QR codes carry it upper case
-        if len(text) > MAX_TICKET_CHARS:
-            raise DecodeError("<invite>", "too long")
-        if not text.startswith(PREFIX):
-            raise DecodeError("<invite>", f"an invite ticket starts with {PREFIX!r}")
-        body = text[len(PREFIX):].upper()
-        try:
-            raw = base64.b32decode(body + "=" * (-len(body) % 8))
-        except ValueError:
-            raise DecodeError("<invite>", "not base32") from None
-        return decode_struct(raw, cls)
+        return from_text(PREFIX, text, cls, field="<invite>", kind="an invite ticket",
+                         max_chars=MAX_TICKET_CHARS)
 
 
 def secret_hash(secret: bytes) -> bytes:
@@ -72,7 +63,7 @@ class JoinRequest:
     key_package: Annotated[bytes, MaxLen(MAX_KEY_PACKAGE)]
     sig_pub: PublicKey
     endpoint_id: PublicKey
-    addrs: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    addrs: Addrs
     """The new device's addresses: dialling hints recorded in the manifest."""
 
     def seal(self, inviter: bytes) -> bytes:

@@ -38,6 +38,7 @@ from proto.identity import SecretKey, fingerprint, is_valid_signature, register_
 from proto.mls_wire import parse_commit
 from proto.paxos.messages import MAX_ACCEPTORS, Certificate, GroupId, value_hash
 from proto.paxos.quorum import AcceptorSet, CertificateError, verify_certificate
+from proto.ticket import Addrs
 
 MANIFEST_CTX = register_context("syncnode/manifest/v1")
 MAX_DEVICES = 1000
@@ -49,9 +50,6 @@ GENESIS_SLOT = 0
 class Role(enum.IntEnum):
     MEMBER = 1
     ADMIN = 2
-
-
-Addrs = Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
 
 
 @dataclass(frozen=True)
