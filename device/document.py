@@ -67,6 +67,7 @@ from proto.payload import (
 from proto.rpc import RemoteError, SyncnodeClient
 from proto.service import MailboxKind
 from proto.ticket import NodeTicket
+from proto.wakeup import Signal
 
 if TYPE_CHECKING:
     from device.agent import Device
@@ -138,20 +139,6 @@ class _Outgoing:
     acks: set[bytes] = field(default_factory=set)
 
 
-class Signal:
-    """A broadcast wake-up: every task waiting when :meth:`fire` runs wakes up."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
 class Document:
     def __init__(self, device: Device, group_id: bytes) -> None:
         self.device = device
@@ -187,9 +174,9 @@ class Document:
             "SELECT payload FROM pending WHERE group_id=?", group_id)]
         self.buffer = CausalBuffer(msgpack.unpackb(delivered, strict_map_key=False), pending)
         self.outbox: dict[int, _Outgoing] = {
-            seq: _Outgoing(decode_as(env, Envelope), _split_ids(acks))
-            for seq, env, acks in self.store.all("SELECT seq, envelope, acks FROM outbox "
-                                                 "WHERE group_id=?", group_id)}
+            seq: _Outgoing(decode_as(env, Envelope))  # acks are not kept: resending is harmless
+            for seq, env in self.store.all("SELECT seq, envelope FROM outbox WHERE group_id=?",
+                                           group_id)}
         self.clients: dict[bytes, SyncnodeClient] = {}
         self.future: dict[tuple[bytes, int], Envelope] = {}
         self._listeners: list[Callable[[Event], None]] = []
@@ -460,8 +447,7 @@ class Document:
         env = Envelope.seal(self.device.key, self.group_id, seq, self.epoch, ciphertext)
         with self.store.transaction() as db:
             self.mls.persist()  # before the ciphertext can leave
-            db.execute("INSERT INTO outbox VALUES (?,?,?,?)",
-                       (self.group_id, seq, encode(env), b""))
+            db.execute("INSERT INTO outbox VALUES (?,?,?)", (self.group_id, seq, encode(env)))
             self.buffer.mark_delivered(self.me, seq)
             db.execute("UPDATE documents SET next_seq=?, delivered=? WHERE group_id=?",
                        (seq + 1, msgpack.packb(self.buffer.delivered), self.group_id))
@@ -999,8 +985,3 @@ class Document:
             log.info("device added from an invite", doc=short_id(self.group_id),
                      device=short_id(fingerprint(req.sig_pub)), slot=slot)
             return True
-
-
-def _split_ids(blob: bytes) -> set[bytes]:
-    return {blob[i:i + 32] for i in range(0, len(blob), 32)}
-

@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS local_pending (   -- local edits not yet sealed into 
     id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (          -- sealed envelopes until a quorum acknowledged
     group_id BLOB NOT NULL, seq INTEGER NOT NULL, envelope BLOB NOT NULL,
-    acks BLOB NOT NULL,                      -- concatenated node ids that stored it
     PRIMARY KEY (group_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (         -- decrypted payloads waiting for dependencies

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from proto.logs import get_logger
+from proto.wakeup import Signal
 
 log = get_logger("syncnode.storage")
 
@@ -137,7 +138,7 @@ class Writer:
         self._stopped = trio.Event()
         self._submitted = 0
         self._completed = 0
-        self._progress = trio.Event()
+        self._progress = Signal()
         self._conn: sqlite3.Connection | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -163,8 +164,7 @@ class Writer:
                 self._completed += len(batch)
                 for p in batch:
                     p.done.set()
-                self._progress.set()
-                self._progress = trio.Event()
+                self._progress.fire()
                 if self.on_batch:
                     self.on_batch(len(batch), elapsed)
         finally:

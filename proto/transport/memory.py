@@ -31,6 +31,7 @@ import trio
 from proto.errors import StreamClosed, TransportError
 from proto.framing import DEFAULT_MAX_FRAME, encode_frame
 from proto.transport.base import Connection, Stream, Transport
+from proto.wakeup import Signal
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,11 @@ class MemoryStream(Stream):
         self._eof_in = False
         self._eof_out = False
         self._closed = False
-        self._changed = trio.Event()
+        self._changed = Signal()
         self._announced = False  # has the peer side seen this stream yet?
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed.fire()
 
     async def send(self, frame: bytes) -> None:
         await trio.lowlevel.checkpoint()
