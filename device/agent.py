@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -302,26 +303,26 @@ class Device:
                            ) -> AsyncIterator[list[SyncnodeClient]]:
         """Authenticated connections to every reachable syncnode, dialled in parallel."""
         clients: list[SyncnodeClient] = []
-        tried = 0
+        untried = len(entries)
         all_tried, release = trio.Event(), trio.Event()
 
+        def tried() -> None:
+            nonlocal untried
+            untried -= 1
+            if untried == 0:
+                all_tried.set()
+
         async def hold(e: SyncnodeEntry) -> None:
-            nonlocal tried
             try:
                 async with SyncnodeClient.connect(self.transport, NodeTicket(e.node_id, e.addrs),
                                                   timeout=self.config.connect_timeout) as c:
                     await c.authenticate(self.key)
                     clients.append(c)
-                    tried += 1
-                    if tried == len(entries):
-                        all_tried.set()
-                    await release.wait()
-                    return
+                    tried()
+                    await release.wait()  # keep the connection until the join is done
             except (TransportError, RemoteError) as exc:
                 log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
-            tried += 1
-            if tried == len(entries):
-                all_tried.set()
+                tried()
 
         async with trio.open_nursery() as nursery:
             for e in entries:
@@ -407,10 +408,8 @@ def _open_store(path: str | os.PathLike[str]) -> Store:
     return Store(Path(os.path.expanduser(os.fspath(path))))
 
 
-def _insert_document(db: object, gid: bytes, name: str, crdt: str, epoch: int) -> None:
-    import sqlite3
-
-    assert isinstance(db, sqlite3.Connection)
+def _insert_document(db: sqlite3.Connection, gid: bytes, name: str, crdt: str,
+                     epoch: int) -> None:
     db.execute("INSERT INTO documents VALUES (?,?,?,?,?,?,?,?,?,?)",
                (gid, name, crdt, secrets.randbits(63), epoch, epoch, 1, msgpack.packb({}),
                 "active", time.time()))
