@@ -13,9 +13,7 @@ and immediately, also offline, and are delivered whenever syncnodes are reachabl
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from device.document import Document, DocumentError
 from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, new_signature_key
 from device.p2p import PeerServer, Progress, TransferError, fetch_snapshot
 from device.store import Store
+from proto import entropy
 from proto.codec import encode
 from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
@@ -197,7 +196,7 @@ class Device:
         entries = tuple(SyncnodeEntry(t.node_id, t.addrs) for t in tickets)
         if crdt != "loro":
             raise DocumentError(f"unknown CRDT backend {crdt!r} (available: loro)")
-        gid = secrets.token_bytes(32)
+        gid = entropy.token_bytes(32)
         group = self.mls.create_group(gid)
         g = genesis(self.key, gid, self.endpoint_id, entries, crdt, self.addresses())
         with self.store.transaction() as db:
@@ -227,7 +226,7 @@ class Device:
             t = InviteTicket.parse(ticket)
         except DecodeError as exc:
             raise JoinError(f"bad invite ticket: {exc}") from None
-        if t.expires_at < time.time():
+        if t.expires_at < entropy.wall():
             raise JoinError("the invite ticket has expired")
         if t.group_id in self._docs:
             raise JoinError("this device is already a member of that document")
@@ -236,11 +235,23 @@ class Device:
                               self.endpoint_id, self.addresses()).seal(t.inviter)
         with trio.fail_after(timeout):
             async with self._connect_all(t.syncnodes) as clients:
+                ttl = int(max(60, t.expires_at - entropy.wall()))
+                posted: list[bytes] = []
+
+                async def post(c: SyncnodeClient) -> None:
+                    try:
+                        await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
+                        posted.append(c.node_id)
+                    except (TransportError, RemoteError) as exc:  # the others may still take it
+                        log.info("join request not stored", node=short_id(c.node_id),
+                                 error=str(exc))
+
                 async with trio.open_nursery() as nursery:
                     for c in clients:
-                        nursery.start_soon(c.mailbox_put, t.inviter, MailboxKind.KEY_PACKAGE,
-                                           request, int(max(60, t.expires_at - time.time())))
-                say(f"join request sent to {len(clients)} syncnode(s); waiting for the "
+                        nursery.start_soon(post, c)
+                if not posted:
+                    raise JoinError("no syncnode stored the join request")
+                say(f"join request sent to {len(posted)} syncnode(s); waiting for the "
                     "inviter to add this device")
                 slot, values, decided = await self._await_welcome(clients, t)
         welcome = values[slot].welcome
@@ -411,8 +422,8 @@ def _open_store(path: str | os.PathLike[str]) -> Store:
 def _insert_document(db: sqlite3.Connection, gid: bytes, name: str, crdt: str,
                      epoch: int) -> None:
     db.execute("INSERT INTO documents VALUES (?,?,?,?,?,?,?,?,?,?)",
-               (gid, name, crdt, secrets.randbits(63), epoch, epoch, 1, msgpack.packb({}),
-                "active", time.time()))
+               (gid, name, crdt, entropy.randbits(63), epoch, epoch, 1, msgpack.packb({}),
+                "active", entropy.wall()))
 
 
 def init_identity(store: Store) -> SecretKey:

@@ -19,8 +19,6 @@ The engine steps (each one SQLite transaction that also saves the MLS state it t
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import trio.lowlevel
 from device.crdt_loro import BACKENDS, Editor
 from device.mls import MlsError, MlsGroup, identity_for
 from device.paxos_driver import ProposeFailed, propose
+from proto import entropy
 from proto.causal import CausalBuffer
 from proto.codec import decode_as, encode
 from proto.crdt import CrdtBackend, CrdtError
@@ -302,10 +301,9 @@ class Document:
     def invite(self, ttl: float = 24 * 3600) -> str:
         """A one-time invite ticket for a new device (see :meth:`Device.join`). The add happens
         when the new device's request arrives and this device is online."""
-        import secrets
 
-        secret = secrets.token_bytes(16)
-        expires = time.time() + ttl
+        secret = entropy.token_bytes(16)
+        expires = entropy.wall() + ttl
         self._invited_at = trio.current_time()  # the new device usually asks right away
         with self.store.transaction() as db:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
@@ -396,7 +394,8 @@ class Document:
         log.error("alarm", doc=short_id(self.group_id), kind=kind, detail=detail)
         with self.store.transaction() as db:
             db.execute("INSERT INTO alarms (group_id, kind, detail, evidence, at) "
-                       "VALUES (?,?,?,?,?)", (self.group_id, kind, detail, evidence, time.time()))
+                       "VALUES (?,?,?,?,?)",
+                       (self.group_id, kind, detail, evidence, entropy.wall()))
         self._emit(Alarm(kind, detail))
 
     # -- flush: local edits -> outbox ------------------------------------------------------------
@@ -610,7 +609,7 @@ class Document:
 
     async def _answer(self, request: Payload) -> None:
         # A little jitter so several members answering do not all send at the same instant.
-        await trio.sleep(random.uniform(0, 0.2))
+        await trio.sleep(entropy.uniform(0, 0.2))
         if self.status != "active":
             return
         try:
@@ -817,7 +816,7 @@ class Document:
                 self._links_changed.fire()
             if self.status != "active":
                 return
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            await trio.sleep(delay * entropy.uniform(0.5, 1.0))
             delay = min(delay * 2, cfg.reconnect_max)
 
     async def _serve(self, client: SyncnodeClient) -> None:
@@ -937,7 +936,7 @@ class Document:
         """Pick up join requests for our open invites (this device is the inviter)."""
         while self.status == "active":
             if self.store.one("SELECT 1 FROM invites WHERE group_id=? AND used=0 AND "
-                              "expires_at>?", self.group_id, time.time()):
+                              "expires_at>?", self.group_id, entropy.wall()):
                 items = await client.mailbox_fetch(self.device.key.public)
                 done = []
                 for item in items.items:
@@ -965,7 +964,7 @@ class Document:
             if row is not None and row[1]:
                 log.debug("join request for a used invite (a copy from another syncnode)")
                 return True
-            if row is None or row[0] < time.time():
+            if row is None or row[0] < entropy.wall():
                 log.warning("join request with an unknown or expired invite",
                             doc=short_id(self.group_id))
                 return True

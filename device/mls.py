@@ -23,6 +23,7 @@ import mls_rs_uniffi
 import mls_rs_uniffi.mls_rs_uniffi as _generated
 
 from proto.errors import SyncnodeError
+from proto.identity import SecretKey
 from proto.transport.uniffi_trio import patch_module
 
 patch_module(_generated, async_api=False)
@@ -101,8 +102,8 @@ def _keypair(public: bytes, secret: bytes) -> Any:
 def new_signature_key() -> tuple[bytes, bytes]:
     """A fresh MLS signature key pair ``(public, secret)``; ``secret[:32]`` is an Ed25519 seed
     (the same key signs manifests, envelopes and syncnode challenges)."""
-    kp = mls_rs_uniffi.generate_signature_keypair(CIPHER_SUITE)
-    return bytes(kp.public_key.bytes), bytes(kp.secret_key.bytes)
+    key = SecretKey.generate()  # from proto.entropy, like every other key (seedable in simulation)
+    return key.public, key.seed + key.public
 
 
 @functools.lru_cache(maxsize=4096)

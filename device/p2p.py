@@ -13,7 +13,6 @@ the whole snapshot verified.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -116,7 +115,7 @@ class PeerServer:
                                                 "your endpoint is not a member's")))
             return
         served = self._cache.get(req.group_id)
-        now = time.monotonic()
+        now = trio.current_time()
         if served is None or req.resume != served.body.digest or now - served.at > CACHE_SECONDS:
             data = doc.crdt.snapshot()  # taken together with the vector it covers
             body = SnapshotBody(req.group_id, doc.epoch, len(data), snapshot_digest(data),

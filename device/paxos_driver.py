@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from proto import entropy
 from proto.errors import SyncnodeError
 from proto.identity import SecretKey
 from proto.logs import get_logger
@@ -61,7 +62,7 @@ async def propose(key: SecretKey, clients: Sequence[SyncnodeClient], group_id: b
     ``announce`` (the default) a won decision is sent to every syncnode before returning;
     otherwise the caller does it with :func:`announce_decision`.
     """
-    rng = rng or random.Random()
+    rng = rng or entropy.rng()
     proposer = Proposer(key, group_id, slot, value, acceptors)
     for attempt in range(attempts):
         prepare = proposer.start()[0]

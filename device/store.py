@@ -17,7 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,9 @@ class Store:
         self.db.executescript(SCHEMA)
         self._depth = 0
         self._sync = "FULL"
+        self.on_commit: Callable[[bool], None] | None = None
+        """Called after each commit with its ``durable`` flag (the simulator's power-loss
+        model tracks which part of the WAL has been fsynced)."""
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -129,6 +132,8 @@ class Store:
             raise
         else:
             self.db.execute("COMMIT")
+            if self.on_commit is not None:
+                self.on_commit(durable)
         finally:
             self._depth = 0
 

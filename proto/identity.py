@@ -23,6 +23,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from proto import entropy
 from proto.errors import KeyFileError, SignatureError
 
 SEED_SIZE = 32
@@ -66,7 +67,7 @@ class SecretKey:
 
     @classmethod
     def generate(cls) -> SecretKey:
-        return cls(secrets.token_bytes(SEED_SIZE))
+        return cls(entropy.token_bytes(SEED_SIZE))
 
     @property
     def public(self) -> bytes:

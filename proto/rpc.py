@@ -158,6 +158,13 @@ class SyncnodeClient:
                 await nursery.start(channel.run)
                 yield cls(conn, channel, nursery, transport.node_id)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery is ours, not the caller's: an error of the caller's block (or of the
+            # reader, which never raises) comes out as itself, so `except TransportError`
+            # around a connection works as it reads.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()

@@ -14,9 +14,7 @@ eviction can never resurrect an older promise.
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Any
 
 import trio
 
+from proto import entropy
 from proto.codec import decode_as, decode_struct, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError
@@ -105,7 +104,7 @@ class RequestError(SyncnodeError):
 class TokenBucket:
     """Per-connection rate limit: ``rate`` requests/s on average, bursts up to ``burst``."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = trio.current_time
                  ) -> None:
         self.rate, self.burst, self.clock = rate, float(burst), clock
         self.tokens, self.stamp = float(burst), clock()
@@ -201,7 +200,7 @@ class Service:
     def __init__(self, key: SecretKey, db_path: Path, *, limits: Limits | None = None,
                  metrics: Metrics | None = None, group_commit: bool = True,
                  cache_groups: int = 1024, cache_slots: int = 4096,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = entropy.wall, threads: bool = True) -> None:
         self.key = key
         self.node_id = key.public
         self.db_path = db_path
@@ -209,7 +208,8 @@ class Service:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.db = open_database(db_path)
-        self.writer = Writer(db_path, batching=group_commit, on_batch=self.metrics.on_batch)
+        self.writer = Writer(db_path, batching=group_commit, on_batch=self.metrics.on_batch,
+                             threads=threads)
         self.groups = _LRU(cache_groups)
         self.slots = SlotCache(self.db, cache_slots)
         self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for, self.slots,
@@ -300,7 +300,7 @@ class Service:
         try:
             if handler is None:
                 raise RequestError(ErrorCode.MALFORMED, f"{name} is not a request")
-            return await handler(self, session, msg)
+            return await getattr(self, handler)(session, msg)
         except RequestError as exc:
             self.metrics.errors.labels(exc.code.name).inc()
             log.info("request refused", request=name, code=exc.code.name, detail=exc.detail,
@@ -308,7 +308,7 @@ class Service:
             return exc.reply()
 
     async def _challenge(self, session: Session, msg: GetChallenge) -> Challenge:
-        session.nonce = secrets.token_bytes(32)
+        session.nonce = entropy.token_bytes(32)
         return Challenge(session.nonce)
 
     async def _authenticate(self, session: Session, msg: Authenticate) -> Authenticated:
@@ -406,7 +406,9 @@ class Service:
                 self.slots.flushed((r.group_id, r.slot), SlotState(r.promised, r.accepted))
         else:
             await self.writer.barrier()  # the state this reply reports is durable
-        reply = step.reply
+        return self._paxos_reply(msg, step.reply)
+
+    def _paxos_reply(self, msg: Prepare | Accept, reply: Any) -> Any:
         if isinstance(reply, Reject):
             self.metrics.paxos.labels("Rejected").inc()
             return PaxosRejected(msg.group_id, msg.slot, int(reply.reason), reply.rule,
@@ -677,20 +679,20 @@ class Service:
         await self.writer.execute(lambda c: c.execute(
             "DELETE FROM mailbox WHERE expires_at<=?", (now,)))
 
-    _handlers: dict[type, Callable[..., Any]] = {
-        GetChallenge: _challenge,
-        Authenticate: _authenticate,
-        RegisterGroup: _register,
-        Prepare: _paxos,
-        Accept: _paxos,
-        Decided: _learn,
-        FetchDecided: _fetch_decided,
-        FetchHeads: _fetch_heads,
-        Envelope: _store,
-        Backfill: _backfill,
-        MailboxPut: _mailbox_put,
-        MailboxFetch: _mailbox_fetch,
-        MailboxAck: _mailbox_ack,
+    _handlers: dict[type, str] = {  # by name: subclasses (the simulator's) may override
+        GetChallenge: "_challenge",
+        Authenticate: "_authenticate",
+        RegisterGroup: "_register",
+        Prepare: "_paxos",
+        Accept: "_paxos",
+        Decided: "_learn",
+        FetchDecided: "_fetch_decided",
+        FetchHeads: "_fetch_heads",
+        Envelope: "_store",
+        Backfill: "_backfill",
+        MailboxPut: "_mailbox_put",
+        MailboxFetch: "_mailbox_fetch",
+        MailboxAck: "_mailbox_ack",
     }
 
 

@@ -9,6 +9,9 @@ never takes the rest of its batch down.
 
 Reads use a separate connection on the trio thread; WAL lets them proceed while the writer
 commits, and they only ever see committed (durable) data.
+
+``threads=False`` commits on the trio thread instead of a worker thread. The deterministic
+simulator needs that: a worker thread finishes at a real time the mock clock knows nothing of.
 """
 
 from __future__ import annotations
@@ -127,8 +130,10 @@ class Writer:
     :meth:`execute`, finish with :meth:`aclose` (drains the queue, then closes)."""
 
     def __init__(self, path: Path, *, batching: bool = True, max_batch: int = 4096,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 threads: bool = True) -> None:
         self.path = path
+        self.threads = threads
         self.batching = batching
         self.max_batch = max_batch if batching else 1
         self.on_batch = on_batch
@@ -159,7 +164,7 @@ class Writer:
                 # whether their writes are durable.
                 with trio.CancelScope(shield=True):
                     started = time.perf_counter()
-                    await trio.to_thread.run_sync(self._apply, batch)
+                    await self._run_sync(self._apply, batch)
                     elapsed = time.perf_counter() - started
                 self._completed += len(batch)
                 for p in batch:
@@ -175,8 +180,15 @@ class Writer:
                 self._queue.clear()
                 conn, self._conn = self._conn, None
                 if conn is not None:
-                    await trio.to_thread.run_sync(conn.close)
+                    await self._run_sync(conn.close)
                 self._stopped.set()
+
+    async def _run_sync(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.threads:
+            await trio.to_thread.run_sync(fn, *args)
+        else:
+            fn(*args)
+            await trio.lowlevel.checkpoint()
 
     def _apply(self, batch: list[_Pending]) -> None:
         conn = self._conn

@@ -11,9 +11,14 @@ under ``trio.testing.MockClock(autojump_threshold=0)`` a run is reproducible fro
 network records a trace of every frame event (:attr:`MemoryNetwork.trace`) whose hash the tests
 compare across runs.
 
-Unlike QUIC, a faulty memory stream is not reliable or ordered: with faults enabled, frames can be
-lost, repeated or overtaken, exactly as the fault model asks. Protocols above must (and do) cope
-through retries and idempotence. With faults off, streams are reliable and ordered.
+By default a faulty memory stream is, unlike QUIC, not reliable or ordered: frames can be lost,
+repeated or overtaken, exactly as the fault model asks. With ``Faults(ordered=True)`` streams
+keep QUIC's guarantees and the faults take the shapes QUIC lets an application see: a lost
+frame breaks the connection before it arrives (the request is lost), a duplicated one breaks it
+right after (the reply is lost, so the client's retry reaches the server twice), and reordering
+holds a stream back so frames of *other* streams and connections overtake it. The simulator
+runs that way, since the protocol above relies on ordered streams. With faults off, streams are
+reliable and ordered either way.
 """
 
 from __future__ import annotations
@@ -45,9 +50,14 @@ class Faults:
     reorder: float = 0.0
     """Probability that a frame is held back by an extra ``reorder_delay`` (overtaken)."""
     reorder_delay: float = 0.05
+    ordered: bool = False
+    """QUIC-like streams: loss and duplication surface as connection failures (see above)."""
+    corrupt: float = 0.0
+    """Probability that one byte of a frame is flipped in transit (a buggy or hostile sender;
+    QUIC would catch line noise, not a peer that sends garbage on purpose)."""
 
     def __post_init__(self) -> None:
-        for name in ("drop", "duplicate", "reorder"):
+        for name in ("drop", "duplicate", "reorder", "corrupt"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} probability {p} not in [0, 1]")
@@ -56,6 +66,8 @@ class Faults:
 
 
 NO_FAULTS = Faults()
+PATH_TIMEOUT = 1.0
+"""Seconds until a QUIC-like connection whose frames cannot get through is declared dead."""
 
 # Kinds of items carried over a link.
 _DATA, _EOF, _CLOSE = "data", "eof", "close"
@@ -64,10 +76,15 @@ _DATA, _EOF, _CLOSE = "data", "eof", "close"
 class MemoryNetwork:
     """The simulated network joining all memory endpoints of one run."""
 
-    def __init__(self, seed: int = 0, faults: Faults = NO_FAULTS) -> None:
+    def __init__(self, seed: int = 0, faults: Faults = NO_FAULTS, *,
+                 payload_digests: bool = True) -> None:
         self.seed = seed
         self.faults = faults
+        self.payload_digests = payload_digests
+        """Trace a hash of each frame (else its length: for runs whose payloads hold bytes
+        that are random even under a fixed seed, such as MLS ciphertexts)."""
         self._link_faults: dict[tuple[bytes, bytes], Faults] = {}
+        self._node_faults: dict[bytes, Faults] = {}
         self._blocked: set[tuple[bytes, bytes]] = set()
         self._listeners: dict[bytes, MemoryTransport] = {}
         self._conn_counter: dict[tuple[bytes, bytes], itertools.count[int]] = {}
@@ -82,6 +99,16 @@ class MemoryNetwork:
     def set_link_faults(self, src: bytes, dst: bytes, faults: Faults) -> None:
         """Faults for one direction of one link (overrides the network default)."""
         self._link_faults[(src, dst)] = faults
+
+    def set_node_faults(self, src: bytes, faults: Faults | None) -> None:
+        """Faults for everything ``src`` sends (below per-link faults); None removes them."""
+        if faults is None:
+            self._node_faults.pop(src, None)
+        else:
+            self._node_faults[src] = faults
+
+    def faults_for(self, src: bytes, dst: bytes) -> Faults:
+        return self._link_faults.get((src, dst)) or self._node_faults.get(src) or self.faults
 
     def block(self, src: bytes, dst: bytes) -> None:
         """Cut the one-way link ``src -> dst`` (asymmetric partition)."""
@@ -166,12 +193,13 @@ class MemoryNetwork:
                   deliver: Callable[[bytes], None]) -> None:
         """Send one item down ``lane`` applying the link's faults."""
         src, dst = lane.src, lane.dst
-        faults = self._link_faults.get((src, dst), self.faults)
+        faults = self.faults_for(src, dst)
         rng = lane.rng
         seq = lane.sent
         lane.sent += 1
         now = trio.current_time()
-        digest = hashlib.blake2b(payload, digest_size=6).hexdigest()
+        digest: object = (hashlib.blake2b(payload, digest_size=6).hexdigest()
+                          if self.payload_digests else len(payload))
         ident = (lane.key, seq)
         if kind != _DATA:
             # Control items (EOF, close) are never lost; they arrive after everything sent
@@ -183,11 +211,23 @@ class MemoryNetwork:
             return
         if (src, dst) in self._blocked:
             self._record("cut", src, dst, ident, digest)
+            self._path_failed(lane, faults)
             return
         if rng.random() < faults.drop:
             self._record("drop", src, dst, ident, digest)
+            if faults.ordered and lane.conn is not None:
+                conn = lane.conn
+                self._schedule(now + faults.min_delay, ident, conn._fail_both)
             return
+        if faults.corrupt and payload and rng.random() < faults.corrupt:
+            at = rng.randrange(len(payload))
+            payload = payload[:at] + bytes([payload[at] ^ (1 << rng.randrange(8))]) + \
+                payload[at + 1:]
+            self._record("corrupt", src, dst, ident, at)
         copies = 2 if rng.random() < faults.duplicate else 1
+        if faults.ordered:
+            self._transmit_ordered(lane, faults, payload, deliver, ident, digest, copies > 1)
+            return
         for copy in range(copies):
             # Jitter alone keeps the lane FIFO (like a QUIC stream); only the reorder fault
             # lets later frames overtake this one.
@@ -201,10 +241,35 @@ class MemoryNetwork:
             self._schedule(at, (*ident, copy),
                            lambda: self._arrive(lane, kind, payload, deliver, ident))
 
+    def _path_failed(self, lane: _Lane, faults: Faults) -> None:
+        """With QUIC-like streams a frame cannot vanish: the connection dies instead, once the
+        sender's retransmissions give up (PATH_TIMEOUT later)."""
+        if faults.ordered and lane.conn is not None:
+            self._schedule(trio.current_time() + PATH_TIMEOUT, (lane.key, "path"),
+                           lane.conn._fail_both)
+
+    def _transmit_ordered(self, lane: _Lane, faults: Faults, payload: bytes,
+                          deliver: Callable[[bytes], None], ident: tuple[object, ...],
+                          digest: object, then_break: bool) -> None:
+        now = trio.current_time()
+        rng = lane.rng
+        at = now + rng.uniform(faults.min_delay, faults.max_delay)
+        if rng.random() < faults.reorder:
+            at += faults.reorder_delay  # this stream stalls; others overtake it
+        at = max(at, lane.fifo_at)
+        lane.fifo_at = lane.last_at = at
+        self._record("send", lane.src, lane.dst, ident, digest, round(at, 9))
+        self._schedule(at, (*ident, 0), lambda: self._arrive(lane, _DATA, payload, deliver, ident))
+        if then_break and lane.conn is not None:
+            conn = lane.conn
+            self._record("dup-break", lane.src, lane.dst, ident)
+            self._schedule(at, (*ident, 1), conn._fail_both)
+
     def _arrive(self, lane: _Lane, kind: str, payload: bytes, deliver: Callable[[bytes], None],
                 ident: tuple[object, ...]) -> None:
         if kind == _DATA and (lane.src, lane.dst) in self._blocked:
             self._record("cut-in-flight", lane.src, lane.dst, ident)
+            self._path_failed(lane, self.faults_for(lane.src, lane.dst))
             return
         self._record("deliver", lane.src, lane.dst, ident, kind)
         deliver(payload)
@@ -213,9 +278,10 @@ class MemoryNetwork:
 class _Lane:
     """One direction of one stream (or of a connection's control channel)."""
 
-    def __init__(self, net: MemoryNetwork, src: bytes, dst: bytes, key: tuple[object, ...]
-                 ) -> None:
+    def __init__(self, net: MemoryNetwork, src: bytes, dst: bytes, key: tuple[object, ...],
+                 conn: MemoryConnection | None = None) -> None:
         self.src, self.dst, self.key = src, dst, key
+        self.conn = conn
         self.rng = net._rng(key)
         self.sent = 0
         self.last_at = 0.0  # latest scheduled arrival (EOF/close go after it)
@@ -228,7 +294,7 @@ class MemoryStream(Stream):
         self.key = key  # (opened by this side?, stream number within the opener's numbering)
         opener = conn.local_id if key[0] else conn.remote_id
         lane_key = ("s", conn.local_id.hex()[:16], opener.hex()[:16], conn.conn_key, key[1])
-        self._out = _Lane(conn.net, conn.local_id, conn.remote_id, lane_key)
+        self._out = _Lane(conn.net, conn.local_id, conn.remote_id, lane_key, conn)
         self._inbox: deque[bytes] = deque()
         self._eof_in = False
         self._eof_out = False
@@ -322,13 +388,24 @@ class MemoryConnection(Connection):
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+        self._close_now()
+
+    def _close_now(self) -> None:
         if self.broken:
             return
         self._break()
         if self.peer is not None:
             peer = self.peer
             self.net._transmit(self._control, _CLOSE, b"", lambda _p: peer._break())
-        self.local._connections.discard(self)
+        self.local._connections.pop(self, None)
+
+    def _fail_both(self) -> None:
+        """The path failed: both ends see the connection die (a QUIC idle timeout)."""
+        self.net._record("break", self.local_id, self.remote_id, self.conn_key)
+        for end in (self, self.peer):
+            if end is not None:
+                end._break()
+                end.local._connections.pop(end, None)
 
     def _break(self) -> None:
         if self.broken:
@@ -370,7 +447,7 @@ class MemoryTransport(Transport):
         self.node_id = node_id
         self.max_frame = max_frame
         self._incoming_send, self._incoming = trio.open_memory_channel[MemoryConnection](1024)
-        self._connections: set[MemoryConnection] = set()
+        self._connections: dict[MemoryConnection, None] = {}  # ordered: closes replay alike
         self.closed = False
 
     def addresses(self) -> list[str]:
@@ -380,8 +457,7 @@ class MemoryTransport(Transport):
         net = self.net
         if self.closed:
             raise TransportError("endpoint closed")
-        faults = net._link_faults.get((self.node_id, peer_id), net.faults)
-        await trio.sleep(faults.min_delay)
+        await trio.sleep(net.faults_for(self.node_id, peer_id).min_delay)
         listener = net._listeners.get(peer_id)
         if (listener is None or listener.closed or net.is_blocked(self.node_id, peer_id)
                 or net.is_blocked(peer_id, self.node_id)):
@@ -397,8 +473,8 @@ class MemoryTransport(Transport):
         except (trio.WouldBlock, trio.ClosedResourceError):
             raise TransportError("peer is not accepting connections") from None
         net._record("connect", self.node_id, peer_id, no)
-        self._connections.add(mine)
-        listener._connections.add(theirs)
+        self._connections[mine] = None
+        listener._connections[theirs] = None
         return mine
 
     async def _accept_raw(self) -> MemoryConnection:
@@ -412,8 +488,9 @@ class MemoryTransport(Transport):
         if self.closed:
             return
         self.closed = True
+        if self.net._listeners.get(self.node_id) is self:  # first: a crash may cancel the rest
+            del self.net._listeners[self.node_id]
         self._incoming_send.close()
         for conn in list(self._connections):
-            await conn.aclose()
-        if self.net._listeners.get(self.node_id) is self:
-            del self.net._listeners[self.node_id]
+            conn._close_now()  # synchronously: under cancellation nothing after a checkpoint runs
+        await trio.lowlevel.checkpoint()

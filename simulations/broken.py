@@ -1,0 +1,87 @@
+"""Deliberately broken variants: negative controls that prove the checkers bite.
+
+``--break NAME`` runs a sweep with one classic bug planted in the real code; the sweep must
+report a violation within a bounded number of seeds (``tests/test_simulation.py`` holds the
+bounds). Nothing here is used by a normal run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import device.document
+from proto.manifest import LogValue
+from proto.paxos.acceptor import Acceptor, Step
+from proto.paxos.messages import Accept, Nack, Prepare
+from syncnode.service import Service
+
+if TYPE_CHECKING:
+    from simulations.world import SimDevice, SimNode, World
+
+VARIANTS = {
+    "ignore-promises": "acceptors accept ballots below their promise (Paxos phase 2 unchecked)",
+    "early-apply": "devices apply their own commit before Paxos decides it",
+}
+
+
+class _PromiseIgnoringAcceptor(Acceptor):
+    def _refusal(self, msg: Prepare | Accept, ctx: str) -> Step | None:
+        step = super()._refusal(msg, ctx)
+        return None if step is not None and isinstance(step.reply, Nack) else step
+
+
+class _PromiseIgnoringService(Service):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acceptor = _PromiseIgnoringAcceptor(**{
+            f.name: getattr(self.acceptor, f.name) for f in dataclasses.fields(Acceptor)})
+
+
+def service_factory(variant: str | None) -> Callable[[SimNode], type[Service]] | None:
+    if variant == "ignore-promises":
+        from simulations.world import SERVICES
+
+        return lambda node: _PromiseIgnoringService if node.honest else SERVICES[node.behaviour]
+    return None
+
+
+@contextmanager
+def planted(variant: str | None, world: World) -> Iterator[None]:
+    """Install the device-side bug of ``variant`` for the duration of a run."""
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    if variant != "early-apply":
+        yield
+        return
+    honest_propose = device.document.propose
+
+    async def propose_after_applying(key: Any, clients: Any, group_id: bytes, slot: int,
+                                     value: bytes, *args: Any, **kwargs: Any) -> Any:
+        dev = next(d for d in world.devices if d.device is not None and d.device.key == key)
+        _apply_undecided(dev, slot, value)
+        return await honest_propose(key, clients, group_id, slot, value, *args, **kwargs)
+
+    device.document.propose = propose_after_applying
+    try:
+        yield
+    finally:
+        device.document.propose = honest_propose
+
+
+def _apply_undecided(dev: SimDevice, slot: int, value_bytes: bytes) -> None:
+    """The bug: treat our own proposal as decided (no certificate) before Paxos is done."""
+    doc = dev.doc
+    if doc is None or slot != doc.epoch + 1:
+        return
+    value = LogValue.decode(value_bytes)
+    assert value.commit is not None
+    doc.mls.apply_commit(value.commit)
+    with doc.store.transaction() as db:
+        doc.mls.persist()
+        db.execute("INSERT INTO log VALUES (?,?,?,?)", (doc.group_id, slot, value_bytes, None))
+        db.execute("UPDATE documents SET epoch=? WHERE group_id=?", (slot, doc.group_id))
+    doc.values[slot] = value
+    doc.epoch = slot

@@ -1,0 +1,79 @@
+"""Byzantine syncnodes: the real :class:`~syncnode.service.Service` with one behaviour bent.
+
+Each class overrides the smallest piece of the honest service that produces the attack, so
+everything else (authentication, validation, storage) is the code operators run. Frame
+corruption is not here: it is a network fault of the node's outgoing links
+(:attr:`proto.transport.memory.Faults.corrupt`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proto.envelope import Envelope
+from proto.paxos.acceptor import EMPTY, SlotState
+from proto.paxos.messages import Accept, Decided, Prepare
+from proto.service import Backfill, BackfillPage, DecidedPage, FetchDecided, FetchHeads, Head, Heads
+from syncnode.service import GroupState, Service, Session
+
+
+class WithholdingService(Service):
+    """Stores and acknowledges everything, delivers nothing: no pushes, empty backfill pages
+    and decided logs that stop at genesis. Devices must get all of it from the others."""
+
+    async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
+        self._require_member(session, self.require_group(msg.group_id))
+        return BackfillPage((), False)
+
+    async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
+        page = await super()._fetch_decided(session, msg)
+        return DecidedPage(page.group_id, page.genesis, (), 0)
+
+    def _publish(self, g: GroupState, item: Envelope | Decided, *,
+                 new_manifest: bool = False) -> None:
+        return
+
+
+class StaleService(Service):
+    """Serves its decided log frozen at ``stale_top`` (heads too), as a node that stopped
+    learning would, or one replaying an old snapshot. Devices must not regress or stall."""
+
+    stale_top = 1
+
+    async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
+        page = await super()._fetch_decided(session, msg)
+        kept = tuple(d for d in page.decided if d.certificate.slot <= self.stale_top)
+        return DecidedPage(page.group_id, page.genesis, kept, min(page.top, self.stale_top))
+
+    async def _fetch_heads(self, session: Session, msg: FetchHeads) -> Heads:
+        heads = await super()._fetch_heads(session, msg)
+        return Heads(tuple(Head(h.group_id, min(h.top, self.stale_top)) for h in heads.heads))
+
+    def _publish(self, g: GroupState, item: Envelope | Decided, *,
+                 new_manifest: bool = False) -> None:
+        if not isinstance(item, Decided):
+            super()._publish(g, item, new_manifest=new_manifest)
+
+
+class EquivocatingService(Service):
+    """One of a colluding pair: keeps a separate acceptor state per proposer, so it promises
+    and accepts for every proposer as if it had never heard of the others, even on slots it
+    knows are decided. Two such nodes are a majority of three: two devices proposing for the
+    same slot both get a certificate. Devices must detect that (EquivocationProof)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.forks: dict[tuple[bytes, int, bytes], SlotState] = {}
+
+    async def _paxos(self, session: Session, msg: Prepare | Accept) -> Any:
+        self.require_group(msg.group_id)
+        key = (msg.group_id, msg.slot)
+        fork = (msg.group_id, msg.slot, msg.ballot.proposer)
+        real = self.acceptor.slots
+        self.acceptor.slots = {key: self.forks.get(fork, EMPTY)}
+        try:
+            step = self.acceptor.handle(msg)
+            self.forks[fork] = self.acceptor.slots[key]
+        finally:
+            self.acceptor.slots = real
+        return self._paxos_reply(msg, step.reply)

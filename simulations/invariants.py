@@ -1,0 +1,244 @@
+"""What must hold in every run, checked after every step and once the world is quiet.
+
+Continuous (after each step):
+- **agreement**: no slot has two different decided values among the honest syncnodes' logs and
+  the devices' logs (with a colluding majority, devices may split: see ``detected``);
+- **certificates**: every decision a device applied verifies against the manifest before it
+  (certificate, value hash, manifest transition), back to a valid genesis;
+- **acked-kept**: an update acknowledged as durable survives the device's own crash.
+
+Final (after faults heal and traffic stops):
+- **converged**: all current members are at the same epoch and hold identical documents;
+- **acked-delivered**: every member's document holds every update ever acknowledged durable;
+- **removed-blind**: a removed device cannot decrypt any update sealed after its removal;
+- **no-plaintext**: no syncnode's database or WAL contains an edit's marker;
+- **detected**: with a colluding majority, any two devices whose logs differ include one that
+  raised an equivocation alarm with a verifiable EquivocationProof;
+- **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
+  alarm and no document failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from device.mls import MlsError
+from proto.codec import decode_as
+from proto.errors import SyncnodeError
+from proto.manifest import ManifestError, validate_genesis, verify_decided
+from proto.paxos.messages import EquivocationProof, value_hash
+from proto.paxos.quorum import CertificateError, verify_certificate
+from simulations.world import SimDevice, World
+
+MARK = b"MARK-"
+"""Every edit writes a marker starting with this; a syncnode must never store it readable."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.detail}"
+
+
+class Checker:
+    def __init__(self, world: World, *, colluding: bool) -> None:
+        self.world = world
+        self.colluding = colluding
+        self._verified: dict[int, int] = {}  # device index -> highest slot verified
+
+    # -- continuous ------------------------------------------------------------------------------
+
+    def continuous(self) -> list[Violation]:
+        return [*self.agreement(), *self.certificates(), *self.acked_kept()]
+
+    def agreement(self) -> list[Violation]:
+        out = []
+        seen: dict[int, tuple[bytes, str]] = {}
+
+        def record(slot: int, value: bytes, who: str) -> None:
+            h = value_hash(value)
+            first = seen.setdefault(slot, (h, who))
+            if first[0] != h:
+                out.append(Violation("agreement",
+                                     f"slot {slot}: {first[1]} and {who} hold different values"))
+
+        for node in self.world.nodes:
+            if node.honest:
+                for slot, (value, _cert) in sorted(self.world.node_log(node).items()):
+                    record(slot, value, node.name)
+        if not self.colluding:
+            for dev in self.world.devices:
+                if dev.doc is not None:
+                    for slot, d in sorted(dev.doc.decided.items()):
+                        record(slot, d.value, dev.name)
+        return out
+
+    def certificates(self) -> list[Violation]:
+        out = []
+        for dev in self.world.devices:
+            doc = dev.doc
+            if doc is None:
+                continue
+            start = self._verified.get(dev.index, -1) + 1
+            for slot in range(start, doc.epoch + 1):
+                try:
+                    if slot == 0:
+                        validate_genesis(doc.group_id, doc.values[0])
+                    elif slot in doc.values:
+                        d = doc.decided.get(slot)
+                        if d is None:
+                            raise CertificateError(f"slot {slot} applied without a certificate")
+                        value = verify_decided(doc.values[slot - 1].manifest, d.value,
+                                               d.certificate)
+                        if value != doc.values[slot]:
+                            raise CertificateError(f"slot {slot}: applied value is not the "
+                                                   "certified one")
+                except (CertificateError, ManifestError, KeyError) as exc:
+                    out.append(Violation("certificates", f"{dev.name}: {exc}"))
+                    break
+                self._verified[dev.index] = slot
+        return out
+
+    def acked_kept(self) -> list[Violation]:
+        out = []
+        for dev in self.world.devices:
+            if dev.doc is not None and dev.acked:
+                have = _markers(dev.doc.value())
+                lost = dev.acked - have
+                if lost:
+                    out.append(Violation("acked-kept", f"{dev.name} lost its own acknowledged "
+                                         f"updates {sorted(lost)[:3]}"))
+        return out
+
+    # -- final -----------------------------------------------------------------------------------
+
+    def final(self) -> list[Violation]:
+        out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext()]
+        if self.colluding:
+            out += self.detected()
+        else:
+            out += [*self.converged(), *self.acked_delivered(), *self.alarms()]
+        return out
+
+    def converged(self) -> list[Violation]:
+        members = self.world.members()
+        if not members:
+            return [Violation("converged", "no device holds the document any more")]
+        first = members[0]
+        assert first.doc is not None
+        out = []
+        for dev in members[1:]:
+            assert dev.doc is not None
+            if dev.doc.epoch != first.doc.epoch:
+                out.append(Violation("converged", f"{dev.name} at epoch {dev.doc.epoch}, "
+                                     f"{first.name} at {first.doc.epoch}"))
+            elif dev.doc.value() != first.doc.value():
+                out.append(Violation("converged", f"{dev.name} and {first.name} differ: "
+                                     f"{_difference(first, dev)}"))
+        return out
+
+    def acked_delivered(self) -> list[Violation]:
+        acked = set().union(*(d.acked for d in self.world.devices))
+        out = []
+        for dev in self.world.members():
+            assert dev.doc is not None
+            missing = acked - _markers(dev.doc.value())
+            if missing:
+                out.append(Violation("acked-delivered", f"{dev.name} lacks {len(missing)} "
+                                     f"acknowledged updates, e.g. {sorted(missing)[:3]}"))
+        return out
+
+    def removed_blind(self) -> list[Violation]:
+        out = []
+        honest = [n for n in self.world.nodes if n.honest]
+        members = self.world.members()
+        if not members:
+            return out
+        chain = members[0].doc.values if members[0].doc is not None else {}
+        for dev in self.world.devices:
+            if dev.device is None:
+                continue
+            me = dev.device.fingerprint
+            removed_at = next((s for s in sorted(chain) if s and chain[s - 1].manifest.device(me)
+                               and not chain[s].manifest.device(me)), None)
+            if removed_at is None:
+                continue
+            group = dev.device.mls.load(self.world.group_id)
+            for node in honest:
+                for env in self.world.node_envelopes(node):
+                    if env.epoch < removed_at or env.sender == me:
+                        continue
+                    try:
+                        group.decrypt(env.ciphertext)
+                    except MlsError:
+                        continue
+                    out.append(Violation("removed-blind", f"{dev.name}, removed at epoch "
+                                         f"{removed_at}, decrypted an update of epoch "
+                                         f"{env.epoch}"))
+                    return out
+        return out
+
+    def no_plaintext(self) -> list[Violation]:
+        return [Violation("no-plaintext", f"{node.name}'s storage holds an edit in clear")
+                for node in self.world.nodes if MARK in self.world.node_bytes(node)]
+
+    def detected(self) -> list[Violation]:
+        devs = [d for d in self.world.devices if d.doc is not None]
+        out = []
+        for i, a in enumerate(devs):
+            for b in devs[i + 1:]:
+                assert a.doc is not None and b.doc is not None
+                split = [s for s in a.doc.decided.keys() & b.doc.decided.keys()
+                         if a.doc.decided[s].value != b.doc.decided[s].value]
+                if split and not (self._proof(a) or self._proof(b)):
+                    out.append(Violation("detected", f"{a.name} and {b.name} applied different "
+                                         f"values at slot {min(split)} and neither raised an "
+                                         "equivocation alarm"))
+        return out
+
+    def _proof(self, dev: SimDevice) -> bool:
+        """Has ``dev`` an equivocation alarm whose proof holds up on its own?"""
+        assert dev.doc is not None
+        for (evidence,) in dev.doc.store.all("SELECT evidence FROM alarms WHERE group_id=? "
+                                             "AND kind='equivocation'", dev.doc.group_id):
+            try:
+                proof = decode_as(evidence, EquivocationProof)
+                a, b = proof.first, proof.second
+                prev = dev.doc.values[a.slot - 1].manifest.acceptors()
+                verify_certificate(a, prev)
+                verify_certificate(b, prev)
+            except (SyncnodeError, KeyError):
+                continue
+            if a.slot == b.slot and a.value_hash != b.value_hash:
+                return True
+        return False
+
+    def alarms(self) -> list[Violation]:
+        out = []
+        for dev in self.world.devices:
+            if dev.doc is None:
+                continue
+            if dev.doc.status == "failed":
+                out.append(Violation("alarms", f"{dev.name}'s document failed"))
+            for alarm in dev.doc.alarms():
+                if alarm.kind in ("equivocation", "invalid-decision", "bad-update"):
+                    out.append(Violation("alarms", f"{dev.name}: {alarm.kind}: {alarm.detail}"))
+        return out
+
+
+def _markers(value: dict[str, object]) -> set[str]:
+    m = value.get("m")
+    return set(m) if isinstance(m, dict) else set()
+
+
+def _difference(a: SimDevice, b: SimDevice) -> str:
+    assert a.doc is not None and b.doc is not None
+    va, vb = a.doc.value(), b.doc.value()
+    keys = sorted(k for k in va.keys() | vb.keys() if va.get(k) != vb.get(k))
+    ma, mb = _markers(va), _markers(vb)
+    return (f"containers {keys}; markers only in {a.name}: {sorted(ma - mb)[:3]}, "
+            f"only in {b.name}: {sorted(mb - ma)[:3]}")
+

@@ -1,0 +1,103 @@
+"""Named scenarios: which faults a run injects, how often, and who is Byzantine.
+
+A run's plan (its list of steps) is drawn from the scenario's weights with the run's seed
+before anything executes, so a seed names the same plan on every machine; a step that does not
+apply when its turn comes (removing a device from a two-member document) is recorded as
+skipped. ``--faults`` adds fault classes to any scenario.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from proto.transport.memory import Faults
+
+WORKLOAD = {"edit": 40, "rotate": 3, "add": 3, "remove": 2, "idle": 4}
+"""Every scenario's workload; the fault classes below add their own steps."""
+
+FAULT_STEPS: dict[str, dict[str, int]] = {
+    "partition": {"partition": 4, "cut-one-way": 3, "heal": 4},
+    "lossy": {},  # network-wide per-frame faults, see LOSSY
+    "crash": {"node-crash": 3, "node-restart": 3, "device-crash": 3, "device-offline": 1,
+              "device-restart": 3},
+    "clock": {"clock-jump": 5},
+    "contention": {"rotate-race": 6},
+}
+LOSSY = Faults(drop=0.03, duplicate=0.03, min_delay=0.001, max_delay=0.04, reorder=0.05,
+               reorder_delay=0.05, ordered=True)
+QUIET = Faults(ordered=True)
+"""No faults, QUIC-like streams (what a simulated network always is)."""
+MILD = Faults(min_delay=0.001, max_delay=0.01, ordered=True)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    about: str
+    faults: frozenset[str] = frozenset()
+    nodes: tuple[str, ...] = ("honest", "honest", "honest")
+    """Behaviour of each syncnode (see :data:`simulations.world.SERVICES`)."""
+    colluding: bool = False
+    """A Byzantine majority: devices may split, and must then detect it."""
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def network_faults(self, faults: frozenset[str]) -> Faults:
+        return LOSSY if "lossy" in faults else MILD if faults else QUIET
+
+    def weights(self, faults: frozenset[str]) -> dict[str, int]:
+        w = dict(WORKLOAD)
+        for f in sorted(faults):
+            for kind, weight in FAULT_STEPS[f].items():
+                w[kind] = w.get(kind, 0) + weight
+        for kind, weight in self.extra.items():
+            w[kind] = w.get(kind, 0) + weight
+        return w
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("baseline", "no faults: edits, joins, removals, key rotations"),
+    Scenario("partition", "symmetric and one-way partitions, and heals",
+             frozenset({"partition", "contention"})),
+    Scenario("lossy", "frames dropped, duplicated, delayed and reordered",
+             frozenset({"lossy", "contention"})),
+    Scenario("crash", "syncnode and device crashes (some power losses), long offline periods",
+             frozenset({"crash", "contention"})),
+    Scenario("clock", "wall-clock jumps of syncnodes and devices",
+             frozenset({"clock"})),
+    Scenario("withhold", "one syncnode stores everything and delivers nothing",
+             frozenset({"contention"}), nodes=("withhold", "honest", "honest")),
+    Scenario("stale", "one syncnode serves a decided log frozen at slot 1",
+             frozenset({"contention"}), nodes=("honest", "stale", "honest")),
+    Scenario("corrupt", "one syncnode's frames get a flipped byte (20% of them)",
+             frozenset({"contention"}), nodes=("honest", "honest", "corrupt")),
+    Scenario("equivocate", "two colluding syncnodes (a majority) accept two values per slot",
+             frozenset({"contention"}), nodes=("equivocate", "equivocate", "honest"),
+             colluding=True, extra={"rotate-race": 10}),
+    Scenario("chaos", "every fault class at once, one withholding syncnode",
+             frozenset({"partition", "lossy", "crash", "clock", "contention"}),
+             nodes=("honest", "withhold", "honest")),
+]}
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    kind: str
+    pick: tuple[int, ...]
+    """Random numbers the step resolves its targets with when it runs."""
+    pause: float
+    """Virtual seconds to let the world run after the step."""
+
+
+def plan(seed: int, steps: int, scenario: Scenario, faults: frozenset[str]) -> list[Step]:
+    rng = random.Random(f"plan/{seed}")
+    weights = scenario.weights(faults)
+    kinds = sorted(weights)
+    out = []
+    for i in range(steps):
+        kind = rng.choices(kinds, [weights[k] for k in kinds])[0]
+        pick = tuple(rng.randrange(1 << 30) for _ in range(4))
+        pause = rng.choice((0.0, 0.01, 0.05, 0.2, 0.5, 1.0, 3.0))
+        out.append(Step(i, kind, pick, pause))
+    return out
