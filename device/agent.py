@@ -30,6 +30,7 @@ from proto import entropy
 from proto.codec import encode
 from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
+from proto.groups import single_errors
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
@@ -335,15 +336,16 @@ class Device:
                 log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
                 tried()
 
-        async with trio.open_nursery() as nursery:
-            for e in entries:
-                nursery.start_soon(hold, e)
-            await all_tried.wait()
-            if clients:
-                try:
-                    yield clients
-                finally:
-                    release.set()
+        with single_errors():  # a JoinError of the caller's block comes out as itself
+            async with trio.open_nursery() as nursery:
+                for e in entries:
+                    nursery.start_soon(hold, e)
+                await all_tried.wait()
+                if clients:
+                    try:
+                        yield clients
+                    finally:
+                        release.set()
         if not clients:
             raise JoinError("none of the document's syncnodes is reachable")
 

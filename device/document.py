@@ -820,13 +820,14 @@ class Document:
             delay = min(delay * 2, cfg.reconnect_max)
 
     async def _serve(self, client: SyncnodeClient) -> None:
-        await self._sync_node(client)
+        known = await self._sync_node(client)
         async with client.subscribe(self.group_id) as sub, trio.open_nursery() as nursery:
             self.clients[client.node_id] = client
             self._links_changed.fire()
             log.info("syncnode link up", doc=short_id(self.group_id),
                      node=short_id(client.node_id))
             nursery.start_soon(self._push_outbox, client)
+            nursery.start_soon(self._announce, client, known)
             nursery.start_soon(self._learner, client)
             nursery.start_soon(self._mailbox, client)
             await self.learn(client)
@@ -836,18 +837,44 @@ class Document:
                 await self._inbox_send.send((client, item))
             raise TransportError("subscription ended")
 
-    async def _sync_node(self, client: SyncnodeClient) -> None:
+    async def _sync_node(self, client: SyncnodeClient) -> int:
         """Make the syncnode know our group and every decision we know (it may have missed
-        the genesis while offline, or the decision that added us)."""
+        the genesis while offline, or the decision that added us). Returns the slot up to
+        which it now knows our log."""
         heads = {h.group_id: h.top for h in (await client.heads([self.group_id])).heads}
         top = heads.get(self.group_id)
         if top is None:
             await client.register_group(self.values[0])
             top = 0
-        for slot in range(top + 1, self.epoch + 1):
-            await client.learn(self.decided[slot])
+        epoch = self.epoch
+        for slot in range(top + 1, epoch + 1):
+            await self._tell(client, slot)
         if top > self.epoch:
             await self.learn(client)
+        return max(top, epoch)
+
+    async def _announce(self, client: SyncnodeClient, known: int) -> None:
+        """Tell the syncnode each decision we apply from now on that it may lack. A decision
+        reached while it was cut off (the proposer's announcement lost) would otherwise stay
+        with the devices that applied it, and the others, who learn only from syncnodes,
+        would never see it (found by the simulator)."""
+        while self.status == "active":
+            if known >= self.epoch:
+                await self._epoch_changed.wait()
+                continue
+            known += 1
+            await self._tell(client, known)
+
+    async def _tell(self, client: SyncnodeClient, slot: int) -> None:
+        try:
+            await client.learn(self.decided[slot])
+        except RemoteError as exc:
+            if exc.code != ErrorCode.CONFLICT:
+                raise
+            # The syncnode holds another certified value for this slot: it has stored the
+            # equivocation proof; we raise our alarm when its value reaches us.
+            log.error("syncnode holds a conflicting decision", doc=short_id(self.group_id),
+                      node=short_id(client.node_id), slot=slot)
 
     async def _backfill(self, client: SyncnodeClient) -> None:
         more = True

@@ -18,6 +18,7 @@ import trio
 from proto.codec import decode, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import SyncnodeError, TransportError
+from proto.groups import single_errors
 from proto.identity import SecretKey
 from proto.manifest import LogValue
 from proto.messages import ErrorCode, ErrorReply
@@ -153,18 +154,12 @@ class SyncnodeClient:
                       timeout: float | None = None) -> AsyncIterator[SyncnodeClient]:
         conn = await transport.connect(ticket.node_id, ticket.addrs, timeout=timeout)
         try:
-            async with trio.open_nursery() as nursery:
-                channel = Channel(await conn.open_stream())
-                await nursery.start(channel.run)
-                yield cls(conn, channel, nursery, transport.node_id)
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The nursery is ours, not the caller's: an error of the caller's block (or of the
-            # reader, which never raises) comes out as itself, so `except TransportError`
-            # around a connection works as it reads.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    channel = Channel(await conn.open_stream())
+                    await nursery.start(channel.run)
+                    yield cls(conn, channel, nursery, transport.node_id)
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()

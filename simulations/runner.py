@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -391,6 +392,22 @@ class Run:
                 self.event("quiet")
                 return
         self.event("did not settle")
+        self.diagnose()
+
+    def diagnose(self) -> None:
+        """Who holds what, for a run that did not settle."""
+        for node in self.world.nodes:
+            log = self.world.node_log(node)
+            self.event(f"  {node.name} ({node.behaviour}, {'up' if node.up else 'down'}): "
+                       f"decided up to slot {max(log)}")
+        for dev in self.world.devices:
+            if dev.doc is None:
+                self.event(f"  {dev.name}: {'up' if dev.up else 'down'}, no document")
+                continue
+            s = dev.doc.sync_status()
+            links = self.names(sorted(dev.doc.clients))
+            self.event(f"  {dev.name}: {dev.doc.status} epoch {dev.doc.epoch}, unsent {s.unsent}, "
+                       f"outbox {s.outbox}, linked to [{links}]")
 
     def settled(self) -> bool:
         members = self.world.members()
@@ -425,7 +442,7 @@ def run(seed: int, *, steps: int = 60, scenario: str = "baseline",
         keep: Path | None = None) -> Result:
     """Run one seed and return its result (never raises for a violation)."""
     sc = SCENARIOS[scenario]
-    configure_logging("critical", json=True)
+    configure_logging(os.environ.get("SIM_LOG_LEVEL", "critical"), json=True)
     root = Path(tempfile.mkdtemp(prefix=f"sim-{seed}-", dir=_tmpfs()))
     started = time.perf_counter()
     r = Run(seed, sc, frozenset(faults) | sc.faults, steps, root, variant)

@@ -220,7 +220,13 @@ class Writer:
         self._queue.append(p)
         self._submitted += 1
         self._wake.set()
-        await p.done.wait()
+        # Shielded: once queued, the write happens whether or not our caller is cancelled (a
+        # connection dropping mid-request), and the caller's in-memory update that follows
+        # must happen with it, or memory and disk disagree (found by the simulator: a learned
+        # decision on disk but not in the group's top slot, so the next learn of that slot
+        # failed its INSERT). The wait is one batch at most.
+        with trio.CancelScope(shield=True):
+            await p.done.wait()
         if p.error is not None:
             raise p.error
         return p.result
