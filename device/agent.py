@@ -243,7 +243,7 @@ class Device:
                     try:
                         await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
                         posted.append(c.node_id)
-                    except (TransportError, RemoteError) as exc:  # the others may still take it
+                    except SyncnodeError as exc:  # the others may still take it
                         log.info("join request not stored", node=short_id(c.node_id),
                                  error=str(exc))
 
@@ -332,7 +332,7 @@ class Device:
                     clients.append(c)
                     tried()
                     await release.wait()  # keep the connection until the join is done
-            except (TransportError, RemoteError) as exc:
+            except SyncnodeError as exc:  # unreachable, or a faulty syncnode
                 log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
                 tried()
 

@@ -194,6 +194,9 @@ class Document:
         self._answered: set[tuple[bytes, int]] = set()
         self._join_lock = trio.Lock()
         self._invited_at = -float("inf")
+        self._add_retry_at = -float("inf")
+        self._link_delay: dict[bytes, float] = {}
+        self._add_backoff = 0.5
         if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", group_id):
             self._dirty.set()
 
@@ -391,6 +394,9 @@ class Document:
                 log.exception("event listener failed")
 
     def _alarm(self, kind: str, detail: str, evidence: bytes | None = None) -> None:
+        if self.store.one("SELECT 1 FROM alarms WHERE group_id=? AND kind=? AND detail=?",
+                          self.group_id, kind, detail):
+            return  # raised already (the same bad decision keeps arriving from syncnodes)
         log.error("alarm", doc=short_id(self.group_id), kind=kind, detail=detail)
         with self.store.transaction() as db:
             db.execute("INSERT INTO alarms (group_id, kind, detail, evidence, at) "
@@ -709,7 +715,9 @@ class Document:
             page = await client.fetch_decided(self.group_id, self.epoch + 1)
             progressed = False
             for d in page.decided:
-                progressed |= await self.apply_decided(d)
+                if not await self.apply_decided(d):
+                    break  # the rest cannot follow a decision we could not apply
+                progressed = True
             if not progressed or self.epoch >= page.top:
                 return
 
@@ -717,7 +725,7 @@ class Document:
         async def one(client: SyncnodeClient) -> None:
             try:
                 await self.learn(client)
-            except (TransportError, RemoteError) as exc:
+            except SyncnodeError as exc:  # unreachable, or garbage from a faulty syncnode
                 log.debug("learn failed", node=short_id(client.node_id), error=str(exc))
 
         async with trio.open_nursery() as nursery:
@@ -778,6 +786,11 @@ class Document:
                              slot=slot)
                     if outcome.value is not None:
                         await self.apply_decided(Decided(outcome.value, outcome.certificate))
+                        if self.epoch < slot:
+                            # The winner does not follow our log (equivocating syncnodes):
+                            # re-basing cannot help; the alarm says why.
+                            raise DocumentError(f"the value decided for slot {slot} does not "
+                                                "apply to this device's log; see alarms")
                     continue
                 assert isinstance(outcome, EquivocationProof)
                 self._alarm("equivocation", f"conflicting certificates for slot {slot}",
@@ -797,14 +810,13 @@ class Document:
 
     async def _link(self, ticket: NodeTicket) -> None:
         cfg = self.device.config
-        delay = cfg.reconnect_min
         node = short_id(ticket.node_id)
+        self._link_delay[ticket.node_id] = cfg.reconnect_min
         while self.status == "active":
             try:
                 async with SyncnodeClient.connect(self.device.transport, ticket,
                                                   timeout=cfg.connect_timeout) as client:
                     await client.authenticate(self.device.key)
-                    delay = cfg.reconnect_min
                     await self._serve(client)
             except* SyncnodeError as group:
                 # Transport, remote and protocol errors end this link attempt, never the
@@ -816,12 +828,16 @@ class Document:
                 self._links_changed.fire()
             if self.status != "active":
                 return
+            # The delay resets only once a link got as far as its subscription: a syncnode
+            # that accepts connections and then refuses us is not retried in a tight loop.
+            delay = self._link_delay[ticket.node_id]
+            self._link_delay[ticket.node_id] = min(delay * 2, cfg.reconnect_max)
             await trio.sleep(delay * entropy.uniform(0.5, 1.0))
-            delay = min(delay * 2, cfg.reconnect_max)
 
     async def _serve(self, client: SyncnodeClient) -> None:
         known = await self._sync_node(client)
         async with client.subscribe(self.group_id) as sub, trio.open_nursery() as nursery:
+            self._link_delay[client.node_id] = self.device.config.reconnect_min
             self.clients[client.node_id] = client
             self._links_changed.fire()
             log.info("syncnode link up", doc=short_id(self.group_id),
@@ -869,12 +885,13 @@ class Document:
         try:
             await client.learn(self.decided[slot])
         except RemoteError as exc:
-            if exc.code != ErrorCode.CONFLICT:
+            if exc.code not in (ErrorCode.CONFLICT, ErrorCode.INVALID):
                 raise
-            # The syncnode holds another certified value for this slot: it has stored the
-            # equivocation proof; we raise our alarm when its value reaches us.
+            # The syncnode holds another certified value for this slot, or another chain
+            # before it: syncnodes equivocated. It keeps the proof; we raise our alarm when its
+            # value reaches us. Retrying would not change its mind.
             log.error("syncnode holds a conflicting decision", doc=short_id(self.group_id),
-                      node=short_id(client.node_id), slot=slot)
+                      node=short_id(client.node_id), slot=slot, error=exc.detail)
 
     async def _backfill(self, client: SyncnodeClient) -> None:
         more = True
@@ -962,8 +979,9 @@ class Document:
     async def _mailbox(self, client: SyncnodeClient) -> None:
         """Pick up join requests for our open invites (this device is the inviter)."""
         while self.status == "active":
-            if self.store.one("SELECT 1 FROM invites WHERE group_id=? AND used=0 AND "
-                              "expires_at>?", self.group_id, entropy.wall()):
+            if trio.current_time() >= self._add_retry_at and self.store.one(
+                    "SELECT 1 FROM invites WHERE group_id=? AND used=0 AND expires_at>?",
+                    self.group_id, entropy.wall()):
                 items = await client.mailbox_fetch(self.device.key.public)
                 done = []
                 for item in items.items:
@@ -1002,9 +1020,14 @@ class Document:
                 log.warning("join request refused", doc=short_id(self.group_id), error=str(exc))
                 return True
             except DocumentError as exc:
+                # Back off: with the syncnodes unreachable or in contention, retrying at the
+                # fast poll rate only burns CPU (found by the simulator).
+                self._add_retry_at = trio.current_time() + self._add_backoff
+                self._add_backoff = min(self._add_backoff * 2, 30.0)
                 log.info("cannot add the invited device yet", doc=short_id(self.group_id),
-                         error=str(exc))
+                         error=str(exc), retry_in=self._add_backoff / 2)
                 return False
+            self._add_backoff = 0.5
             with self.store.transaction() as db:
                 db.execute("UPDATE invites SET used=1 WHERE secret_hash=?",
                            (secret_hash(req.secret),))

@@ -41,6 +41,9 @@ class PeerSync:
         self.overrides = overrides or {}
         self.interval = interval
         self._wanted: set[bytes] = set()
+        self._refused: dict[tuple[bytes, bytes], float] = {}
+        """(group, peer) -> until when not to ask that peer again (it served a decision we
+        refuse: without this, catching up from it loops as fast as requests come in)."""
         self._wake = trio.Event()
         service.catchup = self.request
 
@@ -71,9 +74,12 @@ class PeerSync:
         if g is None:
             return 0
         learned = 0
+        now = trio.current_time()
         for entry in g.manifest.syncnodes:
             if entry.node_id == self.service.node_id:
                 continue
+            if self._refused.get((group_id, entry.node_id), -1.0) > now:
+                continue  # it served a decision we refuse; ask again at a later sweep
             try:
                 learned += await self._from_peer(group_id, entry)
             except (SyncnodeError, trio.TooSlowError) as exc:
@@ -100,6 +106,8 @@ class PeerSync:
                         log.warning("peer served a decision we refuse",
                                     peer=short_id(entry.node_id), group=short_id(group_id),
                                     slot=decided.certificate.slot, error=exc.detail)
+                        self._refused[(group_id, entry.node_id)] = \
+                            trio.current_time() + self.interval
                         return learned
                 if not page.decided or g.top >= page.top:
                     return learned
