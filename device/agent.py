@@ -351,28 +351,32 @@ class Device:
 
     async def _await_welcome(self, clients: list[SyncnodeClient], t: InviteTicket
                              ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
-        """Poll the decided log until a verified slot adds this device."""
+        """Poll the decided log until a verified slot adds this device. What was verified
+        stays verified: each poll reads only the slots after it (re-verifying the whole log
+        at every poll cost the simulator most of its time)."""
         started = trio.current_time()
+        values: dict[int, LogValue] = {}
+        decided: dict[int, Decided] = {}
         while True:
             for c in clients:
                 try:
-                    found = await self._scan_log(c, t)
+                    found = await self._scan_log(c, t, values, decided)
                 except (TransportError, RemoteError, DecodeError, CertificateError,
                         ManifestError) as exc:  # a bad or unreachable syncnode: try the others
                     log.info("cannot read the decided log", node=short_id(c.node_id),
                              error=str(exc))
                     continue
                 if found is not None:
-                    return found
+                    return found, values, decided
             fast = trio.current_time() - started < self.config.fast_poll_window
             await trio.sleep(self.config.fast_poll_interval if fast
                              else self.config.join_poll_interval)
 
-    async def _scan_log(self, c: SyncnodeClient, t: InviteTicket
-                        ) -> tuple[int, dict[int, LogValue], dict[int, Decided]] | None:
-        values: dict[int, LogValue] = {}
-        decided: dict[int, Decided] = {}
-        slot = 0
+    async def _scan_log(self, c: SyncnodeClient, t: InviteTicket, values: dict[int, LogValue],
+                        decided: dict[int, Decided]) -> int | None:
+        """Extend the verified log (``values``, ``decided``) from ``c``; the slot that adds
+        this device, once there is one."""
+        slot = len(values)
         while True:
             page = await c.fetch_decided(t.group_id, slot)
             if slot == 0:
@@ -390,7 +394,7 @@ class Device:
                 decided[s] = d
                 if values[s].manifest.device(self.fingerprint) is not None \
                         and values[s].welcome is not None:
-                    return s, values, decided
+                    return s
                 slot += 1
             if not page.decided or slot > page.top:
                 return None
