@@ -544,8 +544,11 @@ class Document:
         try:
             sender, plaintext = self.mls.decrypt(env.ciphertext)
         except MlsError as exc:
-            if exc.unknown_epoch:
-                self._missing = True
+            # An authentic envelope we cannot decrypt: an epoch we never had or no longer
+            # keep, or (found by the simulator) a past-epoch message from a member removed in
+            # the epoch we applied since, which mls-rs no longer opens. Members that did
+            # decrypt it answer our state request with a STATE covering it.
+            self._missing = True
             log.warning("cannot decrypt", doc=short_id(self.group_id), me=short_id(self.me),
                         sender=short_id(env.sender),
                         seq=env.seq, epoch=env.epoch, error=str(exc))
@@ -653,7 +656,13 @@ class Document:
             return False
         try:
             value = verify_decided(self.manifest, d.value, d.certificate)
-        except (CertificateError, ManifestError) as exc:
+        except CertificateError as exc:
+            # Not a decision at all: one syncnode sent garbage or a forgery, which proves
+            # nothing about the quorum. Ignored; the honest syncnodes serve the real one.
+            log.warning("ignored a decision without a valid certificate",
+                        doc=short_id(self.group_id), slot=slot, error=str(exc))
+            return False
+        except ManifestError as exc:  # a quorum certified a value that breaks the rules
             self._alarm("invalid-decision", f"slot {slot}: {exc}")
             return False
         signer = self.manifest.device(value.signer)
@@ -756,10 +765,18 @@ class Document:
                 if row is not None and row[0] == slot:
                     value_bytes = row[1]  # a commit of ours from before: finish it first
                 else:
-                    value = build()
+                    try:
+                        value = build()
+                        if value is not None:
+                            validate_transition(self.manifest, value)
+                    except (ManifestError, MlsError):
+                        # Drop the commit MLS now holds as pending (the binding cannot clear
+                        # it): reload the stored state, or every later commit of this device
+                        # fails with "commit already pending" (found by the simulator).
+                        self.mls = self.device.mls.load(self.group_id)
+                        raise
                     if value is None:
                         return self.epoch
-                    validate_transition(self.manifest, value)
                     value_bytes = mine = value.encode()
                     with self.store.transaction() as db:
                         self.mls.persist()
