@@ -1,7 +1,8 @@
 # The two set-up commands of the README:
 #   make demo   install everything into .venv and run the main job
-#   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/ and device/)
-.PHONY: demo test venv lint bench clean
+#   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/ and device/,
+#               and a 110-seed deterministic simulation sweep over every scenario)
+.PHONY: demo test venv lint bench clean sweep-nightly
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,6 +20,11 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q
+	$(PY) -m simulations sweep --seeds 0..109 --steps 60
+
+# The nightly sweep: ten times the seeds, longer runs.
+sweep-nightly: venv
+	$(PY) -m simulations sweep --seeds 0..999 --steps 120
 
 bench: venv
 	$(PY) scripts/bench_transport.py

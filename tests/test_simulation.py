@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from simulations.scenarios import SCENARIOS, plan
+from simulations.scenarios import FAULT_STEPS, SCENARIOS, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +45,6 @@ def test_every_scenario_injects_its_faults() -> None:
     for sc in SCENARIOS.values():
         kinds = {s.kind for s in plan(1, 200, sc, sc.faults)}
         for fault in sc.faults:
-            from simulations.scenarios import FAULT_STEPS
-
             assert not FAULT_STEPS[fault] or kinds & FAULT_STEPS[fault].keys(), (sc.name, fault)
 
 
