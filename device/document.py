@@ -304,7 +304,6 @@ class Document:
     def invite(self, ttl: float = 24 * 3600) -> str:
         """A one-time invite ticket for a new device (see :meth:`Device.join`). The add happens
         when the new device's request arrives and this device is online."""
-
         secret = entropy.token_bytes(16)
         expires = entropy.wall() + ttl
         self._invited_at = trio.current_time()  # the new device usually asks right away

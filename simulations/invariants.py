@@ -106,7 +106,7 @@ class Checker:
         out = []
         for dev in self.world.devices:
             if dev.doc is not None and dev.acked:
-                have = _markers(dev.doc.value())
+                have = markers(dev.doc.value())
                 lost = dev.acked - have
                 if lost:
                     out.append(Violation("acked-kept", f"{dev.name} lost its own acknowledged "
@@ -145,7 +145,7 @@ class Checker:
         out = []
         for dev in self.world.members():
             assert dev.doc is not None
-            missing = acked - _markers(dev.doc.value())
+            missing = acked - markers(dev.doc.value())
             if missing:
                 out.append(Violation("acked-delivered", f"{dev.name} lacks {len(missing)} "
                                      f"acknowledged updates, e.g. {sorted(missing)[:3]}"))
@@ -229,7 +229,7 @@ class Checker:
         return out
 
 
-def _markers(value: dict[str, object]) -> set[str]:
+def markers(value: dict[str, object]) -> set[str]:
     m = value.get("m")
     return set(m) if isinstance(m, dict) else set()
 
@@ -238,7 +238,7 @@ def _difference(a: SimDevice, b: SimDevice) -> str:
     assert a.doc is not None and b.doc is not None
     va, vb = a.doc.value(), b.doc.value()
     keys = sorted(k for k in va.keys() | vb.keys() if va.get(k) != vb.get(k))
-    ma, mb = _markers(va), _markers(vb)
+    ma, mb = markers(va), markers(vb)
     return (f"containers {keys}; markers only in {a.name}: {sorted(ma - mb)[:3]}, "
             f"only in {b.name}: {sorted(mb - ma)[:3]}")
 

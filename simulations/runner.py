@@ -38,7 +38,7 @@ from proto.identity import short_id
 from proto.logs import configure_logging
 from proto.transport.memory import MemoryNetwork
 from simulations import broken
-from simulations.invariants import Checker, Violation, _markers
+from simulations.invariants import Checker, Violation, markers
 from simulations.scenarios import QUIET, SCENARIOS, Scenario, Step, plan
 from simulations.world import SimDevice, SimNode, World
 
@@ -251,13 +251,8 @@ class Run:
         if len(in_manifest) < 3 or not targets:
             return None
         target = self.pick(targets, step.pick[1])
-
-        async def remove(doc: Document) -> int:
-            slot = await doc.remove_device(short_id(target.fingerprint))
-            target.removed_at = slot
-            return slot
-
-        self.op(actor, f"{actor.name} remove {target.name}", remove)
+        self.op(actor, f"{actor.name} remove {target.name}",
+                lambda doc: doc.remove_device(short_id(target.fingerprint)))
         return f"{actor.name} removes {target.name}"
 
     def op(self, dev: SimDevice, what: str, fn: Callable[[Document], Awaitable[Any]]) -> None:
@@ -351,7 +346,7 @@ class Run:
         dev.restart_at = None
         await self.world.start_device(dev)
         if dev.doc is not None:  # edits lost with an unsynced tail are no longer expected
-            have = _markers(dev.doc.value())
+            have = markers(dev.doc.value())
             dev.made = [m for m in dev.made if m in have]
 
     async def restart_due(self, index: int) -> None:

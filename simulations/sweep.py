@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from simulations.scenarios import SCENARIOS
 
@@ -27,7 +28,7 @@ class Outcome:
     trace_tail: tuple[str, ...]
     trace_hash: str
     real_s: float
-    stats: dict[str, object]
+    stats: dict[str, Any]
 
 
 def _one(job: Job) -> Outcome:
@@ -89,9 +90,9 @@ def _table(results: list[Outcome], elapsed: float, echo: Callable[[str], None]) 
     for name in sorted(by):
         rs = by[name]
         echo(f"{name:12s} {len(rs):5d} {sum(bool(r.violations) for r in rs):6d} "
-             f"{sum(int(str(r.stats.get('edits', 0))) for r in rs):6d} "
-             f"{max(int(str(r.stats.get('epochs', 0))) for r in rs):6d} "
-             f"{sum(int(str(r.stats.get('crashes', 0))) for r in rs):7d} "
+             f"{sum(r.stats.get('edits', 0) for r in rs):6d} "
+             f"{max(r.stats.get('epochs', 0) for r in rs):6d} "
+             f"{sum(r.stats.get('crashes', 0) for r in rs):7d} "
              f"{sum(r.real_s for r in rs) / len(rs):10.2f}")
     total = len(results)
     bad = sum(bool(r.violations) for r in results)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -112,7 +112,6 @@ class SimDevice:
     """Markers acknowledged durable (their updates left the outbox on a quorum's ack)."""
     fingerprint: bytes = b""
     endpoint: bytes = b""
-    removed_at: int | None = None
     restart_at: int | None = None
     durable_wal: int = 0
     counter: int = 0
@@ -257,12 +256,12 @@ class World:
 
     def node_log(self, node: SimNode) -> dict[int, tuple[bytes, bytes | None]]:
         """Slot -> (value, certificate) stored by the node (read from its database)."""
-        with _readonly(node.path) as db:
+        with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
             return {s: (v, c) for s, v, c in
                     db.execute("SELECT slot, value, certificate FROM decided")}
 
     def node_envelopes(self, node: SimNode) -> list[Envelope]:
-        with _readonly(node.path) as db:
+        with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
             return [decode_as(raw, Envelope) for (raw,) in db.execute(
                 "SELECT envelope FROM envelopes WHERE group_id=?", (self.group_id,))]
 
@@ -284,13 +283,3 @@ def _db_files(directory: Path, name: str = "device.db") -> list[Path]:
     return [p for p in (directory / name, directory / f"{name}-wal", directory / f"{name}-shm")
             if p.exists()]
 
-
-class _readonly:
-    def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.db
-
-    def __exit__(self, *exc: Any) -> None:
-        self.db.close()
