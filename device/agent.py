@@ -22,30 +22,19 @@ from pathlib import Path
 import msgpack
 import trio
 
-from device.document import Document, DocumentError
+from device.document import Document
+from device.errors import DocumentError, JoinError
 from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, new_signature_key
-from device.p2p import PeerServer, Progress, TransferError, fetch_snapshot
+from device.p2p import PeerServer, Progress
 from device.store import Store
 from proto import entropy
-from proto.codec import encode
-from proto.crdt import CrdtError
-from proto.errors import DecodeError, SyncnodeError, TransportError
-from proto.groups import single_errors
+from proto.errors import SyncnodeError, TransportError
 from proto.identity import SecretKey, fingerprint, short_id
-from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
 from proto.manifest import (
-    LogValue,
-    ManifestError,
     SyncnodeEntry,
     genesis,
-    validate_genesis,
-    verify_decided,
 )
-from proto.paxos.messages import Decided
-from proto.paxos.quorum import CertificateError
-from proto.rpc import RemoteError, SyncnodeClient
-from proto.service import MailboxKind
 from proto.ticket import NodeTicket
 from proto.transport.base import Transport
 from proto.transport.iroh import IrohTransport
@@ -75,8 +64,12 @@ class DeviceConfig:
     propose_backoff: float = 0.02
     rebase_attempts: int = 8
     max_in_flight: int = 256
-    mailbox_interval: float = 1.0
-    """How often a device with open invites checks the mailbox for join requests."""
+    mailbox_interval: float = 10.0
+    """Safety net: how often a device with open invites reads its mailbox even without a
+    notice (syncnodes push one when a join request arrives)."""
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 10.0
+    """A syncnode link that does not answer a request within this long counts as down."""
     fast_poll_interval: float = 0.02
     fast_poll_window: float = 120.0
     """For this long after making an invite (inviter) or starting a join (new device), poll
@@ -92,10 +85,6 @@ class DeviceConfig:
     listen: str = "127.0.0.1:0"
     relays: tuple[str, ...] = ()
     """iroh relay URLs; empty for direct connections only."""
-
-
-class JoinError(SyncnodeError):
-    """The join could not complete (bad or expired ticket, no syncnode reachable, timeout)."""
 
 
 class Device:
@@ -202,7 +191,7 @@ class Device:
         g = genesis(self.key, gid, self.endpoint_id, entries, crdt, self.addresses())
         with self.store.transaction() as db:
             group.persist()
-            _insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
+            insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
             db.execute("INSERT INTO log VALUES (?,?,?,?)", (gid, 0, g.encode(), None))
         doc = Document(self, gid)
         self._start(doc)
@@ -212,192 +201,19 @@ class Device:
     async def join(self, ticket: str, *, name: str = "", timeout: float = 600.0,
                    progress: Callable[[str], None] | None = None,
                    on_progress: Callable[[Progress], None] | None = None) -> Document:
-        """Join a document with an invite ticket from a member.
+        """Join a document with an invite ticket from a member; returns once this device is a
+        member **and** holds the document's content (steps in :mod:`device.joining`).
 
-        Sends our KeyPackage, sealed to the inviter, through the syncnodes' mailbox; waits
-        until the inviter's add is decided (the inviter may come online later); joins the MLS
-        group from the Welcome in the decided log (after verifying the whole log); then asks the
-        inviter for the current state directly (peer to peer, resumable, verified against the
-        inviter's signature); if that fails, members send it through the syncnodes. ``progress``
-        gets human-readable steps, ``on_progress`` the bytes received. This process must stay up
-        until it returns: the KeyPackage's private key lives only in memory.
+        ``progress`` gets human-readable steps, ``on_progress`` the bytes of a direct
+        transfer. Raises :class:`JoinError` for a bad, spent or expired ticket (the inviter's
+        refusal arrives within seconds when it is online), when no syncnode is reachable, and
+        at ``timeout`` (saying what it was waiting for). This process must stay up until it
+        returns: the KeyPackage's private key lives only in memory.
         """
-        say = progress or (lambda _msg: None)
-        try:
-            t = InviteTicket.parse(ticket)
-        except DecodeError as exc:
-            raise JoinError(f"bad invite ticket: {exc}") from None
-        if t.expires_at < entropy.wall():
-            raise JoinError("the invite ticket has expired")
-        if t.group_id in self._docs:
-            raise JoinError("this device is already a member of that document")
-        key_package = self.mls.key_package()
-        request = JoinRequest(t.group_id, t.secret, key_package, self.key.public,
-                              self.endpoint_id, self.addresses()).seal(t.inviter)
-        with trio.fail_after(timeout):
-            async with self._connect_all(t.syncnodes) as clients:
-                ttl = int(max(60, t.expires_at - entropy.wall()))
-                posted: list[bytes] = []
+        from device import joining
 
-                async def post(c: SyncnodeClient) -> None:
-                    try:
-                        await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
-                        posted.append(c.node_id)
-                    except SyncnodeError as exc:  # the others may still take it
-                        log.info("join request not stored", node=short_id(c.node_id),
-                                 error=str(exc))
-
-                async with trio.open_nursery() as nursery:
-                    for c in clients:
-                        nursery.start_soon(post, c)
-                if not posted:
-                    raise JoinError("no syncnode stored the join request")
-                say(f"join request sent to {len(posted)} syncnode(s); waiting for the "
-                    "inviter to add this device")
-                slot, values, decided = await self._await_welcome(clients, t)
-        welcome = values[slot].welcome
-        assert welcome is not None
-        group = self.mls.join(welcome)
-        with self.store.transaction() as db:
-            group.persist()
-            _insert_document(db, t.group_id, name or t.group_id.hex()[:8],
-                             values[0].manifest.crdt_type, slot)
-            for s in range(slot + 1):
-                db.execute("INSERT INTO log VALUES (?,?,?,?)",
-                           (t.group_id, s, values[s].encode(),
-                            encode(decided[s]) if s else None))
-        doc = Document(self, t.group_id)
-        say(f"joined at epoch {slot}; fetching the document from a member")
-        await self._initial_state(doc, t, say, on_progress)
-        self._start(doc)
-        log.info("joined document", doc=short_id(t.group_id), epoch=slot)
-        return doc
-
-    async def _initial_state(self, doc: Document, t: InviteTicket, say: Callable[[str], None],
-                             on_progress: Callable[[Progress], None] | None) -> None:
-        """Load the document peer to peer from the inviter (one resume after an interruption).
-        If that fails, the members answer our state request through the syncnodes instead."""
-        if self.config.p2p_state_transfer:
-            sources = [(t.inviter_endpoint, t.inviter_addrs)] + [
-                (d.endpoint_id, d.addrs) for d in doc.manifest.devices
-                if d.fingerprint != self.fingerprint and d.endpoint_id != t.inviter_endpoint]
-            for endpoint, addrs in sources:
-                if await self._fetch_from(doc, endpoint, addrs, say, on_progress):
-                    return
-        say("asking members for the document via the syncnodes")
-        doc._missing = True
-
-    async def _fetch_from(self, doc: Document, endpoint: bytes, addrs: tuple[str, ...],
-                          say: Callable[[str], None],
-                          on_progress: Callable[[Progress], None] | None) -> bool:
-        """One member as the source; an interrupted transfer is resumed once."""
-        partial: dict[bytes, bytearray] = {}
-        for attempt in range(2):
-            try:
-                data, body = await fetch_snapshot(self.transport, endpoint, addrs, doc.manifest,
-                                                  progress=on_progress, partial=partial,
-                                                  timeout=self.config.connect_timeout)
-                if body.backend != doc.crdt.backend_id:
-                    raise TransferError(f"snapshot of backend {body.backend!r}")
-                doc.load_state(data, {d.sender: d.seq for d in body.covers})
-                say(f"received the document peer to peer from {short_id(endpoint)} "
-                    f"({len(data)} bytes)")
-                return True
-            except (TransferError, CrdtError) as exc:
-                log.info("peer-to-peer state transfer failed", source=short_id(endpoint),
-                         attempt=attempt + 1, error=str(exc))
-                if not partial:
-                    break
-        return False
-
-    @asynccontextmanager
-    async def _connect_all(self, entries: Sequence[SyncnodeEntry]
-                           ) -> AsyncIterator[list[SyncnodeClient]]:
-        """Authenticated connections to every reachable syncnode, dialled in parallel."""
-        clients: list[SyncnodeClient] = []
-        untried = len(entries)
-        all_tried, release = trio.Event(), trio.Event()
-
-        def tried() -> None:
-            nonlocal untried
-            untried -= 1
-            if untried == 0:
-                all_tried.set()
-
-        async def hold(e: SyncnodeEntry) -> None:
-            try:
-                async with SyncnodeClient.connect(self.transport, NodeTicket(e.node_id, e.addrs),
-                                                  timeout=self.config.connect_timeout) as c:
-                    await c.authenticate(self.key)
-                    clients.append(c)
-                    tried()
-                    await release.wait()  # keep the connection until the join is done
-            except SyncnodeError as exc:  # unreachable, or a faulty syncnode
-                log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
-                tried()
-
-        with single_errors():  # a JoinError of the caller's block comes out as itself
-            async with trio.open_nursery() as nursery:
-                for e in entries:
-                    nursery.start_soon(hold, e)
-                await all_tried.wait()
-                if clients:
-                    try:
-                        yield clients
-                    finally:
-                        release.set()
-        if not clients:
-            raise JoinError("none of the document's syncnodes is reachable")
-
-    async def _await_welcome(self, clients: list[SyncnodeClient], t: InviteTicket
-                             ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
-        """Poll the decided log until a verified slot adds this device. What was verified
-        stays verified: each poll reads only the slots after it (re-verifying the whole log
-        at every poll cost the simulator most of its time)."""
-        started = trio.current_time()
-        values: dict[int, LogValue] = {}
-        decided: dict[int, Decided] = {}
-        while True:
-            for c in clients:
-                try:
-                    found = await self._scan_log(c, t, values, decided)
-                except (TransportError, RemoteError, DecodeError, CertificateError,
-                        ManifestError) as exc:  # a bad or unreachable syncnode: try the others
-                    log.info("cannot read the decided log", node=short_id(c.node_id),
-                             error=str(exc))
-                    continue
-                if found is not None:
-                    return found, values, decided
-            fast = trio.current_time() - started < self.config.fast_poll_window
-            await trio.sleep(self.config.fast_poll_interval if fast
-                             else self.config.join_poll_interval)
-
-    async def _scan_log(self, c: SyncnodeClient, t: InviteTicket, values: dict[int, LogValue],
-                        decided: dict[int, Decided]) -> int | None:
-        """Extend the verified log (``values``, ``decided``) from ``c``; the slot that adds
-        this device, once there is one."""
-        slot = len(values)
-        while True:
-            page = await c.fetch_decided(t.group_id, slot)
-            if slot == 0:
-                if page.genesis is None:
-                    return None
-                g = LogValue.decode(page.genesis)
-                validate_genesis(t.group_id, g)
-                values[0] = g
-                slot = 1
-            for d in page.decided:
-                s = d.certificate.slot
-                if s != slot:
-                    break
-                values[s] = verify_decided(values[s - 1].manifest, d.value, d.certificate)
-                decided[s] = d
-                if values[s].manifest.device(self.fingerprint) is not None \
-                        and values[s].welcome is not None:
-                    return s
-                slot += 1
-            if not page.decided or slot > page.top:
-                return None
+        return await joining.join(self, ticket, name=name, timeout=timeout,
+                                  say=progress or (lambda _msg: None), on_progress=on_progress)
 
 
 async def _bind(store: Store, key: SecretKey, config: DeviceConfig) -> Transport:
@@ -425,7 +241,7 @@ def _open_store(path: str | os.PathLike[str]) -> Store:
     return Store(Path(os.path.expanduser(os.fspath(path))))
 
 
-def _insert_document(db: sqlite3.Connection, gid: bytes, name: str, crdt: str,
+def insert_document(db: sqlite3.Connection, gid: bytes, name: str, crdt: str,
                      epoch: int) -> None:
     db.execute("INSERT INTO documents VALUES (?,?,?,?,?,?,?,?,?,?)",
                (gid, name, crdt, entropy.randbits(63), epoch, epoch, 1, msgpack.packb({}),

@@ -29,6 +29,8 @@ import trio
 import trio.lowlevel
 
 from device.crdt_loro import BACKENDS, Editor
+from device.errors import DocumentError, Offline
+from device.invites import Added, Invites
 from device.mls import MlsError, MlsGroup, identity_for
 from device.paxos_driver import ProposeFailed, propose
 from proto import entropy
@@ -38,7 +40,6 @@ from proto.crdt import CrdtBackend, CrdtError
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import fingerprint, short_id
-from proto.invite import InviteTicket, JoinRequest, secret_hash
 from proto.logs import get_logger
 from proto.manifest import (
     DeviceEntry,
@@ -64,7 +65,7 @@ from proto.payload import (
     vector_deps,
 )
 from proto.rpc import RemoteError, SyncnodeClient
-from proto.service import MailboxKind
+from proto.service import MailboxNotice
 from proto.ticket import NodeTicket
 from proto.wakeup import Signal
 
@@ -76,12 +77,14 @@ log = get_logger("device.document")
 MAX_FLUSH_BYTES = 1024 * 1024
 
 
-class DocumentError(SyncnodeError):
-    """The operation cannot be done on this document (removed, unknown device, ...)."""
+def _needs_state_key(group_id: bytes) -> str:
+    """Meta key present while a joined document still waits for a member's state."""
+    return f"needs_state:{group_id.hex()}"
 
 
-class Offline(DocumentError):
-    """Not enough syncnodes reachable for a membership change (it needs a quorum)."""
+def mark_needs_state(db: Any, group_id: bytes) -> None:
+    """Record (inside the join's transaction) that the document's content is still to come."""
+    db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (_needs_state_key(group_id), b"1"))
 
 
 @dataclass(frozen=True)
@@ -192,11 +195,15 @@ class Document:
         self._missing = False
         self._last_sync_request = 0.0
         self._answered: set[tuple[bytes, int]] = set()
-        self._join_lock = trio.Lock()
-        self._invited_at = -float("inf")
-        self._add_retry_at = -float("inf")
         self._link_delay: dict[bytes, float] = {}
-        self._add_backoff = 0.5
+        self.invites = Invites(self)
+        self.state_loaded = trio.Event()
+        """Set once this device holds the document's content (always, except right after a
+        join until a member's state arrived)."""
+        if self.store.get_meta(_needs_state_key(group_id)) is None:
+            self.state_loaded.set()
+        else:
+            self._missing = True
         if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", group_id):
             self._dirty.set()
 
@@ -302,17 +309,16 @@ class Document:
             await self._epoch_changed.wait()
 
     def invite(self, ttl: float = 24 * 3600) -> str:
-        """A one-time invite ticket for a new device (see :meth:`Device.join`). The add happens
-        when the new device's request arrives and this device is online."""
-        secret = entropy.token_bytes(16)
-        expires = entropy.wall() + ttl
-        self._invited_at = trio.current_time()  # the new device usually asks right away
-        with self.store.transaction() as db:
-            db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
-                       (secret_hash(secret), self.group_id, expires))
-        return str(InviteTicket(self.group_id, self.device.key.public, self.device.endpoint_id,
-                                self.device.addresses(),
-                                self.manifest.syncnodes, secret, int(expires)))
+        """A one-time invite ticket for a new device (see :meth:`Device.join`), valid for
+        ``ttl`` seconds. The add happens when the new device's request arrives while this
+        device is online; :meth:`wait_invite` follows it."""
+        return self.invites.create(ttl)
+
+    async def wait_invite(self, ticket: str, *, grace: float = 10.0,
+                          say: Callable[[str], None] = lambda _m: None) -> tuple[Added, str]:
+        """Until the device holding ``ticket`` is added and holds the document (see
+        :meth:`device.invites.Invites.wait`)."""
+        return await self.invites.wait(ticket, grace=grace, say=say)
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
                          role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
@@ -523,6 +529,8 @@ class Document:
                            [(self.group_id, s, q) for (s, q) in before - after])
             db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
                        (msgpack.packb(self.buffer.delivered), self.group_id))
+            if states:
+                self._state_arrived(db)
         self._updates_since_snapshot += len(applied)
         if self._updates_since_snapshot >= self.device.config.snapshot_every:
             self.compact()
@@ -548,9 +556,16 @@ class Document:
             # the epoch we applied since, which mls-rs no longer opens. Members that did
             # decrypt it answer our state request with a STATE covering it.
             self._missing = True
-            log.warning("cannot decrypt", doc=short_id(self.group_id), me=short_id(self.me),
-                        sender=short_id(env.sender),
-                        seq=env.seq, epoch=env.epoch, error=str(exc))
+            key = (self.group_id, env.sender, env.seq)
+            said = self.store.one("SELECT 1 FROM undecryptable WHERE group_id=? AND sender=? "
+                                  "AND seq=?", *key)
+            (log.debug if said else log.warning)(
+                "cannot decrypt; asking members for the state instead",
+                doc=short_id(self.group_id), sender=short_id(env.sender), seq=env.seq,
+                epoch=env.epoch, error=str(exc))
+            if not said:  # warned once, not at every run that backfills it again
+                with self.store.transaction(durable=False) as db:
+                    db.execute("INSERT OR IGNORE INTO undecryptable VALUES (?,?,?)", key)
             return None
         if sender != identity_for(entry.sig_pub):
             log.warning("envelope sender is not the MLS sender", doc=short_id(self.group_id))
@@ -583,8 +598,14 @@ class Document:
                            [(self.group_id, s, q) for (s, q) in before - set(self.buffer.pending)])
             db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
                        (msgpack.packb(self.buffer.delivered), self.group_id))
+            self._state_arrived(db)
         self._missing = False
         self._emit(Change("remote", (), 0, 1))
+
+    def _state_arrived(self, db: Any) -> None:
+        if not self.state_loaded.is_set():
+            db.execute("DELETE FROM meta WHERE key=?", (_needs_state_key(self.group_id),))
+            self.state_loaded.set()
 
     def compact(self) -> None:
         """Replace the stored CRDT updates by one snapshot (bounded load time)."""
@@ -689,7 +710,7 @@ class Document:
                  signer=short_id(value.signer), devices=len(value.manifest.devices))
         self._epoch_changed.fire()
         if removed:
-            self._emit(Alarm("removed", f"this device was removed at epoch {slot}"))
+            self._alarm("removed", f"this device was removed at epoch {slot}")
             self._durable_changed.fire()
             return True
         future = [e for e in self.future.values() if e.epoch <= self.epoch]
@@ -861,11 +882,15 @@ class Document:
             nursery.start_soon(self._push_outbox, client)
             nursery.start_soon(self._announce, client, known)
             nursery.start_soon(self._learner, client)
-            nursery.start_soon(self._mailbox, client)
+            nursery.start_soon(self.invites.run, client)
+            nursery.start_soon(self._keepalive, client)
             await self.learn(client)
             await self._backfill(client)
             nursery.start_soon(self._periodic_backfill, client)
             async for item in sub:
+                if isinstance(item, MailboxNotice):
+                    self.invites.notify()
+                    continue
                 await self._inbox_send.send((client, item))
             raise TransportError("subscription ended")
 
@@ -925,6 +950,18 @@ class Document:
             await trio.sleep(self.device.config.backfill_interval)
             await self._backfill(client)
 
+    async def _keepalive(self, client: SyncnodeClient) -> None:
+        """A link counts as connected only while its syncnode answers: a frozen process keeps
+        the QUIC connection open for a long time, so ask for our head now and then and drop
+        the link when no answer comes in time (it then reconnects with backoff)."""
+        cfg = self.device.config
+        while self.status == "active":
+            await trio.sleep(cfg.keepalive_interval)
+            with trio.move_on_after(cfg.keepalive_timeout):
+                await client.heads([self.group_id])
+                continue
+            raise TransportError(f"no answer within {cfg.keepalive_timeout:g} s")
+
     async def _learner(self, client: SyncnodeClient) -> None:
         while True:
             await self._learn_wanted.wait()
@@ -971,13 +1008,23 @@ class Document:
     async def _send_one(self, client: SyncnodeClient, out: _Outgoing,
                         limiter: trio.Semaphore) -> None:
         try:
-            try:
-                await client.store(out.envelope)
-            except RemoteError as exc:
-                if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAUTHORIZED):
-                    raise
-                await self._sync_node(client)  # it lags behind our epoch; tell it and retry
-                await client.store(out.envelope)
+            delay = 0.05
+            while True:
+                try:
+                    await client.store(out.envelope)
+                    break
+                except RemoteError as exc:
+                    if exc.code == ErrorCode.RATE_LIMITED:
+                        # Over the syncnode's budget: the envelope waits, the link stays up
+                        # (it used to be dropped and resent only after a reconnect).
+                        await trio.sleep(delay * entropy.uniform(0.5, 1.0))
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAUTHORIZED):
+                        raise
+                    await self._sync_node(client)  # it lags behind our epoch; tell it, retry
+                    await client.store(out.envelope)
+                    break
             self._acked(out, client.node_id)
         finally:
             limiter.release()
@@ -991,62 +1038,3 @@ class Document:
                 db.execute("DELETE FROM outbox WHERE group_id=? AND seq=?", (self.group_id, seq))
             del self.outbox[seq]
             self._durable_changed.fire()
-
-    async def _mailbox(self, client: SyncnodeClient) -> None:
-        """Pick up join requests for our open invites (this device is the inviter)."""
-        while self.status == "active":
-            if trio.current_time() >= self._add_retry_at and self.store.one(
-                    "SELECT 1 FROM invites WHERE group_id=? AND used=0 AND expires_at>?",
-                    self.group_id, entropy.wall()):
-                items = await client.mailbox_fetch(self.device.key.public)
-                done = []
-                for item in items.items:
-                    if item.kind != MailboxKind.KEY_PACKAGE or \
-                            await self._join_request(item.payload):
-                        done.append(item.item_id)
-                if done:
-                    await client.mailbox_ack(self.device.key.public, done)
-            cfg = self.device.config
-            fast = trio.current_time() - self._invited_at < cfg.fast_poll_window
-            await trio.sleep(cfg.fast_poll_interval if fast else cfg.mailbox_interval)
-
-    async def _join_request(self, sealed: bytes) -> bool:
-        """Handle one join request; False if it should stay in the mailbox (retry later)."""
-        try:
-            req = JoinRequest.open(self.device.key, sealed)
-        except DecodeError as exc:
-            log.warning("unreadable join request", error=str(exc))
-            return True
-        if req.group_id != self.group_id:
-            return False  # for another of our documents; its own link handles it
-        async with self._join_lock:
-            row = self.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
-                                 "group_id=?", secret_hash(req.secret), self.group_id)
-            if row is not None and row[1]:
-                log.debug("join request for a used invite (a copy from another syncnode)")
-                return True
-            if row is None or row[0] < entropy.wall():
-                log.warning("join request with an unknown or expired invite",
-                            doc=short_id(self.group_id))
-                return True
-            try:
-                slot = await self.add_device(req.key_package, req.sig_pub, req.endpoint_id,
-                                             addrs=req.addrs)
-            except (ManifestError, MlsError) as exc:
-                log.warning("join request refused", doc=short_id(self.group_id), error=str(exc))
-                return True
-            except DocumentError as exc:
-                # Back off: with the syncnodes unreachable or in contention, retrying at the
-                # fast poll rate only burns CPU (found by the simulator).
-                self._add_retry_at = trio.current_time() + self._add_backoff
-                self._add_backoff = min(self._add_backoff * 2, 30.0)
-                log.info("cannot add the invited device yet", doc=short_id(self.group_id),
-                         error=str(exc), retry_in=self._add_backoff / 2)
-                return False
-            self._add_backoff = 0.5
-            with self.store.transaction() as db:
-                db.execute("UPDATE invites SET used=1 WHERE secret_hash=?",
-                           (secret_hash(req.secret),))
-            log.info("device added from an invite", doc=short_id(self.group_id),
-                     device=short_id(fingerprint(req.sig_pub)), slot=slot)
-            return True

@@ -130,6 +130,7 @@ class PeerServer:
         for start in range(offset, len(served.data), CHUNK):
             await stream.send(encode(SnapshotChunk(start, served.data[start:start + CHUNK])))
         await stream.send_eof()
+        doc.invites.transfer_done(peer)
 
 
 async def fetch_snapshot(transport: Transport, endpoint_id: bytes, addrs: tuple[str, ...],

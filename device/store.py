@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS proposal (        -- our commit in flight (re-propose
 CREATE TABLE IF NOT EXISTS invites (
     secret_hash BLOB PRIMARY KEY, group_id BLOB NOT NULL, expires_at REAL NOT NULL,
     used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS undecryptable (  -- authentic envelopes MLS would not open (warned)
+    group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, sender, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, evidence BLOB, at REAL NOT NULL);

@@ -28,6 +28,7 @@ from proto.ticket import Addrs, from_text, to_text
 PREFIX = "sninv1"
 MAX_TICKET_CHARS = 4096
 MAX_KEY_PACKAGE = 64 * 1024
+MAX_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class InviteTicket:
     syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
     secret: Annotated[bytes, Len(16)]
     expires_at: U64
+    name: Annotated[str, MaxLen(MAX_NAME)] = ""
+    """The document's name on the inviter's device, so ``show NAME`` works on the new one."""
 
     def __str__(self) -> str:
         return to_text(PREFIX, self)

@@ -42,6 +42,7 @@ from proto.service import (
     MailboxFetch,
     MailboxItems,
     MailboxKind,
+    MailboxNotice,
     MailboxPut,
     MailboxStored,
     RegisterGroup,
@@ -225,7 +226,8 @@ class SyncnodeClient:
 
 
 class Subscription:
-    """Frames pushed by the syncnode: :class:`Envelope` and :class:`Decided`."""
+    """Frames pushed by the syncnode: :class:`Envelope`, :class:`Decided`, and
+    :class:`MailboxNotice` (an item arrived for a key this connection authenticated with)."""
 
     def __init__(self, stream: Stream, top: int) -> None:
         self.stream = stream
@@ -234,7 +236,7 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Envelope | Decided:
+    async def __anext__(self) -> Envelope | Decided | MailboxNotice:
         try:
             frame = await self.stream.receive()
         except TransportError:
@@ -242,6 +244,6 @@ class Subscription:
         msg = decode(frame)
         if isinstance(msg, ErrorReply):
             raise RemoteError(msg.code, msg.detail)
-        if not isinstance(msg, Envelope | Decided):
+        if not isinstance(msg, Envelope | Decided | MailboxNotice):
             raise UnexpectedReply(f"unexpected {type(msg).__name__} on a subscription")
         return msg

@@ -170,6 +170,10 @@ class MailboxKind(enum.IntEnum):
     KEY_PACKAGE = 1
     WELCOME = 2
     INVITE_REPLY = 3
+    STATE_HANDOFF = 4
+    """A part of the document state an inviter leaves for the device it adds."""
+    JOIN_REFUSED = 5
+    """The inviter's answer to a join request with a spent, expired or unknown ticket."""
 
 
 @message(0x50)
@@ -221,6 +225,15 @@ class MailboxAck:
 
     recipient: PublicKey
     item_ids: Annotated[tuple[U64, ...], MaxItems(MAX_PAGE)]
+
+
+@message(0x56)
+@dataclass(frozen=True)
+class MailboxNotice:
+    """Pushed on a subscription when an item arrives for a key the subscriber authenticated
+    with: an online inviter reads a join request at once instead of polling."""
+
+    recipient: PublicKey
 
 
 @message(0x55)

@@ -71,6 +71,7 @@ from proto.service import (
     MailboxFetch,
     MailboxItem,
     MailboxItems,
+    MailboxNotice,
     MailboxPut,
     MailboxStored,
     RegisterGroup,
@@ -215,6 +216,8 @@ class Service:
         self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for, self.slots,
                                  validate_value=self._validate_value)
         self.subscribers: dict[bytes, set[Subscriber]] = {}
+        self.mailbox_watchers: dict[bytes, set[Subscriber]] = {}
+        """Recipient key -> subscriptions of sessions authenticated with it (mailbox notices)."""
         self._nursery: trio.Nursery | None = None
         self.catchup: Callable[[bytes], None] = lambda group_id: None
         """Hook: ask the peer-sync task to fetch missing decisions of a group."""
@@ -603,6 +606,8 @@ class Service:
         fpr = self._require_member(session, g)
         sub = Subscriber(g.group_id, fpr, session)
         self.subscribers.setdefault(g.group_id, set()).add(sub)
+        for key in session.keys.values():
+            self.mailbox_watchers.setdefault(key, set()).add(sub)
         return Subscribed(g.group_id, g.top), sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -611,6 +616,12 @@ class Service:
             subs.discard(sub)
             if not subs:
                 del self.subscribers[sub.group_id]
+        for key in sub.session.keys.values():
+            watchers = self.mailbox_watchers.get(key)
+            if watchers is not None:
+                watchers.discard(sub)
+                if not watchers:
+                    del self.mailbox_watchers[key]
 
     def _publish(self, g: GroupState, item: Envelope | Decided, *,
                  new_manifest: bool = False) -> None:
@@ -647,7 +658,12 @@ class Service:
                                                  now + msg.ttl))
             return int(cur.lastrowid or 0)
 
-        return MailboxStored(await self.writer.execute(write))
+        stored = MailboxStored(await self.writer.execute(write))
+        notice = encode(MailboxNotice(msg.recipient))
+        for sub in list(self.mailbox_watchers.get(msg.recipient, ())):
+            if not sub.offer(notice):
+                self.unsubscribe(sub)
+        return stored
 
     def _require_key(self, session: Session, key: bytes) -> None:
         if session.keys.get(fingerprint(key)) != key:

@@ -142,7 +142,8 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         assert any(f"peer to peer from {short_id(c.endpoint_id)}" in s for s in steps)
         await converged([doc, joined_b, joined_d], timeout=60)
 
-        # No member can serve directly: the members answer through the syncnodes.
+        # No member can serve directly: the copy the inviter stored on the syncnodes before
+        # the add is used.
         async def all_broken(self: p2p.PeerServer, peer: bytes, stream: object,
                              req: object) -> None:
             raise p2p.TransportError("broken")
@@ -151,7 +152,7 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         steps = []
         with trio.fail_after(60):
             joined_f = await f.join(doc.invite(), progress=steps.append)
-        assert any("via the syncnodes" in s for s in steps)
+        assert any("from the copy stored on the syncnodes" in s for s in steps), steps
         value = await converged([doc, joined_b, joined_d, joined_f], timeout=60)
         assert value["paper"] == doc.value()["paper"]
 
@@ -184,14 +185,17 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
         forged = InviteTicket(ticket.group_id, ticket.inviter, ticket.inviter_endpoint,
                               ticket.inviter_addrs, ticket.syncnodes, b"\x00" * 16,
                               ticket.expires_at)
-        with pytest.raises(trio.TooSlowError):
-            await b.join(str(forged), timeout=2.0)
+        with pytest.raises(JoinError, match="refused this ticket: the inviter has no such"):
+            await b.join(str(forged), timeout=20)
         assert len(doc.members()) == 1
-        # A good ticket works once; reusing it adds nobody else.
+        # A good ticket works once; reusing it adds nobody else, and the second device is told
+        # so by the inviter at once (not at its timeout).
         good = doc.invite()
         joined = await b.join(good)
-        with pytest.raises(trio.TooSlowError):
-            await e.join(good, timeout=2.0)
+        started = trio.current_time()
+        with pytest.raises(JoinError, match="already used by another device"):
+            await e.join(good, timeout=60)
+        assert trio.current_time() - started < 10
         assert {m.id for m in doc.members()} == {a.id, b.id}
 
         # A peer whose snapshot does not match its signed hash is rejected, nothing loaded.
@@ -278,3 +282,46 @@ async def test_no_member_online_joiner_uses_the_state_stored_on_syncnodes(
             # The only other member is gone; b still gets the document.
             await eventually(lambda: joined.value() == expected, 30, "b loads the stored state")
             assert not joined.alarms()
+
+
+@pytest.mark.parametrize("staged", [True, False])
+async def test_inviter_gone_as_the_add_is_decided_joiner_still_gets_every_durable_edit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: bool) -> None:
+    """The inviter goes offline the instant its add of the new device is decided, and no other
+    member is online: the document was stored for the joiner on a quorum before the add was
+    proposed, so the join completes with every durable edit. Negative control (staged=False,
+    staging disabled): the join cannot get the document and fails at its timeout, saying so,
+    instead of reporting success with an empty document."""
+    import device.invites as invites
+
+    if not staged:
+        monkeypatch.setattr(invites, "MAX_HANDOFF", 0)
+    async with memory_cluster(tmp_path, 16) as (net, _, nodes):
+        async with memory_device(net, tmp_path / "b") as b, trio.open_nursery() as nursery:
+            a_scope = trio.CancelScope()
+            got: list[str] = []
+
+            async def inviter() -> None:
+                with a_scope:
+                    async with memory_device(net, tmp_path / "a") as a:
+                        doc = await a.create_document([n.ticket for n in nodes], name="n")
+                        for i in range(17):
+                            doc.change(lambda e, i=i: e.list("items").push(i))
+                            doc.flush()
+                        with trio.fail_after(20):
+                            await doc.wait_durable()
+                        got.append(doc.invite())
+                        await doc.wait_epoch(1)  # the add is decided: vanish at once
+                        a_scope.cancel()
+
+            nursery.start_soon(inviter)
+            await eventually(lambda: bool(got), what="the invite")
+            if staged:
+                with trio.fail_after(30):
+                    joined = await b.join(got[0], timeout=25)
+                assert joined.value() == {"items": list(range(17))}
+                assert joined.name == "n"  # the ticket carries the document's name
+            else:
+                with pytest.raises(JoinError, match="waiting for a member to send"):
+                    await b.join(got[0], timeout=8)
+                assert a_scope.cancelled_caught

@@ -1,0 +1,278 @@
+"""The inviter's side of joining: invite tickets, join requests, and the state handoff.
+
+A member makes a one-time ticket (:meth:`Invites.create`); the new device leaves a join request
+sealed to us in the syncnodes' mailbox. The syncnodes push a notice on our subscription when an
+item arrives for our key, so an online inviter reads it at once (a slow poll remains as a safety
+net). For a valid request we first store the whole document on a quorum of syncnodes, in the
+joiner's mailbox and encrypted with the ticket's secret (:mod:`proto.handoff`), and only then
+propose the add through Paxos: from the moment the add is decided, the joiner can get the
+document whatever happens to us. A request with a spent, expired or unknown ticket gets a
+refusal the joiner reads within seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from device.errors import Offline
+from device.mls import MlsError
+from proto import entropy
+from proto.errors import DecodeError, SyncnodeError
+from proto.handoff import MAX_HANDOFF, JoinRefusal, seal_parts, seal_refusal
+from proto.identity import fingerprint, short_id
+from proto.invite import MAX_NAME, InviteTicket, JoinRequest, secret_hash
+from proto.logs import get_logger
+from proto.manifest import ManifestError
+from proto.p2p import SnapshotBody, SnapshotOffer, snapshot_digest
+from proto.payload import vector_deps
+from proto.rpc import SyncnodeClient
+from proto.service import MailboxKind
+from proto.wakeup import Signal
+
+if TYPE_CHECKING:
+    from device.document import Document
+
+log = get_logger("device.invites")
+
+HANDOFF_TTL = 24 * 3600
+"""How long the staged state waits on the syncnodes for the joiner (it normally takes it at once
+and deletes it)."""
+REFUSAL_TTL = 3600
+EXPIRY_GRACE = 600.0
+"""Requests for tickets expired this recently are still read (and refused): clocks differ."""
+MAILBOX_PAGE = 64
+
+
+class InviteError(SyncnodeError):
+    """An invite cannot be made or has ended without a new member (expired unused)."""
+
+
+@dataclass(frozen=True)
+class Added:
+    """An invite that was used: who was added, at which slot, and on how many syncnodes the
+    document waited for it before the add was proposed."""
+
+    device: str
+    endpoint_id: bytes
+    slot: int
+    staged_on: int
+
+
+class Invites:
+    """Open invites of one document and the join requests for them (one per document)."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.changed = Signal()
+        """Fires when a request arrives, a device is added, or a direct transfer finished."""
+        self.added: dict[bytes, Added] = {}
+        self.requested: dict[bytes, str] = {}
+        self.served: set[bytes] = set()
+        """Endpoints that received the whole document from us directly (peer to peer)."""
+        self._wanted = Signal()
+        self._notices = 0
+        self._lock = trio.Lock()
+        self._retry_at = -float("inf")
+        self._backoff = 0.5
+
+    # -- making tickets ------------------------------------------------------------------------
+
+    def create(self, ttl: float) -> str:
+        """A one-time ticket valid for ``ttl`` seconds."""
+        if not ttl > 0:
+            raise InviteError(f"an invite needs a positive lifetime in seconds, not {ttl:g}")
+        doc = self.doc
+        secret = entropy.token_bytes(16)
+        expires = entropy.wall() + ttl
+        with doc.store.transaction() as db:
+            db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
+                       (secret_hash(secret), doc.group_id, expires))
+        self.notify()  # the request usually follows at once: read the mailbox now
+        return str(InviteTicket(doc.group_id, doc.device.key.public, doc.device.endpoint_id,
+                                doc.device.addresses(), doc.manifest.syncnodes, secret,
+                                int(expires), doc.name[:MAX_NAME]))
+
+    def notify(self) -> None:
+        """Something may be waiting in our mailbox (a syncnode's notice, or a new invite)."""
+        self._notices += 1
+        self._wanted.fire()
+
+    def transfer_done(self, endpoint_id: bytes) -> None:
+        self.served.add(endpoint_id)
+        self.changed.fire()
+
+    async def wait(self, ticket: str, *, grace: float = 10.0,
+                   say: Callable[[str], None] = lambda _m: None) -> tuple[Added, str]:
+        """Until the device holding ``ticket`` is added and has the document: it took it from
+        us directly, or (after ``grace`` seconds) it can take it from the syncnodes, where it
+        was stored before the add. Returns who was added and ``"direct"`` or ``"syncnodes"``.
+        Raises :class:`InviteError` when the ticket expires unused."""
+        t = InviteTicket.parse(ticket)
+        key = secret_hash(t.secret)
+        said: set[str] = set()
+
+        def once(msg: str) -> None:
+            if msg not in said:
+                said.add(msg)
+                say(msg)
+
+        once("waiting for the new device to send its join request")
+        while key not in self.added:
+            if key in self.requested:
+                once(f"join request from {self.requested[key]}; storing the document on the "
+                     "syncnodes and adding the device through Paxos")
+            left = t.expires_at - entropy.wall()
+            if left <= 0:
+                raise InviteError("the invite expired before a device used it")
+            with trio.move_on_after(min(left, 5.0)):
+                await self.changed.wait()
+        added = self.added[key]
+        once(f"added {added.device} at epoch {added.slot}; the document is stored for it on "
+             f"{added.staged_on} syncnode(s); waiting for it to fetch the document")
+        with trio.move_on_after(grace):
+            while added.endpoint_id not in self.served:
+                await self.changed.wait()
+        return added, "direct" if added.endpoint_id in self.served else "syncnodes"
+
+    # -- reading join requests -----------------------------------------------------------------
+
+    def _watching(self) -> bool:
+        """Read the mailbox while any invite could still be asked for (used ones too: a
+        request for a spent ticket is answered with a refusal)."""
+        return bool(self.doc.store.one(
+            "SELECT 1 FROM invites WHERE group_id=? AND expires_at>? LIMIT 1",
+            self.doc.group_id, entropy.wall() - EXPIRY_GRACE))
+
+    async def run(self, client: SyncnodeClient) -> None:
+        """Per syncnode link: read join requests when notified (safety-net poll otherwise)."""
+        doc = self.doc
+        while doc.status == "active":
+            mark = self._notices
+            if trio.current_time() >= self._retry_at and self._watching():
+                await self._read(client)
+            if self._notices == mark:  # nothing arrived while we read
+                with trio.move_on_after(doc.device.config.mailbox_interval):
+                    await self._wanted.wait()
+
+    async def _read(self, client: SyncnodeClient) -> None:
+        me = self.doc.device.key.public
+        after = 0
+        while True:
+            page = await client.mailbox_fetch(me, after, MAILBOX_PAGE)
+            done = []
+            for item in page.items:
+                after = max(after, item.item_id)
+                if item.kind != MailboxKind.KEY_PACKAGE or await self._request(item.payload):
+                    done.append(item.item_id)
+            if done:
+                await client.mailbox_ack(me, done)
+            if len(page.items) < MAILBOX_PAGE:
+                return
+
+    async def _request(self, sealed: bytes) -> bool:
+        """Handle one join request; False if it should stay in the mailbox (retry later)."""
+        doc = self.doc
+        try:
+            req = JoinRequest.open(doc.device.key, sealed)
+        except DecodeError as exc:
+            log.warning("unreadable join request", error=str(exc))
+            return True
+        if req.group_id != doc.group_id:
+            return False  # for another of our documents; its own link handles it
+        async with self._lock:
+            key = secret_hash(req.secret)
+            joiner = short_id(fingerprint(req.sig_pub))
+            row = doc.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
+                                "group_id=?", key, doc.group_id)
+            if row is not None and row[1]:
+                if doc.manifest.device(fingerprint(req.sig_pub)) is None:
+                    await self._refuse(req, "this invite was already used by another device")
+                return True  # else a copy of the request that was granted, from another node
+            if row is None:
+                await self._refuse(req, "the inviter has no such invite (revoked, or made on "
+                                        "another device)")
+                return True
+            if row[0] < entropy.wall():
+                await self._refuse(req, "the invite has expired; ask for a new one")
+                return True
+            self.requested[key] = joiner
+            self.changed.fire()
+            try:
+                staged = await self._stage(req)
+                slot = await doc.add_device(req.key_package, req.sig_pub, req.endpoint_id,
+                                            addrs=req.addrs)
+            except (ManifestError, MlsError) as exc:
+                log.warning("join request refused", doc=short_id(doc.group_id), error=str(exc))
+                await self._refuse(req, f"the join request is invalid: {exc}"[:200])
+                return True
+            except SyncnodeError as exc:
+                # Back off: with the syncnodes unreachable or in contention, retrying at once
+                # only burns CPU (found by the simulator).
+                self._retry_at = trio.current_time() + self._backoff
+                self._backoff = min(self._backoff * 2, 30.0)
+                log.info("cannot add the invited device yet", doc=short_id(doc.group_id),
+                         error=str(exc), retry_in=self._backoff / 2)
+                return False
+            self._backoff = 0.5
+            with doc.store.transaction() as db:
+                db.execute("UPDATE invites SET used=1 WHERE secret_hash=?", (key,))
+            self.added[key] = Added(joiner, req.endpoint_id, slot, staged)
+            self.changed.fire()
+            log.info("device added from an invite", doc=short_id(doc.group_id), device=joiner,
+                     slot=slot, staged_on=staged)
+            return True
+
+    async def _stage(self, req: JoinRequest) -> int:
+        """Store the whole document for the joiner on a quorum of syncnodes (before the add is
+        proposed). Returns on how many it was stored; raises if fewer than a quorum."""
+        doc = self.doc
+        doc.flush()  # our own edits are then covered by the vector, not only by the bytes
+        data = doc.crdt.snapshot()
+        if len(data) > MAX_HANDOFF:
+            log.warning("document too large to stage on the syncnodes; the new device needs a "
+                        "member online", doc=short_id(doc.group_id), bytes=len(data))
+            return 0
+        body = SnapshotBody(doc.group_id, doc.epoch, len(data), snapshot_digest(data),
+                            vector_deps(doc.buffer.delivered), doc.crdt.backend_id)
+        parts = seal_parts(req.secret, SnapshotOffer.sign(doc.device.key, body, 0),
+                           req.sig_pub, data)
+        acceptors = doc.manifest.acceptors()
+        stored = await self._put_all(req.sig_pub, MailboxKind.STATE_HANDOFF, parts,
+                                     HANDOFF_TTL, [n for n in doc.clients if n in acceptors])
+        if stored < acceptors.quorum:
+            raise Offline(f"the document reached {stored} of {len(acceptors)} syncnodes; "
+                          f"adding a device needs it on {acceptors.quorum}")
+        return stored
+
+    async def _refuse(self, req: JoinRequest, reason: str) -> None:
+        doc = self.doc
+        sealed = seal_refusal(req.secret, JoinRefusal(doc.group_id, req.sig_pub, reason))
+        n = await self._put_all(req.sig_pub, MailboxKind.JOIN_REFUSED, [sealed], REFUSAL_TTL,
+                                list(doc.clients))
+        log.info("join request refused", doc=short_id(doc.group_id),
+                 device=short_id(fingerprint(req.sig_pub)), reason=reason, told=n)
+
+    async def _put_all(self, recipient: bytes, kind: MailboxKind, payloads: list[bytes],
+                       ttl: int, nodes: list[bytes]) -> int:
+        """Put every payload on each of ``nodes`` (in parallel); how many took them all."""
+        ok: list[bytes] = []
+
+        async def put(client: SyncnodeClient) -> None:
+            try:
+                for p in payloads:
+                    await client.mailbox_put(recipient, kind, p, ttl)
+                ok.append(client.node_id)
+            except SyncnodeError as exc:
+                log.info("mailbox put failed", node=short_id(client.node_id), error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for n in nodes:
+                client = self.doc.clients.get(n)
+                if client is not None:
+                    nursery.start_soon(put, client)
+        return len(ok)
+

@@ -1,0 +1,397 @@
+"""The new device's side of joining (DESIGN.md "Join"), driven by :meth:`Device.join`.
+
+1. Leave our KeyPackage, sealed to the inviter, in the mailbox of every syncnode of the ticket.
+2. Wait until a verified slot of the decided log adds us (its Welcome), or the inviter refuses
+   the ticket (spent, expired, unknown: :mod:`proto.handoff`).
+3. Get the document from whichever source answers first, all tried at once: the inviter and the
+   other members directly (peer to peer), and the copy the inviter stored for us on the
+   syncnodes before it proposed the add. If none has it, members answer a state request through
+   the syncnodes.
+4. Return only once the document's content is here; at the timeout, raise :class:`JoinError`
+   saying what was still missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from device.errors import JoinError
+from device.p2p import Progress, TransferError, fetch_snapshot
+from proto import entropy
+from proto.codec import encode
+from proto.crdt import CrdtError
+from proto.errors import DecodeError, SyncnodeError, TransportError
+from proto.groups import single_errors
+from proto.handoff import HandoffPart, assemble, open_part, open_refusal
+from proto.identity import short_id
+from proto.invite import InviteTicket, JoinRequest
+from proto.logs import get_logger
+from proto.manifest import LogValue, ManifestError, SyncnodeEntry, validate_genesis, verify_decided
+from proto.p2p import SnapshotBody
+from proto.paxos.messages import Decided
+from proto.paxos.quorum import CertificateError
+from proto.rpc import RemoteError, SyncnodeClient
+from proto.service import MailboxKind
+from proto.ticket import NodeTicket
+
+if TYPE_CHECKING:
+    from device.agent import Device
+    from device.document import Document
+
+log = get_logger("device.joining")
+
+Say = Callable[[str], None]
+
+
+class _Phase:
+    """What the join is waiting for (for the timeout's message)."""
+
+    def __init__(self) -> None:
+        self.what = "reaching the document's syncnodes"
+
+
+async def join(device: Device, ticket: str, *, name: str, timeout: float, say: Say,
+               on_progress: Callable[[Progress], None] | None) -> Document:
+    try:
+        t = InviteTicket.parse(ticket)
+    except DecodeError as exc:
+        raise JoinError(f"bad invite ticket: {exc}") from None
+    if t.expires_at < entropy.wall():
+        raise JoinError("the invite ticket has expired; ask the inviter for a new one")
+    if t.group_id in device._docs:
+        raise JoinError("this device is already a member of that document")
+    phase = _Phase()
+    with trio.move_on_after(timeout) as scope:
+        return await _join(device, t, name or t.name, say, on_progress, phase)
+    assert scope.cancelled_caught
+    raise JoinError(f"no success after {timeout:g} s while {phase.what}")
+
+
+async def _join(device: Device, t: InviteTicket, name: str, say: Say,
+                on_progress: Callable[[Progress], None] | None, phase: _Phase) -> Document:
+    from device.agent import insert_document
+    from device.document import Document, mark_needs_state
+
+    key_package = device.mls.key_package()
+    request = JoinRequest(t.group_id, t.secret, key_package, device.key.public,
+                          device.endpoint_id, device.addresses()).seal(t.inviter)
+    async with _connect_all(device, t.syncnodes) as clients:
+        ttl = int(max(60, t.expires_at - entropy.wall()))
+        posted: list[bytes] = []
+
+        async def post(c: SyncnodeClient) -> None:
+            try:
+                await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
+                posted.append(c.node_id)
+            except SyncnodeError as exc:  # the others may still take it
+                log.info("join request not stored", node=short_id(c.node_id), error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for c in clients:
+                nursery.start_soon(post, c)
+        if not posted:
+            raise JoinError("no syncnode stored the join request")
+        phase.what = "waiting for the inviter to add this device (is it online?)"
+        say(f"join request stored on {len(posted)} of {len(t.syncnodes)} syncnode(s); "
+            f"waiting for the inviter ({short_id(t.inviter_endpoint)}) to add this device")
+        parts: dict[int, HandoffPart] = {}
+        slot, values, decided = await _await_welcome(device, clients, t, parts)
+        welcome = values[slot].welcome
+        assert welcome is not None
+        group = device.mls.join(welcome)
+        with device.store.transaction() as db:
+            group.persist()
+            insert_document(db, t.group_id, name or t.group_id.hex()[:8],
+                            values[0].manifest.crdt_type, slot)
+            for s in range(slot + 1):
+                db.execute("INSERT INTO log VALUES (?,?,?,?)",
+                           (t.group_id, s, values[s].encode(),
+                            encode(decided[s]) if s else None))
+            mark_needs_state(db, t.group_id)
+        doc = Document(device, t.group_id)
+        phase.what = "fetching the document (from the inviter, other members or the syncnodes)"
+        say(f"added at epoch {slot}; fetching the document")
+        loaded = await _first_state(device, doc, t, clients, parts, say, on_progress)
+    device._start(doc)
+    if not loaded:
+        phase.what = ("waiting for a member to send the document through the syncnodes "
+                      "(this device is a member now; it keeps asking whenever it runs)")
+        say("no copy of the document available yet; asking the members via the syncnodes")
+        await doc.state_loaded.wait()
+        say("received the document from a member through the syncnodes")
+    log.info("joined document", doc=short_id(t.group_id), epoch=slot)
+    return doc
+
+
+@asynccontextmanager
+async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry]
+                       ) -> AsyncIterator[list[SyncnodeClient]]:
+    """Authenticated connections to every reachable syncnode, dialled in parallel."""
+    clients: list[SyncnodeClient] = []
+    untried = len(entries)
+    all_tried, release = trio.Event(), trio.Event()
+
+    def tried() -> None:
+        nonlocal untried
+        untried -= 1
+        if untried == 0:
+            all_tried.set()
+
+    async def hold(e: SyncnodeEntry) -> None:
+        try:
+            async with SyncnodeClient.connect(device.transport, NodeTicket(e.node_id, e.addrs),
+                                              timeout=device.config.connect_timeout) as c:
+                await c.authenticate(device.key)
+                clients.append(c)
+                tried()
+                await release.wait()  # keep the connection until the join is done
+        except SyncnodeError as exc:  # unreachable, or a faulty syncnode
+            log.info("syncnode unreachable", node=short_id(e.node_id), error=str(exc))
+            tried()
+
+    with single_errors():  # a JoinError of the caller's block comes out as itself
+        async with trio.open_nursery() as nursery:
+            for e in entries:
+                nursery.start_soon(hold, e)
+            await all_tried.wait()
+            if clients:
+                try:
+                    yield clients
+                finally:
+                    release.set()
+    if not clients:
+        raise JoinError("none of the document's syncnodes is reachable")
+
+
+async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: InviteTicket,
+                         parts: dict[int, HandoffPart]
+                         ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
+    """Poll the decided log until a verified slot adds this device, and our mailbox for the
+    inviter's refusal (and the state it staged, kept in ``parts``). What was verified stays
+    verified: each poll reads only the slots after it."""
+    cfg = device.config
+    started = trio.current_time()
+    values: dict[int, LogValue] = {}
+    decided: dict[int, Decided] = {}
+    while True:
+        for c in clients:
+            try:
+                await _read_mailbox(device, c, t, parts)
+                found = await _scan_log(device, c, t, values, decided)
+            except (TransportError, RemoteError, DecodeError, CertificateError,
+                    ManifestError) as exc:  # a bad or unreachable syncnode: try the others
+                log.info("cannot read the decided log", node=short_id(c.node_id),
+                         error=str(exc))
+                continue
+            if found is not None:
+                return found, values, decided
+        fast = trio.current_time() - started < cfg.fast_poll_window
+        await trio.sleep(cfg.fast_poll_interval if fast else cfg.join_poll_interval)
+
+
+async def _read_mailbox(device: Device, c: SyncnodeClient, t: InviteTicket,
+                        parts: dict[int, HandoffPart], *, refusals: bool = True) -> None:
+    """Our mailbox on one syncnode: a refusal ends the join (until we are added); handoff
+    parts are collected."""
+    me = device.key.public
+    after = 0
+    while True:
+        page = await c.mailbox_fetch(me, after, 64)
+        for item in page.items:
+            after = max(after, item.item_id)
+            try:
+                if item.kind == MailboxKind.JOIN_REFUSED and refusals:
+                    refusal = open_refusal(t.secret, t.group_id, me, item.payload)
+                    raise JoinError(f"the inviter refused this ticket: {refusal.reason}")
+                if item.kind == MailboxKind.STATE_HANDOFF:
+                    part = open_part(t.secret, t.group_id, me, item.payload)
+                    if parts and next(iter(parts.values())).digest != part.digest:
+                        parts.clear()  # a newer staging (the inviter retried the add)
+                    parts[part.index] = part
+            except DecodeError:
+                continue  # another join's, or junk
+        if len(page.items) < 64:
+            return
+
+
+async def _scan_log(device: Device, c: SyncnodeClient, t: InviteTicket,
+                    values: dict[int, LogValue], decided: dict[int, Decided]) -> int | None:
+    """Extend the verified log (``values``, ``decided``) from ``c``; the slot that adds this
+    device, once there is one."""
+    slot = len(values)
+    while True:
+        page = await c.fetch_decided(t.group_id, slot)
+        if slot == 0:
+            if page.genesis is None:
+                return None
+            g = LogValue.decode(page.genesis)
+            validate_genesis(t.group_id, g)
+            values[0] = g
+            slot = 1
+        for d in page.decided:
+            s = d.certificate.slot
+            if s != slot:
+                break
+            values[s] = verify_decided(values[s - 1].manifest, d.value, d.certificate)
+            decided[s] = d
+            if values[s].manifest.device(device.fingerprint) is not None \
+                    and values[s].welcome is not None:
+                return s
+            slot += 1
+        if not page.decided or slot > page.top:
+            return None
+
+
+STAGGER = 1.0
+STAGED_AFTER = 2.0
+"""Direct transfers get this head start over the copy on the syncnodes: theirs is fresher (taken
+after the add). A transfer already receiving bytes is left to finish."""
+
+
+async def _first_state(device: Device, doc: Document, t: InviteTicket,
+                       clients: list[SyncnodeClient], parts: dict[int, HandoffPart], say: Say,
+                       on_progress: Callable[[Progress], None] | None) -> bool:
+    """Get the document from the first source that verifies: the members directly, or the
+    copy the inviter stored on the syncnodes. False if none had it (members then answer a
+    state request through the syncnodes)."""
+    got: list[tuple[bytes, SnapshotBody, str]] = []
+    done, direct_over, direct_started = trio.Event(), trio.Event(), trio.Event()
+
+    async def direct(endpoint: bytes, addrs: tuple[str, ...], receiving: trio.Event,
+                     failed: trio.Event) -> None:
+        def progress(p: Progress) -> None:
+            receiving.set()
+            direct_started.set()
+            if on_progress is not None:
+                on_progress(p)
+
+        result = await _fetch_from(device, doc, endpoint, addrs, progress)
+        if result is not None and not got:
+            got.append((*result, f"peer to peer from {short_id(endpoint)}"))
+            done.set()
+        failed.set()
+
+    async def all_direct() -> None:
+        """The inviter first, then the other members, staggered like "happy eyeballs": the
+        next one starts when the last failed or said nothing for STAGGER seconds; a transfer
+        that is receiving bytes is not doubled by another."""
+        if device.config.p2p_state_transfer:
+            sources = [(t.inviter_endpoint, t.inviter_addrs)] + [
+                (d.endpoint_id, d.addrs) for d in doc.manifest.devices
+                if d.fingerprint != device.fingerprint and d.endpoint_id != t.inviter_endpoint]
+            async with trio.open_nursery() as nursery:
+                for endpoint, addrs in sources:
+                    receiving, failed = trio.Event(), trio.Event()
+                    nursery.start_soon(direct, endpoint, addrs, receiving, failed)
+                    with trio.move_on_after(STAGGER):
+                        await failed.wait()
+                    if receiving.is_set():
+                        await failed.wait()
+        direct_over.set()
+
+    async def staged() -> None:
+        with trio.move_on_after(STAGED_AFTER):
+            await direct_over.wait()
+        if direct_started.is_set():
+            await direct_over.wait()
+        for attempt in range(3):  # stored before the add; a slow syncnode may lag a little
+            for c in clients:
+                found = await _staged_from(device, doc, c, t, parts)
+                if found is not None:
+                    if not got:
+                        got.append((*found, "from the copy stored on the syncnodes"))
+                        done.set()
+                    return
+            await trio.sleep(0.2 * (attempt + 1))
+
+    async def both() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(all_direct)
+            nursery.start_soon(staged)
+        done.set()  # every source tried
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(both)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    if not got:
+        return False
+    data, body, how = got[0]
+    try:
+        async with doc._apply_lock:
+            doc.load_state(data, {d.sender: d.seq for d in body.covers})
+    except CrdtError as exc:
+        log.warning("the document state does not load", error=str(exc))
+        return False
+    say(f"received the document {how} ({len(data):,} bytes)")
+    await _ack_handoff(device, clients, t)
+    return True
+
+
+async def _staged_from(device: Device, doc: Document, c: SyncnodeClient, t: InviteTicket,
+                       parts: dict[int, HandoffPart]) -> tuple[bytes, SnapshotBody] | None:
+    """The copy the inviter stored for us, read from one syncnode, if complete and signed by
+    a member."""
+    try:
+        await _read_mailbox(device, c, t, parts, refusals=False)
+        found = assemble(parts)
+    except (TransportError, RemoteError, DecodeError) as exc:
+        log.info("cannot read the staged state", node=short_id(c.node_id), error=str(exc))
+        parts.clear()
+        return None
+    if found is None:
+        return None
+    offer, data = found
+    inviter = doc.manifest.device(offer.signer)
+    if inviter is None or not offer.verify(inviter.sig_pub) \
+            or offer.body.backend != doc.crdt.backend_id \
+            or offer.body.group_id != doc.group_id:
+        log.warning("staged state not signed by a member", node=short_id(c.node_id))
+        parts.clear()
+        return None
+    return data, offer.body
+
+
+async def _ack_handoff(device: Device, clients: list[SyncnodeClient], t: InviteTicket) -> None:
+    """Delete what the inviter left for us (best effort: it also expires)."""
+    me = device.key.public
+
+    async def one(c: SyncnodeClient) -> None:
+        try:
+            page = await c.mailbox_fetch(me, 0, 1024)
+            ids = [i.item_id for i in page.items
+                   if i.kind in (MailboxKind.STATE_HANDOFF, MailboxKind.JOIN_REFUSED)]
+            if ids:
+                await c.mailbox_ack(me, ids)
+        except SyncnodeError as exc:
+            log.info("could not clear the mailbox", node=short_id(c.node_id), error=str(exc))
+
+    with trio.move_on_after(device.config.connect_timeout):
+        async with trio.open_nursery() as nursery:
+            for c in clients:
+                nursery.start_soon(one, c)
+
+
+async def _fetch_from(device: Device, doc: Document, endpoint: bytes, addrs: tuple[str, ...],
+                      on_progress: Callable[[Progress], None] | None
+                      ) -> tuple[bytes, SnapshotBody] | None:
+    """One member as the source; an interrupted transfer is resumed once."""
+    partial: dict[bytes, bytearray] = {}
+    for attempt in range(2):
+        try:
+            data, body = await fetch_snapshot(device.transport, endpoint, addrs, doc.manifest,
+                                              progress=on_progress, partial=partial,
+                                              timeout=device.config.connect_timeout)
+            if body.backend != doc.crdt.backend_id:
+                raise TransferError(f"snapshot of backend {body.backend!r}")
+            return data, body
+        except TransferError as exc:
+            log.info("peer-to-peer state transfer failed", source=short_id(endpoint),
+                     attempt=attempt + 1, error=str(exc))
+            if not partial:
+                break
+    return None
