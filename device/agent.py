@@ -28,13 +28,10 @@ from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, n
 from device.p2p import PeerServer, Progress
 from device.store import Store
 from proto import entropy
-from proto.errors import SyncnodeError, TransportError
+from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.logs import get_logger
-from proto.manifest import (
-    SyncnodeEntry,
-    genesis,
-)
+from proto.manifest import ManifestError, SyncnodeEntry, genesis, validate_genesis
 from proto.ticket import NodeTicket
 from proto.transport.base import Transport
 from proto.transport.iroh import IrohTransport
@@ -182,13 +179,26 @@ class Device:
         learn about it when they are reachable."""
         if not syncnodes:
             raise DocumentError("a document needs at least one syncnode")
-        tickets = [t if isinstance(t, NodeTicket) else NodeTicket.parse(t) for t in syncnodes]
+        try:
+            tickets = [t if isinstance(t, NodeTicket) else NodeTicket.parse(t)
+                       for t in syncnodes]
+        except DecodeError as exc:
+            raise DocumentError(f"bad syncnode ticket: {exc}") from None
+        ids = [t.node_id for t in tickets]
+        if len(set(ids)) != len(ids):
+            twice = sorted({short_id(n) for n in ids if ids.count(n) > 1})
+            raise DocumentError(f"syncnode {', '.join(twice)} is named more than once; each "
+                                "syncnode counts once toward a quorum")
         entries = tuple(SyncnodeEntry(t.node_id, t.addrs) for t in tickets)
         if crdt != "loro":
             raise DocumentError(f"unknown CRDT backend {crdt!r} (available: loro)")
         gid = entropy.token_bytes(32)
-        group = self.mls.create_group(gid)
         g = genesis(self.key, gid, self.endpoint_id, entries, crdt, self.addresses())
+        try:  # the syncnodes check the same rules: a genesis they refuse is refused here
+            validate_genesis(gid, g)
+        except ManifestError as exc:
+            raise DocumentError(f"cannot create this document: {exc}") from None
+        group = self.mls.create_group(gid)
         with self.store.transaction() as db:
             group.persist()
             insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
