@@ -145,6 +145,35 @@ class Device:
         """Where other devices can reach this one directly (dialling hints)."""
         return tuple(self.transport.addresses()[:8])
 
+    def set_syncnode_address(self, ticket: str | NodeTicket) -> list[Document]:
+        """Dial the syncnode of ``ticket`` at the ticket's addresses from now on, in every
+        document that names it (for a syncnode that moved: the node id, which authenticates
+        it, stays the same). Returns the documents concerned; links reconnect at once."""
+        try:
+            t = ticket if isinstance(ticket, NodeTicket) else NodeTicket.parse(ticket)
+        except DecodeError as exc:
+            raise DocumentError(f"bad syncnode ticket: {exc}") from None
+        docs = [d for d in self._docs.values()
+                if any(e.node_id == t.node_id for e in d.manifest.syncnodes)]
+        if not docs:
+            raise DocumentError(f"no document of this device uses syncnode {short_id(t.node_id)}")
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO syncnode_addrs VALUES (?,?,?)",
+                       (t.node_id, msgpack.packb(list(t.addrs)), entropy.wall()))
+        for d in docs:
+            d.relink(t.node_id)
+        return docs
+
+    def syncnode_ticket(self, ticket: NodeTicket) -> NodeTicket:
+        """``ticket`` with the addresses set by hand for its node, if any (tried first, then
+        the manifest's)."""
+        row = self.store.one("SELECT addrs FROM syncnode_addrs WHERE node_id=?", ticket.node_id)
+        if row is None:
+            return ticket
+        manual = tuple(msgpack.unpackb(row[0]))
+        return NodeTicket(ticket.node_id, (manual + tuple(
+            a for a in ticket.addrs if a not in manual))[:8])
+
     def documents(self) -> list[Document]:
         return list(self._docs.values())
 

@@ -196,6 +196,7 @@ class Document:
         self._last_sync_request = 0.0
         self._answered: set[tuple[bytes, int]] = set()
         self._link_delay: dict[bytes, float] = {}
+        self._link_attempts: dict[bytes, trio.CancelScope] = {}
         self.invites = Invites(self)
         self.state_loaded = trio.Event()
         """Set once this device holds the document's content (always, except right after a
@@ -850,11 +851,14 @@ class Document:
         node = short_id(ticket.node_id)
         self._link_delay[ticket.node_id] = cfg.reconnect_min
         while self.status == "active":
+            attempt = self._link_attempts[ticket.node_id] = trio.CancelScope()
             try:
-                async with SyncnodeClient.connect(self.device.transport, ticket,
-                                                  timeout=cfg.connect_timeout) as client:
-                    await client.authenticate(self.device.key)
-                    await self._serve(client)
+                dial = self.device.syncnode_ticket(ticket)  # a newer address set by hand
+                with attempt:
+                    async with SyncnodeClient.connect(self.device.transport, dial,
+                                                      timeout=cfg.connect_timeout) as client:
+                        await client.authenticate(self.device.key)
+                        await self._serve(client)
             except* SyncnodeError as group:
                 # Transport, remote and protocol errors end this link attempt, never the
                 # device: it reconnects with backoff.
@@ -869,7 +873,18 @@ class Document:
             # that accepts connections and then refuses us is not retried in a tight loop.
             delay = self._link_delay[ticket.node_id]
             self._link_delay[ticket.node_id] = min(delay * 2, cfg.reconnect_max)
-            await trio.sleep(delay * entropy.uniform(0.5, 1.0))
+            if attempt.cancelled_caught:  # relink(): a new address, dial it now
+                self._link_delay[ticket.node_id] = cfg.reconnect_min
+                continue
+            with trio.CancelScope() as pause:
+                self._link_attempts[ticket.node_id] = pause
+                await trio.sleep(delay * entropy.uniform(0.5, 1.0))
+
+    def relink(self, node_id: bytes) -> None:
+        """Drop the link to ``node_id`` (or its pending dial) and dial again at once."""
+        scope = self._link_attempts.get(node_id)
+        if scope is not None:
+            scope.cancel()
 
     async def _serve(self, client: SyncnodeClient) -> None:
         known = await self._sync_node(client)

@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS undecryptable (  -- authentic envelopes MLS would not
     group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (group_id, sender, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS syncnode_addrs ( -- addresses set by hand (`syncdevice set-address`)
+    node_id BLOB PRIMARY KEY, addrs BLOB NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, evidence BLOB, at REAL NOT NULL);

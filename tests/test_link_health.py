@@ -35,3 +35,31 @@ async def test_frozen_syncnode_is_reported_down_and_back_up(
             os.kill(frozen.proc.pid, signal.SIGCONT)
         await eventually(lambda: len(doc.sync_status().connected) == 3, 30,
                          "the thawed syncnode to count as up again")
+
+
+async def test_a_moved_syncnode_is_reached_after_set_address(
+        tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    import socket
+
+    async with Device.open(tmp_path / "a", config=FAST) as a:
+        doc = await a.create_document([n.ticket for n in nodes if n.ticket])
+        with trio.fail_after(30):
+            await doc.wait_connected(3)
+        moved = nodes[2]
+        moved.interrupt()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a port it never had
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        moved.listen = f"127.0.0.1:{port}"
+        moved.start()
+        assert moved.ticket is not None
+        assert any(addr.endswith(f":{port}") for addr in moved.ticket.addrs)
+        await trio.sleep(2.0)
+        assert len(doc.sync_status().connected) == 2  # the manifest's address is stale
+        assert a.set_syncnode_address(str(moved.ticket)) == [doc]
+        await eventually(lambda: len(doc.sync_status().connected) == 3, 20,
+                         "the link to the moved syncnode")
+    # The address is kept across restarts of the device.
+    async with Device.open(tmp_path / "a", config=FAST) as a:
+        with trio.fail_after(30):
+            await a.documents()[0].wait_connected(3)
