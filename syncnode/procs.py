@@ -17,49 +17,87 @@ from proto.ticket import NodeTicket
 
 SYNCNODE = [sys.executable, "-m", "syncnode"]
 START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
 
 
 @dataclass
 class NodeProcess:
     data_dir: Path
     extra_args: list[str] = field(default_factory=list)
+    listen: str = "127.0.0.1:0"
+    http_listen: str = "127.0.0.1:0"
+    command: list[str] = field(default_factory=lambda: list(SYNCNODE))
+    """How to invoke ``syncnode`` (tests use the installed console script)."""
     proc: subprocess.Popen[str] | None = None
     ticket: NodeTicket | None = None
     http: str = ""
     lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    _log_start: int = 0
 
     def init(self) -> None:
-        subprocess.run([*SYNCNODE, "init", "--data-dir", str(self.data_dir)], check=True,
+        subprocess.run([*self.command, "init", "--data-dir", str(self.data_dir)], check=True,
                        capture_output=True, text=True, timeout=60)
 
     def start(self) -> NodeProcess:
-        self.lines = []
-        self.proc = subprocess.Popen(
-            [*SYNCNODE, "run", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",
-             "--http", "127.0.0.1:0", *self.extra_args],
-            stdout=subprocess.PIPE, stderr=open(self.data_dir / "stderr.log", "a"), text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                if line.startswith("data dir:"):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
+        """Start ``syncnode run`` and wait until it printed its ticket."""
+        self.spawn()
+        if not self.wait_ready(START_TIMEOUT):
             raise RuntimeError(f"syncnode did not start: {self.lines}\n"
                                f"{(self.data_dir / 'stderr.log').read_text()[-3000:]}")
+        return self
+
+    def spawn(self) -> None:
+        """Start ``syncnode run`` without waiting (see :meth:`wait_ready`); stdout is read by a
+        thread into :attr:`lines`, stderr is appended to ``stderr.log`` in the data dir."""
+        self.lines = []
+        self.ticket = None
+        self.ready = threading.Event()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = self.data_dir / "stderr.log"
+        self._log_start = log.stat().st_size if log.exists() else 0
+        with open(log, "a") as err:
+            self.proc = subprocess.Popen(
+                [*self.command, "run", "--data-dir", str(self.data_dir), "--listen", self.listen,
+                 "--http", self.http_listen, *self.extra_args],
+                stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._pump, args=(self.proc, self.lines, self.ready),
+                         daemon=True).start()
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen[str], lines: list[str], ready: threading.Event) -> None:
+        """Collect one run's stdout (its own list: a restart does not mix two runs)."""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("data dir:"):
+                ready.set()
+        ready.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether the node printed its ticket within ``timeout`` s (False: it exited or is
+        still starting; :attr:`proc` tells which)."""
+        if not self.ready.wait(timeout) or self.proc is None or self.proc.poll() is not None:
+            return False
         for line in self.lines:
             key, _, value = line.partition(":")
             if key == "ticket":
                 self.ticket = NodeTicket.parse(value.strip())
             elif key == "http":
                 self.http = value.strip().removesuffix("/metrics")
-        return self
+        return self.ticket is not None
+
+    def last_error(self) -> str:
+        """The last line this run wrote to stderr (a failed start prints one line)."""
+        try:
+            with open(self.data_dir / "stderr.log", "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
 
     @property
     def entry(self) -> SyncnodeEntry:
@@ -78,13 +116,26 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def interrupt(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGINT (graceful stop), then SIGKILL if it has not exited after ``timeout`` s.
+        Returns the exit code of the graceful stop, None if it had to be killed."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+
     def terminate(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
     def info(self) -> dict[str, object]:
-        out = subprocess.run([*SYNCNODE, "info", "--data-dir", str(self.data_dir), "--json"],
+        out = subprocess.run([*self.command, "info", "--data-dir", str(self.data_dir), "--json"],
                              check=True, capture_output=True, text=True, timeout=60)
         result: dict[str, object] = json.loads(out.stdout)
         return result
@@ -97,12 +148,20 @@ class NodeProcess:
 
 def start_cluster(root: Path, n: int = 3, extra_args: list[str] | None = None
                   ) -> list[NodeProcess]:
-    nodes = []
-    for i in range(n):
-        d = root / f"node{i}"
-        node = NodeProcess(d, list(extra_args or []))
-        node.init()
-        nodes.append(node)
+    """Initialise (if needed) and start ``n`` nodes in ``root/node0..``, in parallel."""
+    nodes = [NodeProcess(root / f"node{i}", list(extra_args or [])) for i in range(n)]
     for node in nodes:
-        node.start()
+        if not (node.data_dir / "node.key").exists():
+            node.init()
+    for node in nodes:
+        node.spawn()
+    try:
+        for node in nodes:
+            if not node.wait_ready(START_TIMEOUT):
+                raise RuntimeError(f"syncnode did not start: {node.lines}\n"
+                                   f"{(node.data_dir / 'stderr.log').read_text()[-3000:]}")
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
     return nodes
