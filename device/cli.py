@@ -3,7 +3,8 @@
 Every command opens the device store, does its work over iroh, and exits. Edits are saved
 locally first; a command that edits then waits (``--wait`` seconds) until a quorum of syncnodes
 stored the update, and if they are unreachable it says so and leaves the update in the outbox
-for the next run. ``--json`` gives machine-readable output on stdout.
+for the next run. ``--json`` gives machine-readable output on stdout. Error handling, Ctrl-C,
+``--json`` and progress display are shared by every command: :mod:`device.cli_support`.
 """
 
 from __future__ import annotations
@@ -11,49 +12,49 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import trio
 
+from device import cli_support
+from device.cli_export import export, import_
+from device.cli_support import (
+    EXIT_CODES,
+    JSON_OPTION,
+    PENDING,
+    WAIT,
+    Ctx,
+    check_listen,
+    check_relays,
+    pass_ctx,
+    progress,
+    require_device,
+    run_device,
+    settle,
+)
 from proto import PROTOCOL_VERSION
 
 DEFAULT_HOME = Path(os.environ.get("SYNCDEVICE_HOME", "~/.local/share/syncdevice"))
 
 
-class Ctx:
-    def __init__(self, home: Path, as_json: bool, listen: str, relays: tuple[str, ...]) -> None:
-        self.home = home
-        self.json = as_json
-        self.listen = listen
-        self.relays = relays
-
-    def out(self, human: str, data: Any) -> None:
-        if self.json:
-            click.echo(json.dumps(data, sort_keys=True, default=str))
-        else:
-            click.echo(human)
-
-
-pass_ctx = click.make_pass_decorator(Ctx)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="syncnode",
                       message=f"%(prog)s %(version)s (wire protocol v{PROTOCOL_VERSION})")
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOME,
               show_default=True, envvar="SYNCDEVICE_HOME",
               help="Device directory: keys, MLS state and documents (env SYNCDEVICE_HOME).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable JSON on stdout (also accepted after the command).")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity (logs go to stderr).")
 @click.option("--listen", default="127.0.0.1:0", show_default=True, envvar="SYNCDEVICE_LISTEN",
+              callback=check_listen,
               help="Local address for direct (iroh) connections; use 0.0.0.0:0 to be reachable "
                    "from other machines. Port 0 reuses the previous run's port if free.")
-@click.option("--relay", "relays", multiple=True, metavar="URL",
+@click.option("--relay", "relays", multiple=True, metavar="URL", callback=check_relays,
               help="iroh relay server(s) for peers that cannot connect directly.")
 @click.pass_context
 def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str, listen: str,
@@ -61,60 +62,14 @@ def cli(ctx: click.Context, home: Path, as_json: bool, log_level: str, listen: s
     """syncdevice: edit end-to-end encrypted documents offline and sync them via syncnodes.
 
     The device keeps the keys and the documents; syncnodes only ever see ciphertext.
-    Start with `syncdevice init`, then `create --syncnode TICKET ...` or `join INVITE`.
+    Start with `syncdevice init`, then `create --syncnode TICKET ...`; or, on a second
+    device, `join --init INVITE`. Every other command needs an existing device in --home.
     DOC arguments take a document name or a prefix of its id.
     """
     from proto.logs import configure_logging
 
     configure_logging(log_level)
     ctx.obj = Ctx(home.expanduser(), as_json, listen, relays)
-
-
-def _run(ctx: Ctx, fn: Callable[[Any], Awaitable[int | None]]) -> None:
-    """Open the device, run ``fn(device)`` under trio (its result is the exit code), and turn
-    project errors into messages."""
-    from device.agent import Device, DeviceConfig
-    from proto.errors import SyncnodeError
-
-    failure: list[SyncnodeError] = []
-    config = DeviceConfig(listen=ctx.listen, relays=ctx.relays)
-
-    async def main() -> int | None:
-        try:
-            async with Device.open(ctx.home, config=config) as device:
-                try:
-                    return await fn(device)
-                except SyncnodeError as exc:  # caught here, before the device's nursery
-                    failure.append(exc)
-                    return 1
-        except SyncnodeError as exc:
-            failure.append(exc)
-            return 1
-
-    try:
-        code = trio.run(main)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    if failure:
-        raise click.ClickException(str(failure[0]))
-    if code:
-        sys.exit(code)
-
-
-async def _settle(ctx: Ctx, doc: Any, wait: float) -> None:
-    """Send pending edits now and wait up to ``wait`` s until a quorum stored them."""
-    doc.flush()
-    with trio.move_on_after(wait):
-        await doc.wait_durable()
-    s = doc.sync_status()
-    if s.unsent or s.outbox:
-        click.echo(f"saved locally; {s.unsent + s.outbox} update(s) not yet stored by a quorum "
-                   f"of syncnodes ({len(s.connected)}/{s.syncnodes} reachable); they are sent "
-                   "the next time syncdevice runs", err=True)
-
-
-WAIT = click.option("--wait", default=15.0, show_default=True,
-                    help="Seconds to wait for syncnodes to acknowledge (0: do not wait).")
 
 
 @cli.command()
@@ -127,7 +82,7 @@ def init(ctx: Ctx) -> None:
                 {"device": device.fingerprint.hex(), "endpoint": device.endpoint_id.hex(),
                  "home": str(ctx.home)})
 
-    _run(ctx, go)
+    run_device(ctx, go, create=True)
 
 
 @cli.command()
@@ -140,12 +95,14 @@ def create(ctx: Ctx, syncnodes: tuple[str, ...], name: str, wait: float) -> None
     """Create a new document served by the given syncnodes."""
 
     async def go(device: Any) -> None:
-        doc = await device.create_document(list(syncnodes), name=name)
-        with trio.move_on_after(wait):
-            await doc.wait_connected(doc.manifest.acceptors().quorum)
+        with progress(ctx, "creating the document...") as status:
+            doc = await device.create_document(list(syncnodes), name=name)
+            status.update(f"registering it with {len(syncnodes)} syncnode(s)...")
+            with trio.move_on_after(wait):
+                await doc.wait_connected(doc.manifest.acceptors().quorum)
         ctx.out(f"created {doc.name} {doc.id}", {"name": doc.name, "id": doc.id})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command(name="list")
@@ -160,7 +117,7 @@ def list_(ctx: Ctx) -> None:
                           f"{r['members']} member(s)  {r['status']}" for r in rows)
         ctx.out(human or "no documents", rows)
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -173,11 +130,13 @@ def show(ctx: Ctx, doc: str, sync_for: float) -> None:
 
     async def go(device: Any) -> None:
         d = device.document(doc)
-        await trio.sleep(sync_for)
+        if sync_for > 0:
+            with progress(ctx, "fetching news from the syncnodes..."):
+                await trio.sleep(sync_for)
         value = d.value()
         ctx.out(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False), value)
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 def _parse_value(text: str) -> Any:
@@ -203,10 +162,10 @@ def set_(ctx: Ctx, doc: str, path: str, value: str, wait: float) -> None:
     async def go(device: Any) -> None:
         d = device.document(doc)
         d.change(lambda e: e.map(container).insert(key, parsed))
-        await _settle(ctx, d, wait)
+        await settle(d, wait)
         ctx.out(f"{path} = {parsed!r}", {"path": path, "value": parsed})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -230,19 +189,31 @@ def edit(ctx: Ctx, doc: str, text_name: str | None, insert: tuple[int, str] | No
     `edit notes --list todo --push milk`, `edit notes --counter likes --add 1`."""
     if not (text_name or list_name or counter):
         raise click.UsageError("say what to edit: --text NAME, --list NAME or --counter NAME")
+    if not text_name and (insert or delete or append is not None):
+        raise click.UsageError("--insert, --append and --delete need --text NAME")
+    if bool(list_name) != (push is not None):
+        raise click.UsageError("--list NAME and --push VALUE go together")
 
     def fn(e: Any) -> None:
         if text_name:
             t = e.text(text_name)
+            size = len(t.to_string())  # checked first: a refused edit changes nothing
+            if delete and not (0 <= delete[0] and 0 <= delete[1]
+                               and delete[0] + delete[1] <= size):
+                raise click.BadParameter(f"text {text_name!r} has {size} code points; cannot "
+                                         f"delete {delete[1]} at {delete[0]}",
+                                         param_hint="--delete")
+            size -= delete[1] if delete else 0
+            if insert and not 0 <= insert[0] <= size:
+                raise click.BadParameter(f"position {insert[0]} is outside text {text_name!r} "
+                                         f"(0..{size})", param_hint="--insert")
             if delete:
                 t.delete(*delete)
             if insert:
                 t.insert(*insert)
             if append is not None:
                 t.insert(len(t.to_string()), append)
-        if list_name:
-            if push is None:
-                raise click.UsageError("--list needs --push VALUE")
+        if list_name and push is not None:
             e.list(list_name).push(_parse_value(push))
         if counter:
             e.counter(counter).increment(add)
@@ -250,10 +221,10 @@ def edit(ctx: Ctx, doc: str, text_name: str | None, insert: tuple[int, str] | No
     async def go(device: Any) -> None:
         d = device.document(doc)
         d.change(fn)
-        await _settle(ctx, d, wait)
+        await settle(d, wait)
         ctx.out("ok", {"ok": True})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -283,7 +254,7 @@ def watch(ctx: Ctx, doc: str, duration: float | None) -> None:
                             {"event": "change", "origin": ev.origin,
                              "senders": list(ev.senders), "value": value})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -300,7 +271,7 @@ def members(ctx: Ctx, doc: str) -> None:
                           for r in rows)
         ctx.out(human, rows)
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -342,16 +313,23 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
             added = [m.id for m in d.members() if m.fingerprint not in before]
             click.echo(f"added {', '.join(added)}", err=True)
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
 @click.argument("ticket")
 @click.option("--name", default="", help="A local name for the document.")
 @click.option("--timeout", default=600.0, show_default=True, help="Give up after seconds.")
+@click.option("--init", "create", is_flag=True,
+              help="Create the device in --home first if it has none (a new device's first "
+                   "step; without it, join refuses a --home with no device).")
 @pass_ctx
-def join(ctx: Ctx, ticket: str, name: str, timeout: float) -> None:
-    """Join a document with an invite ticket (the inviter adds this device)."""
+def join(ctx: Ctx, ticket: str, name: str, timeout: float, create: bool) -> None:
+    """Join a document with an invite ticket (the inviter adds this device).
+
+    On a new device: `syncdevice join --init TICKET` creates the device and joins."""
+    if not create:
+        require_device(ctx, hint=" (or `syncdevice join --init TICKET`)")
 
     def bytes_progress(p: Any) -> None:
         if sys.stderr.isatty() or p.done == p.total:
@@ -369,7 +347,7 @@ def join(ctx: Ctx, ticket: str, name: str, timeout: float) -> None:
                     await events.receive()  # the members' state arrived
         ctx.out(f"joined {d.name} {d.id}", {"name": d.name, "id": d.id, "epoch": d.epoch})
 
-    _run(ctx, go)
+    run_device(ctx, go, create=create)
 
 
 @cli.command()
@@ -383,7 +361,7 @@ def remove(ctx: Ctx, doc: str, device_id: str) -> None:
         slot = await device.document(doc).remove_device(device_id)
         ctx.out(f"removed {device_id} at epoch {slot}", {"epoch": slot})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -396,7 +374,7 @@ def rotate(ctx: Ctx, doc: str) -> None:
         slot = await device.document(doc).rotate_keys()
         ctx.out(f"keys rotated; epoch {slot}", {"epoch": slot})
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
@@ -405,7 +383,8 @@ def rotate(ctx: Ctx, doc: str) -> None:
 @pass_ctx
 def status(ctx: Ctx, doc: str | None, wait: float) -> None:
     """Sync status: updates durable on a quorum vs pending, reachable syncnodes, alarms.
-    Also delivers pending updates (waits up to --wait seconds for that)."""
+    Also delivers pending updates (waits up to --wait seconds for that); exits with code 3
+    if some are still pending then."""
 
     async def go(device: Any) -> int | None:
         docs = [device.document(doc)] if doc else device.documents()
@@ -430,21 +409,31 @@ def status(ctx: Ctx, doc: str | None, wait: float) -> None:
             f"{r['status']}{'  ALARMS: ' + ','.join(r['alarms']) if r['alarms'] else ''}"
             for r in rows)
         ctx.out(human or "no documents", rows)
-        return 3 if any(r["pending"] for r in rows) else None
+        return PENDING if any(r["pending"] for r in rows) else None
 
-    _run(ctx, go)
+    run_device(ctx, go)
 
 
 @cli.command()
-def selfcheck() -> None:
+@pass_ctx
+def selfcheck(ctx: Ctx) -> None:
     """Check that this machine can run a device: MLS, CRDT and iroh bindings."""
     from syncnode.selfcheck import run
 
-    click.echo("syncdevice selfcheck")
-    if not run(click.echo):
+    say = (lambda line: click.echo(line, err=True)) if ctx.json else click.echo
+    say("syncdevice selfcheck")
+    ok = run(say)
+    ctx.out("all checks passed" if ok else "some checks failed", {"ok": ok})
+    if not ok:
         sys.exit(1)
-    click.echo("all checks passed")
+
+
+cli.add_command(export)
+cli.add_command(import_)
+for _command in cli.commands.values():
+    JSON_OPTION(_command)
+    _command.epilog = EXIT_CODES
 
 
 def main() -> None:
-    cli()
+    cli_support.main(cli)
