@@ -12,9 +12,10 @@ and immediately, also offline, and are delivered whenever syncnodes are reachabl
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,9 @@ class Device:
         self.mls = MlsClient(public, secret, SqliteGroupStorage(store.db, config.epoch_retention))
         self._docs: dict[bytes, Document] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
+        self._context = contextvars.copy_context()
+        """The context the device was opened in: its background tasks run in it, whoever
+        started them (in the simulator it holds the device's own wall clock)."""
 
     @classmethod
     @asynccontextmanager
@@ -200,7 +204,11 @@ class Device:
                     log.error("document stopped", doc=short_id(doc.group_id),
                               error="; ".join(str(e) for e in group.exceptions))
 
-        self.nursery.start_soon(run)
+        self.spawn(run)
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start a background task of this device (in the device's own context)."""
+        self._context.run(self.nursery.start_soon, fn, *args)
 
     async def create_document(self, syncnodes: Sequence[str | NodeTicket], crdt: str = "loro",
                               name: str = "") -> Document:

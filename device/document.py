@@ -635,7 +635,7 @@ class Document:
         if all(theirs.get(s, 0) >= q for s, q in self.buffer.delivered.items()):
             return  # they have everything we have
         self._answered.add((request.sender, request.seq))
-        self.device.nursery.start_soon(self._answer, request)
+        self.device.spawn(self._answer, request)
 
     async def _answer(self, request: Payload) -> None:
         # A little jitter so several members answering do not all send at the same instant.

@@ -121,10 +121,14 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
         phase.what = ("waiting for a member to send the document through the syncnodes "
                       "(this device is a member now; it keeps asking whenever it runs)")
         say("no copy of the document available yet; asking the members via the syncnodes")
-        await doc.state_loaded.wait()
+        await _wait_for_state(doc)
         say("received the document from a member through the syncnodes")
     log.info("joined document", doc=short_id(t.group_id), epoch=slot)
     return doc
+
+
+async def _wait_for_state(doc: Document) -> None:
+    await doc.state_loaded.wait()
 
 
 @asynccontextmanager

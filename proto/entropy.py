@@ -55,6 +55,17 @@ def set_wall_clock(clock: Callable[[], float]) -> contextvars.Token[Callable[[],
 
 
 @contextmanager
+def wall_clock(clock: Callable[[], float]) -> Iterator[None]:
+    """Use ``clock`` as this task's wall clock inside the block (the simulator acts on a
+    device's behalf with that device's clock)."""
+    token = _wall.set(clock)
+    try:
+        yield
+    finally:
+        _wall.reset(token)
+
+
+@contextmanager
 def simulated(seed: int) -> Iterator[random.Random]:
     """Draw all randomness from a generator seeded with ``seed`` (simulation only)."""
     global _source

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 VARIANTS = {
     "ignore-promises": "acceptors accept ballots below their promise (Paxos phase 2 unchecked)",
     "early-apply": "devices apply their own commit before Paxos decides it",
+    "join-early": "a join returns once the device is added, before it holds the document",
 }
 
 
@@ -53,6 +54,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
     """Install the device-side bug of ``variant`` for the duration of a run."""
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    if variant == "join-early":
+        with _joins_return_early():
+            yield
+        return
     if variant != "early-apply":
         yield
         return
@@ -85,3 +90,28 @@ def _apply_undecided(dev: SimDevice, slot: int, value_bytes: bytes) -> None:
         db.execute("UPDATE documents SET epoch=? WHERE group_id=?", (slot, doc.group_id))
     doc.values[slot] = value
     doc.epoch = slot
+
+
+@contextmanager
+def _joins_return_early() -> Iterator[None]:
+    """The bug the join-complete invariant exists for (the README's join printed "joined" and
+    `show` printed {}): the new device reports success as soon as it is a member, and
+    takes the document from wherever it may come later."""
+    import device.joining
+
+    honest_first_state = device.joining._first_state
+    honest_wait = device.joining._wait_for_state
+
+    async def nothing(*args: Any, **kwargs: Any) -> bool:
+        return False
+
+    async def no_wait(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    device.joining._first_state = nothing  # type: ignore[assignment]
+    device.joining._wait_for_state = no_wait  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        device.joining._first_state = honest_first_state  # type: ignore[assignment]
+        device.joining._wait_for_state = honest_wait  # type: ignore[assignment]

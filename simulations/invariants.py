@@ -6,6 +6,9 @@ Continuous (after each step):
 - **certificates**: every decision a device applied verifies against the manifest before it
   (certificate, value hash, manifest transition), back to a valid genesis;
 - **acked-kept**: an update acknowledged as durable survives the device's own crash.
+- **join-complete** (checked by the runner when a join returns): the new device holds every
+  update its inviter held when it made the ticket, also if the inviter crashed as the add was
+  decided.
 
 Final (after faults heal and traffic stops):
 - **converged**: all current members are at the same epoch and hold identical documents;

@@ -132,8 +132,9 @@ class Run:
         founder = self.world.add_device()
         await self.world.start_device(founder)
         assert founder.device is not None
-        founder.doc = await founder.device.create_document(
-            [n.ticket for n in self.world.nodes], name="sim")
+        with entropy.wall_clock(founder.clock):  # the device's clock, not the runner's
+            founder.doc = await founder.device.create_document(
+                [n.ticket for n in self.world.nodes], name="sim")
         founder.joined = True
         self.world.group_id = founder.doc.group_id
         self.event(f"setup: nodes {' '.join(n.behaviour for n in self.world.nodes)}; "
@@ -182,7 +183,8 @@ class Run:
                 e.counter("c").increment(1 + where % 5)
 
         assert dev.doc is not None
-        dev.doc.change(edit)
+        with entropy.wall_clock(dev.clock):
+            dev.doc.change(edit)
         dev.made.append(marker)
         self.stats["edits"] += 1
         return f"{dev.name} {kind} {marker}"
@@ -210,11 +212,21 @@ class Run:
             return None
         return await self.join(inviter, wait=False)
 
-    async def join(self, inviter: SimDevice, *, wait: bool) -> str:
+    async def do_add_vanish(self, step: Step) -> str | None:
+        inviter = self.pick(self.running_members(), step.pick[0])
+        if inviter is None or len(self.world.devices) >= MAX_DEVICES:
+            return None
+        return await self.join(inviter, wait=False, vanish=True) + ", then crashes"
+
+    async def join(self, inviter: SimDevice, *, wait: bool, vanish: bool = False) -> str:
+        """``inviter`` invites a new device. ``vanish``: the inviter crashes the instant it
+        applies the next decision (normally the add), before it can send anything else."""
         assert inviter.doc is not None
         dev = self.world.add_device()
         await self.world.start_device(dev)
-        ticket = inviter.doc.invite(ttl=3600)
+        with entropy.wall_clock(inviter.clock):
+            ticket = inviter.doc.invite(ttl=3600)
+        had = markers(inviter.doc.value())  # a completed join holds at least these
         done = trio.Event()
 
         async def go() -> None:
@@ -225,6 +237,11 @@ class Run:
                 dev.joined = True
                 self.stats["ops_ok"] += 1
                 self.event(f"{dev.name} joined at epoch {dev.doc.epoch}")
+                missing = had - markers(dev.doc.value())
+                if missing:
+                    self.fail([Violation("join-complete", f"{dev.name}'s join returned without "
+                                         f"{len(missing)} updates its inviter held, e.g. "
+                                         f"{sorted(missing)[:3]}")])
             except (SyncnodeError, trio.TooSlowError) as exc:
                 self.stats["ops_failed"] += 1
                 self.event(f"{dev.name} join failed: {type(exc).__name__}: {exc}")
@@ -232,7 +249,20 @@ class Run:
                 done.set()
 
         assert dev.device is not None
-        dev.device.nursery.start_soon(go)
+        dev.device.spawn(go)
+        if vanish:
+            epoch, device = inviter.doc.epoch, inviter.device
+
+            async def crash_on_add() -> None:
+                assert inviter.doc is not None
+                with trio.move_on_after(OP_TIMEOUT):
+                    await inviter.doc.wait_epoch(epoch + 1)
+                    if inviter.device is device:  # not crashed and restarted meanwhile
+                        await self.world.crash_device(inviter, power_loss=False)
+                        self.stats["crashes"] += 1
+                        self.event(f"{inviter.name} crashed as its add was decided")
+
+            self.world.nursery.start_soon(crash_on_add)
         if wait:
             await done.wait()
             if not dev.joined:
@@ -270,7 +300,7 @@ class Run:
                 self.stats["ops_failed"] += 1
                 self.event(f"{what}: failed: {type(exc).__name__}: {exc}")
 
-        device.nursery.start_soon(go)
+        device.spawn(go)
 
     def endpoints(self) -> list[bytes]:
         return [n.key.public for n in self.world.nodes] + [

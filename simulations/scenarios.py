@@ -20,7 +20,7 @@ FAULT_STEPS: dict[str, dict[str, int]] = {
     "partition": {"partition": 4, "cut-one-way": 3, "heal": 4},
     "lossy": {},  # network-wide per-frame faults, see LOSSY
     "crash": {"node-crash": 3, "node-restart": 3, "device-crash": 3, "device-offline": 1,
-              "device-restart": 3},
+              "device-restart": 3, "add-vanish": 2},
     "clock": {"clock-jump": 5},
     "contention": {"rotate-race": 6},
 }

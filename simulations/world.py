@@ -113,6 +113,8 @@ class SimDevice:
     fingerprint: bytes = b""
     endpoint: bytes = b""
     restart_at: int | None = None
+    crashing: bool = False
+    """A crash is in progress (a background crash and a crash step may pick one device)."""
     durable_wal: int = 0
     counter: int = 0
 
@@ -240,6 +242,16 @@ class World:
         """Kill the device. Its files are put back as they were at this instant (with
         ``power_loss``: without the WAL frames written since the last fsync)."""
         assert dev.up and dev.scope is not None and dev.stopped is not None
+        if dev.crashing:
+            return
+        dev.crashing = True
+        try:
+            await self._crash_device(dev, power_loss=power_loss)
+        finally:
+            dev.crashing = False
+
+    async def _crash_device(self, dev: SimDevice, *, power_loss: bool) -> None:
+        assert dev.scope is not None and dev.stopped is not None
         files = {p: p.read_bytes() for p in _db_files(dev.path)}
         wal = dev.path / "device.db-wal"
         if power_loss and wal in files:
