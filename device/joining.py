@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -79,20 +79,21 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
     key_package = device.mls.key_package()
     request = JoinRequest(t.group_id, t.secret, key_package, device.key.public,
                           device.endpoint_id, device.addresses()).seal(t.inviter)
-    async with _connect_all(device, t.syncnodes) as clients:
-        ttl = int(max(60, t.expires_at - entropy.wall()))
-        posted: list[bytes] = []
+    ttl = int(max(60, t.expires_at - entropy.wall()))
+    posted: list[bytes] = []
 
-        async def post(c: SyncnodeClient) -> None:
-            try:
-                await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
-                posted.append(c.node_id)
-            except SyncnodeError as exc:  # the others may still take it
-                log.info("join request not stored", node=short_id(c.node_id), error=str(exc))
+    async def post(c: SyncnodeClient) -> bool:
+        """Leave the request on ``c`` as soon as it is connected (a slow or dead syncnode of
+        the ticket must not hold the others up)."""
+        try:
+            await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
+            posted.append(c.node_id)
+            return True
+        except SyncnodeError as exc:  # the others may still take it
+            log.info("join request not stored", node=short_id(c.node_id), error=str(exc))
+            return False
 
-        async with trio.open_nursery() as nursery:
-            for c in clients:
-                nursery.start_soon(post, c)
+    async with _connect_all(device, t.syncnodes, post) as clients:
         if not posted:
             raise JoinError("no syncnode stored the join request")
         phase.what = "waiting for the inviter to add this device (is it online?)"
@@ -132,25 +133,30 @@ async def _wait_for_state(doc: Document) -> None:
 
 
 @asynccontextmanager
-async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry]
+async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry],
+                       ready: Callable[[SyncnodeClient], Awaitable[bool]]
                        ) -> AsyncIterator[list[SyncnodeClient]]:
-    """Authenticated connections to every reachable syncnode, dialled in parallel."""
+    """Authenticated connections to the reachable syncnodes, dialled in parallel; ``ready``
+    runs on each as it connects (True: keep it). Yields once a majority is ready or every
+    dial has ended; syncnodes that connect later join the list."""
     clients: list[SyncnodeClient] = []
     untried = len(entries)
-    all_tried, release = trio.Event(), trio.Event()
+    enough, release = trio.Event(), trio.Event()
+    majority = len(entries) // 2 + 1
 
     def tried() -> None:
         nonlocal untried
         untried -= 1
-        if untried == 0:
-            all_tried.set()
+        if untried == 0 or len(clients) >= majority:
+            enough.set()
 
     async def hold(e: SyncnodeEntry) -> None:
         try:
             async with SyncnodeClient.connect(device.transport, NodeTicket(e.node_id, e.addrs),
                                               timeout=device.config.connect_timeout) as c:
                 await c.authenticate(device.key)
-                clients.append(c)
+                if await ready(c):
+                    clients.append(c)
                 tried()
                 await release.wait()  # keep the connection until the join is done
         except SyncnodeError as exc:  # unreachable, or a faulty syncnode
@@ -161,12 +167,14 @@ async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry]
         async with trio.open_nursery() as nursery:
             for e in entries:
                 nursery.start_soon(hold, e)
-            await all_tried.wait()
+            await enough.wait()
             if clients:
                 try:
                     yield clients
                 finally:
                     release.set()
+            else:
+                nursery.cancel_scope.cancel()
     if not clients:
         raise JoinError("none of the document's syncnodes is reachable")
 
@@ -182,12 +190,20 @@ async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: Invit
     values: dict[int, LogValue] = {}
     decided: dict[int, Decided] = {}
     while True:
-        for c in clients:
+        for c in list(clients):
             try:
                 await _read_mailbox(device, c, t, parts)
                 found = await _scan_log(device, c, t, values, decided)
-            except (TransportError, RemoteError, DecodeError, CertificateError,
-                    ManifestError) as exc:  # a bad or unreachable syncnode: try the others
+            except TransportError as exc:  # gone: stop asking it
+                log.info("lost a syncnode while waiting", node=short_id(c.node_id),
+                         error=str(exc))
+                clients.remove(c)
+                if not clients:
+                    raise JoinError("lost every syncnode of the document while waiting for "
+                                    "the inviter") from None
+                continue
+            except (RemoteError, DecodeError, CertificateError,
+                    ManifestError) as exc:  # a bad syncnode: try the others
                 log.info("cannot read the decided log", node=short_id(c.node_id),
                          error=str(exc))
                 continue
