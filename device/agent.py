@@ -206,6 +206,15 @@ class Device:
 
         self.spawn(run)
 
+    def free_name(self, wanted: str, group_id: bytes) -> str:
+        """``wanted`` (or the id's first 8 hex digits) if no other document has that name,
+        else with the id's first 4 hex digits appended (a joined document keeps its
+        inviter's name unless it clashes with one here)."""
+        name = wanted or group_id.hex()[:8]
+        if any(d.name == name for d in self._docs.values()):
+            name = f"{name}-{group_id.hex()[:4]}"
+        return name
+
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start a background task of this device (in the device's own context)."""
         self._context.run(self.nursery.start_soon, fn, *args)
@@ -229,6 +238,8 @@ class Device:
         entries = tuple(SyncnodeEntry(t.node_id, t.addrs) for t in tickets)
         if crdt != "loro":
             raise DocumentError(f"unknown CRDT backend {crdt!r} (available: loro)")
+        if name and any(d.name == name for d in self._docs.values()):
+            raise DocumentError(f"a document named {name!r} exists already; choose another name")
         gid = entropy.token_bytes(32)
         g = genesis(self.key, gid, self.endpoint_id, entries, crdt, self.addresses())
         try:  # the syncnodes check the same rules: a genesis they refuse is refused here

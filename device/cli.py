@@ -25,6 +25,7 @@ from device.cli_support import (
     JSON_OPTION,
     PENDING,
     WAIT,
+    CliError,
     Ctx,
     check_listen,
     check_relays,
@@ -92,15 +93,30 @@ def init(ctx: Ctx) -> None:
 @WAIT
 @pass_ctx
 def create(ctx: Ctx, syncnodes: tuple[str, ...], name: str, wait: float) -> None:
-    """Create a new document served by the given syncnodes."""
+    """Create a new document served by the given syncnodes.
 
-    async def go(device: Any) -> None:
+    The document is usable at once; a quorum of its syncnodes must register it before edits
+    become durable and before anyone can join. If they cannot be reached within --wait
+    seconds, it says so and exits 3: the document stays local and registers the next time
+    any syncdevice command runs with them reachable."""
+    async def go(device: Any) -> int | None:
         with progress(ctx, "creating the document...") as status:
             doc = await device.create_document(list(syncnodes), name=name)
-            status.update(f"registering it with {len(syncnodes)} syncnode(s)...")
+            quorum = doc.manifest.acceptors().quorum
+            status.update(f"registering it with its syncnodes (a quorum is {quorum} of "
+                          f"{len(syncnodes)})...")
             with trio.move_on_after(wait):
-                await doc.wait_connected(doc.manifest.acceptors().quorum)
-        ctx.out(f"created {doc.name} {doc.id}", {"name": doc.name, "id": doc.id})
+                await doc.wait_connected(quorum)
+        registered = len(doc.sync_status().connected)
+        ctx.out(f"created {doc.name} {doc.id}",
+                {"name": doc.name, "id": doc.id, "registered": registered,
+                 "syncnodes": len(syncnodes), "quorum": quorum})
+        if registered < quorum:
+            click.echo(f"only {registered} of {len(syncnodes)} syncnodes registered it within "
+                       f"{wait:g} s (a quorum is {quorum}): the document is local for now; it "
+                       "registers when they are reachable (e.g. `syncdevice status`)", err=True)
+            return PENDING
+        return None
 
     run_device(ctx, go)
 
@@ -276,21 +292,26 @@ def members(ctx: Ctx, doc: str) -> None:
 
 @cli.command()
 @click.argument("doc")
-@click.option("--ttl", default=24 * 3600.0, show_default=True, help="Ticket lifetime, seconds.")
+@click.option("--ttl", default=24 * 3600.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Ticket lifetime, seconds (more than 0).")
 @click.option("--wait", default=600.0, show_default=True,
               help="Stay online this long to add the new device (0: print and exit; the add "
                    "happens the next time this device runs).")
 @click.option("--qr", is_flag=True, help="Also draw the ticket as a QR code (on stderr).")
 @pass_ctx
 def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
-    """Print a one-time invite ticket for a new device, then add it when it asks.
+    """Print a one-time invite ticket for a new device, then stay online until that device
+    was added and holds the document.
 
     The ticket is single use and expires after --ttl seconds; it holds a one-time secret, so
-    hand it over privately. The new device runs `syncdevice join TICKET`."""
+    hand it over privately. The new device runs `syncdevice join --init TICKET`. Before the
+    add, the document is stored encrypted for the new device on a quorum of syncnodes, so it
+    gets it even if this device goes away right after. With --wait 0 (or when --wait runs
+    out) the add happens whenever this device next runs any syncdevice command."""
 
-    async def go(device: Any) -> None:
+    async def go(device: Any) -> int | None:
         d = device.document(doc)
-        before = {m.fingerprint for m in d.members()}
         ticket = d.invite(ttl=ttl)
         ctx.out(ticket, {"ticket": ticket})
         sys.stdout.flush()
@@ -305,13 +326,24 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
             code.print_ascii(out=buf, invert=True)
             click.echo(buf.getvalue(), err=True)
         if wait <= 0:
-            return
-        click.echo("waiting for the new device to join (Ctrl-C to stop)...", err=True)
-        with trio.move_on_after(wait):
-            while {m.fingerprint for m in d.members()} <= before:
-                await d.wait_epoch(d.epoch + 1)
-            added = [m.id for m in d.members() if m.fingerprint not in before]
-            click.echo(f"added {', '.join(added)}", err=True)
+            return None
+        with progress(ctx, "waiting for the new device (Ctrl-C to stop)...") as status:
+            def say(msg: str) -> None:
+                status.say(msg)
+                status.update(msg.rsplit("; ", 1)[-1] + "...")
+
+            with trio.move_on_after(wait):
+                added, via = await d.wait_invite(ticket, say=say)
+                how = ("sent it the document directly" if via == "direct" else
+                       f"the document waits for it on {added.staged_on} syncnode(s)")
+                if ctx.json:
+                    ctx.out("", {"added": added.device, "epoch": added.slot, "via": via})
+                else:
+                    click.echo(f"added {added.device} at epoch {added.slot}; {how}", err=True)
+                return None
+        raise CliError(f"no device used the ticket within {wait:g} s; it stays valid for "
+                       f"--ttl, and the device is added whenever this one runs "
+                       f"(e.g. `syncdevice watch {doc}`)")
 
     run_device(ctx, go)
 
@@ -327,24 +359,25 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
 def join(ctx: Ctx, ticket: str, name: str, timeout: float, create: bool) -> None:
     """Join a document with an invite ticket (the inviter adds this device).
 
-    On a new device: `syncdevice join --init TICKET` creates the device and joins."""
+    On a new device: `syncdevice join --init TICKET` creates the device and joins. It prints
+    each step on stderr and succeeds only once this device holds the document; a spent,
+    expired or unknown ticket is refused by the inviter within seconds; at --timeout it
+    fails saying what it was waiting for."""
     if not create:
         require_device(ctx, hint=" (or `syncdevice join --init TICKET`)")
 
-    def bytes_progress(p: Any) -> None:
-        if sys.stderr.isatty() or p.done == p.total:
-            end = "\n" if p.done == p.total else ""
-            click.echo(f"\rdocument state: {p.done / 1024:,.0f} / {p.total / 1024:,.0f} KiB"
-                       f" ({100 * p.done // max(p.total, 1)}%)", err=True, nl=bool(end))
-
     async def go(device: Any) -> None:
-        d = await device.join(ticket, name=name, timeout=timeout,
-                              progress=lambda msg: click.echo(msg, err=True),
-                              on_progress=bytes_progress)
-        with trio.move_on_after(10):
-            async with d.events() as events:
-                if not d.value():
-                    await events.receive()  # the members' state arrived
+        with progress(ctx, "joining...") as status:
+            def say(msg: str) -> None:
+                status.say(msg)
+                status.update("waiting..." if "waiting" in msg else "...")
+
+            def bytes_progress(p: Any) -> None:
+                status.update(f"document: {p.done / 1024:,.0f} / {p.total / 1024:,.0f} KiB "
+                              f"({100 * p.done // max(p.total, 1)}%)")
+
+            d = await device.join(ticket, name=name, timeout=timeout, progress=say,
+                                  on_progress=bytes_progress)
         ctx.out(f"joined {d.name} {d.id}", {"name": d.name, "id": d.id, "epoch": d.epoch})
 
     run_device(ctx, go, create=create)

@@ -32,7 +32,8 @@ EXIT_CODES = ("\b\nExit codes:\n"
               "  1    error: one line on stderr says what (with --json, also\n"
               "       {\"error\": ..., \"code\": 1} on stdout)\n"
               "  2    usage error: unknown command or option, invalid value\n"
-              "  3    status: some updates are not yet stored by a quorum of syncnodes\n"
+              "  3    pending: status found updates not yet stored by a quorum of\n"
+              "       syncnodes; create could not yet register the document with a quorum\n"
               "  130  interrupted (Ctrl-C)")
 
 

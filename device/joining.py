@@ -27,7 +27,7 @@ from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.groups import single_errors
 from proto.handoff import HandoffPart, assemble, open_part, open_refusal
-from proto.identity import short_id
+from proto.identity import fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
 from proto.manifest import LogValue, ManifestError, SyncnodeEntry, validate_genesis, verify_decided
@@ -98,7 +98,7 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
             raise JoinError("no syncnode stored the join request")
         phase.what = "waiting for the inviter to add this device (is it online?)"
         say(f"join request stored on {len(posted)} of {len(t.syncnodes)} syncnode(s); "
-            f"waiting for the inviter ({short_id(t.inviter_endpoint)}) to add this device")
+            f"waiting for the inviter ({short_id(fingerprint(t.inviter))}) to add this device")
         parts: dict[int, HandoffPart] = {}
         slot, values, decided = await _await_welcome(device, clients, t, parts)
         welcome = values[slot].welcome
@@ -106,7 +106,7 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
         group = device.mls.join(welcome)
         with device.store.transaction() as db:
             group.persist()
-            insert_document(db, t.group_id, name or t.group_id.hex()[:8],
+            insert_document(db, t.group_id, device.free_name(name, t.group_id),
                             values[0].manifest.crdt_type, slot)
             for s in range(slot + 1):
                 db.execute("INSERT INTO log VALUES (?,?,?,?)",

@@ -232,8 +232,9 @@ async def test_sigkill_with_outbox_delivers_exactly_once(
         changes: list[Change] = []
         doc.subscribe(lambda ev: changes.append(ev) if isinstance(ev, Change) else None)
         with trio.fail_after(90):
-            done = await trio.run_process(syncdevice(home, "--json", "join", doc.invite()),
-                                          capture_stdout=True, capture_stderr=True)
+            done = await trio.run_process(
+                syncdevice(home, "--json", "join", "--init", doc.invite()),
+                capture_stdout=True, capture_stderr=True)
         joined = json.loads(done.stdout)
         assert joined["id"] == doc.id
 

@@ -325,3 +325,25 @@ async def test_inviter_gone_as_the_add_is_decided_joiner_still_gets_every_durabl
                 with pytest.raises(JoinError, match="waiting for a member to send"):
                     await b.join(got[0], timeout=8)
                 assert a_scope.cancelled_caught
+
+
+async def test_join_requests_reach_an_online_inviter_by_push(tmp_path: Path) -> None:
+    """The inviter's safety-net poll is set to 1000 s: the join completes only because the
+    syncnodes push a notice when the request lands in the inviter's mailbox."""
+    from dataclasses import replace
+
+    from tests.device_kit import FAST
+
+    slow_poll = replace(FAST, mailbox_interval=1000.0)
+    async with memory_cluster(tmp_path, 17) as (net, _, nodes), \
+            memory_device(net, tmp_path / "a", slow_poll) as a, \
+            memory_device(net, tmp_path / "b") as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda e: e.map("m").insert("k", "v"))
+        with trio.fail_after(20):
+            await doc.wait_connected(3)
+        ticket = doc.invite()
+        await trio.sleep(0.5)  # the read that invite() triggers is over: only a push helps
+        with trio.fail_after(30):
+            joined = await b.join(ticket)
+        assert joined.value() == {"m": {"k": "v"}}
