@@ -447,6 +447,29 @@ def status(ctx: Ctx, doc: str | None, wait: float) -> None:
     run_device(ctx, go)
 
 
+@cli.command(name="set-address")
+@click.argument("ticket")
+@pass_ctx
+def set_address(ctx: Ctx, ticket: str) -> None:
+    """Reach a syncnode that moved at the address in its new TICKET (`syncnode info` prints
+    it), in every document that names it. The node id in the ticket must be the same: it is
+    what authenticates the syncnode, so a wrong address can only fail to connect."""
+
+    async def go(device: Any) -> None:
+        docs = device.set_syncnode_address(ticket)
+        with progress(ctx, "connecting...") as status:
+            with trio.move_on_after(10):
+                for d in docs:
+                    status.update(f"connecting {d.name}...")
+                    await d.wait_connected(len(d.manifest.syncnodes))
+        rows = [{"name": d.name, "connected": len(d.sync_status().connected),
+                 "syncnodes": len(d.manifest.syncnodes)} for d in docs]
+        ctx.out("\n".join(f"{r['name']:<16} syncnodes {r['connected']}/{r['syncnodes']}"
+                          for r in rows), rows)
+
+    run_device(ctx, go)
+
+
 @cli.command()
 @pass_ctx
 def selfcheck(ctx: Ctx) -> None:

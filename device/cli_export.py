@@ -97,11 +97,8 @@ def check_snapshot(export: Export) -> None:
 
 def import_snapshot_as_local_change(doc: Any, snapshot: bytes) -> None:
     """Merge ``snapshot`` into ``doc`` as one local edit: applied, saved and sent like any
-    ``doc.change``. Check it with :func:`check_snapshot` first.
-
-    Meant to become ``Document.import_snapshot`` (with ``merge_as_local`` on the backend): it
-    reaches the Loro document through the editor's private ``_doc`` until then."""
-    doc.change(lambda editor: editor._doc.import_(snapshot))
+    ``doc.change``. Check it with :func:`check_snapshot` first."""
+    doc.change(lambda editor: editor.merge(snapshot))
 
 
 @click.command()

@@ -104,6 +104,12 @@ class Editor:
     def counter(self, name: str) -> loro.LoroCounter:
         return self._doc.get_counter(name)
 
+    def merge(self, snapshot: bytes) -> None:
+        """Merge another document's snapshot (e.g. an exported file) into this one as part of
+        this local change: it is then saved and sent like any edit. Raises on a malformed
+        snapshot before anything changes."""
+        self._doc.import_(snapshot)
+
 
 BACKENDS: dict[str, Callable[[int, bytes | None], CrdtBackend]] = {"loro": LoroDocument}
 """Backends by the ``crdt`` name recorded in the manifest: ``factory(peer_id, snapshot)``."""

@@ -87,3 +87,24 @@ def test_create_refuses_duplicates_and_says_when_it_is_local(tmp_path: Path,
     # A name already used here is refused (documents are addressed by name).
     one_line_error(sd(home, "create", "--name", "offline", "--wait", "0",
                       *unreachable_syncnodes()), 1, "exists already")
+
+
+def test_a_moved_syncnode_is_set_by_hand(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    import socket
+
+    home = tmp_path / "a"
+    sd(home, "init", check=True)
+    sd(home, "create", "--name", "notes", *real_syncnodes(nodes), check=True)
+    moved = nodes[2]
+    moved.interrupt()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        moved.listen = f"127.0.0.1:{s.getsockname()[1]}"
+    moved.start()
+    before = json.loads(sd(home, "--json", "status", "notes", "--wait", "3").stdout)
+    assert before[0]["connected"] == 2  # the address in the document is stale
+    done = json.loads(sd(home, "--json", "set-address", str(moved.ticket), check=True).stdout)
+    assert done == [{"name": "notes", "connected": 3, "syncnodes": 3}]
+    after = json.loads(sd(home, "--json", "status", "notes", "--wait", "5").stdout)
+    assert after[0]["connected"] == 3  # remembered by the device
+    one_line_error(sd(home, "set-address", "sn1nonsense"), 1, "bad syncnode ticket")
