@@ -14,12 +14,29 @@ import click
 from proto import PROTOCOL_VERSION
 from proto.errors import ConfigError, KeyFileError
 
+INTERRUPTED = 130
+
+
+ERROR = "1    error: one line on stderr says what is wrong and what to do"
+USAGE = "2    usage error: unknown command or option, invalid option value"
+RUN_OK = "0    stopped by SIGINT or SIGTERM after a graceful shutdown"
+RUN_INTERRUPTED = f"{INTERRUPTED}  interrupted (Ctrl-C) while still starting, before serving"
+
+
+def exit_codes(*lines: str) -> str:
+    """The "Exit codes" epilog of a command (``\\b`` keeps click from re-wrapping it)."""
+    ordered = sorted((*lines, USAGE), key=lambda ln: int(ln.split()[0]))
+    return "\b\nExit codes:\n" + "\n".join(f"  {ln}" for ln in ordered)
+
+
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                         default=Path("syncnode-data"), show_default=True,
                         help="Directory holding the node key, database and syncnode.toml.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=exit_codes("0    success (run: stopped by SIGINT/SIGTERM, gracefully)",
+                               ERROR, f"{INTERRUPTED}  run: interrupted while still starting"))
 @click.version_option(package_name="syncnode",
                       message=f"%(prog)s %(version)s (wire protocol v{PROTOCOL_VERSION})")
 def cli() -> None:
@@ -31,7 +48,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(epilog=exit_codes("0    every check passed", "1    a check failed (listed above)"))
 def selfcheck() -> None:
     """Check the installed stack: native bindings (MLS, CRDT) and an iroh loopback exchange."""
     from syncnode.selfcheck import run
@@ -43,7 +60,7 @@ def selfcheck() -> None:
     click.echo("all checks passed")
 
 
-@cli.command()
+@cli.command(epilog=exit_codes("0    created", ERROR))
 @DATA_DIR
 def init(data_dir: Path) -> None:
     """Create the data dir, the node key (mode 0600) and a commented syncnode.toml.
@@ -51,44 +68,57 @@ def init(data_dir: Path) -> None:
     Refuses to touch an existing key: the key is the node's identity, and every document that
     names this node depends on it.
     """
-    from proto.identity import SecretKey, node_id_hex, write_key_file
-    from syncnode.config import CONFIG_NAME, DEFAULT_TOML, KEY_NAME
+    from proto.identity import node_id_hex
+    from syncnode.config import CONFIG_NAME, KEY_NAME
+    from syncnode.startup import init_data_dir
 
     key_path = data_dir / KEY_NAME
     if key_path.exists():
         raise click.ClickException(f"{key_path} already exists; not overwriting the node key")
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = SecretKey.generate()
     try:
-        write_key_file(key_path, key)
-    except KeyFileError as exc:
+        key = init_data_dir(data_dir)
+    except (KeyFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    config_path = data_dir / CONFIG_NAME
-    if not config_path.exists():
-        config_path.write_text(DEFAULT_TOML, encoding="utf-8")
     click.echo(f"created {data_dir}")
     click.echo(f"node id: {node_id_hex(key.public)}")
-    click.echo(f"config:  {config_path} (edit it, then: syncnode run --data-dir {data_dir})")
+    click.echo(f"config:  {data_dir / CONFIG_NAME} (edit it, then: syncnode run --data-dir "
+               f"{data_dir})")
 
 
-@cli.command()
+@cli.command(epilog=exit_codes(RUN_OK, ERROR, RUN_INTERRUPTED))
 @DATA_DIR
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Config file (default: syncnode.toml in the data dir, if present).")
-@click.option("--listen", help="UDP address for the iroh endpoint, e.g. 0.0.0.0:7600 "
-              "(port 0 picks a free one).")
+@click.option("--listen", help="UDP IP:PORT for the iroh endpoint, e.g. 0.0.0.0:7600; port 0 "
+              "picks a free one the first time and reuses it on later starts.")
 @click.option("--relay", help='Relay server URL, or "off" for direct connections only.')
-@click.option("--http", "http_listen", help="host:port of /healthz, /readyz and /metrics.")
+@click.option("--http", "http_listen", help="HOST:PORT of /healthz, /readyz and /metrics.")
+@click.option("--init", "init_dir", is_flag=True,
+              help="Create the node key and syncnode.toml if the data dir has none (for "
+              "scripts; by default run refuses an uninitialised data dir).")
 @click.option("--no-group-commit", is_flag=True,
               help="One fsync per write (for benchmarks only: much slower).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str | None,
-        http_listen: str | None, no_group_commit: bool, log_level: str | None) -> None:
-    """Run the daemon until SIGINT or SIGTERM.
+        http_listen: str | None, init_dir: bool, no_group_commit: bool,
+        log_level: str | None) -> None:
+    """Run the daemon until SIGINT or SIGTERM (both stop it gracefully, exit code 0).
 
-    Prints the node id and a ticket (paste it into `syncdevice create --syncnode TICKET`).
-    Logs are JSON lines on stderr.
+    Prints the node id and a ticket (paste it into `syncdevice create --syncnode TICKET`); the
+    ticket stays the same across restarts. Logs are JSON lines on stderr. Only one daemon can
+    use a data dir at a time.
     """
+    try:
+        _run(data_dir, config_file, init_dir, no_group_commit,
+             {"listen": listen, "relay": relay, "http_listen": http_listen,
+              "log_level": log_level})
+    except KeyboardInterrupt:  # before the daemon's own SIGINT handling was in place
+        click.echo("interrupted while starting; the node was not serving", err=True)
+        sys.exit(INTERRUPTED)
+
+
+def _run(data_dir: Path, config_file: Path | None, init_dir: bool, no_group_commit: bool,
+         flags: dict[str, str | None]) -> None:
     from dataclasses import replace
 
     import trio
@@ -96,25 +126,53 @@ def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str
     from proto.logs import configure_logging
     from syncnode.config import load_config
     from syncnode.daemon import run_daemon
+    from syncnode.startup import StartupError
 
     try:
         config = load_config(data_dir, config_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    flags = {"listen": listen, "relay": relay, "http_listen": http_listen,
-             "log_level": log_level}
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if no_group_commit:
         overrides["group_commit"] = False
     config = replace(config, **overrides)
     configure_logging(config.log_level)
     try:
-        trio.run(partial(run_daemon, config, echo=click.echo))
-    except (KeyFileError, ConfigError) as exc:
+        trio.run(partial(run_daemon, config, init=init_dir, echo=click.echo))
+    except (KeyFileError, ConfigError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-@cli.command()
+@cli.command("dev-cluster", epilog=exit_codes(
+    "0    stopped by Ctrl-C (SIGINT) or SIGTERM; every node stopped cleanly",
+    "1    a node failed to start, died, or had to be killed (which one is said)"))
+@click.option("--nodes", "count", type=click.IntRange(1, 32), default=3, show_default=True,
+              help="Number of syncnodes.")
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("syncnode-dev"), show_default=True,
+              help="Parent of the nodes' data dirs (node1, node2, ...), created on first use.")
+@click.option("--base-port", type=click.IntRange(1, 65535 - 64),
+              help="Node i (0-based) listens on UDP BASE+2i (iroh) and TCP BASE+2i+1 (HTTP). "
+              "Default: free ports, remembered in each data dir.")
+def dev_cluster(count: int, root: Path, base_port: int | None) -> None:
+    """Run a local development cluster of real syncnodes on loopback, in the foreground.
+
+    Prints one ticket per line, then a ready-to-paste `syncdevice create` line. Ctrl-C or
+    SIGTERM stops every node (SIGINT, then SIGKILL after 15 s). If a node dies, the others
+    are stopped too. Restarting with the same --dir gives the same tickets.
+    """
+    from syncnode.devcluster import DevCluster
+
+    cluster = DevCluster(root, count, base_port, click.echo,
+                         lambda line: click.echo(line, err=True))
+    try:
+        code = cluster.run()
+    except OSError as exc:
+        raise click.ClickException(f"dev-cluster: {exc}") from None
+    sys.exit(code)
+
+
+@cli.command(epilog=exit_codes("0    printed", ERROR))
 @DATA_DIR
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(data_dir: Path, as_json: bool) -> None:
@@ -155,4 +213,7 @@ def info(data_dir: Path, as_json: bool) -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except KeyboardInterrupt:  # outside a command (click turns it into "Aborted!" inside)
+        sys.exit(INTERRUPTED)

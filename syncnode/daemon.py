@@ -1,8 +1,13 @@
 """``syncnode run``: wire config, key, store, iroh endpoint, peer sync and HTTP together.
 
+Start-up (:mod:`syncnode.startup`): check the addresses, claim the data dir (its node key and
+its exclusive lock), bind HTTP and iroh, then open the database and serve. A failure before
+serving is a :class:`~syncnode.startup.StartupError` with a one-line message.
+
 Shutdown order on SIGINT/SIGTERM (bounded by :data:`SHUTDOWN_GRACE` seconds): stop being ready,
 stop accepting and cancel connection handlers, let the writer finish every queued write (a
-started batch always completes), close the database, close the endpoint.
+started batch always completes), close the database, close the endpoint, release the data dir.
+:func:`run_daemon` then returns normally: ``syncnode run`` exits 0 after a requested stop.
 """
 
 from __future__ import annotations
@@ -10,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
-from importlib.metadata import version
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import trio
 
-from proto.identity import load_or_create_key, node_id_hex, parse_node_id
+from proto.identity import SecretKey, node_id_hex, parse_node_id
 from proto.logs import get_logger
 from proto.ticket import NodeTicket
 from proto.transport.iroh import IrohTransport
@@ -24,6 +29,7 @@ from syncnode.http import HealthServer
 from syncnode.peers import PeerSync
 from syncnode.server import Server
 from syncnode.service import Service
+from syncnode.startup import bind_iroh, claim_data_dir, open_http, parse_http, parse_listen
 
 log = get_logger("syncnode.daemon")
 
@@ -31,66 +37,87 @@ SHUTDOWN_GRACE = 5.0
 MAILBOX_SWEEP = 300.0
 
 
-def _split_host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
+async def run_daemon(config: Config, *, init: bool = False,
+                     echo: Callable[[str], None] = print) -> None:
+    """Run the node until SIGINT or SIGTERM, then stop gracefully and return.
+
+    Raises :class:`~syncnode.startup.StartupError` (one line) for what the operator can fix:
+    bad addresses, an uninitialised or already used data dir, a busy port. Nothing is served
+    before every check passed and every socket is bound. A signal received during start-up is
+    handled once the node is up: it then stops at once, also gracefully.
+    """
+    parse_listen(config.listen)
+    parse_http(config.http_listen)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        key, lock_fd = claim_data_dir(config.data_dir, init=init, echo=echo)
+        try:
+            async with AsyncExitStack() as stack:
+                listeners = await open_http(config.http_listen)
+                for listener in listeners:
+                    stack.push_async_callback(listener.aclose)
+                transport, addrs = await bind_iroh(key, config, echo)
+                stack.push_async_callback(_close_transport, transport)
+                await _serve(config, key, transport, addrs, listeners, signals, echo)
+        finally:
+            os.close(lock_fd)  # after the database is closed: the next daemon may start
+    log.info("syncnode stopped")
+    echo("stopped")
 
 
-async def run_daemon(config: Config, *, echo: Callable[[str], None] = print) -> None:
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key, created = load_or_create_key(config.key_path)
-    if created:
-        log.info("node key created", path=str(config.key_path))
+async def _close_transport(transport: IrohTransport) -> None:
+    with trio.move_on_after(SHUTDOWN_GRACE):
+        await transport.aclose()
+
+
+async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs: list[str],
+                 listeners: list[trio.SocketListener], signals: AsyncIterator[int],
+                 echo: Callable[[str], None]) -> None:
     service = Service(key, config.db_path, limits=config.limits,
                       group_commit=config.group_commit, cache_groups=config.cache_groups,
                       cache_slots=config.cache_slots)
-    transport = await IrohTransport.bind(key, listen=config.listen, relays=config.relays,
-                                         max_frame=config.limits.max_frame,
-                                         agent=f"syncnode/{version('syncnode')}")
     server = Server(service)
     overrides = {parse_node_id(k): v for k, v in config.peers.items()}
     peers = PeerSync(service, transport, overrides=overrides, interval=config.catchup_interval)
     ready = False
     health = HealthServer(service.metrics.exposition, lambda: ready)
+    http_host = parse_http(config.http_listen)[0]
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as outer:
-            await outer.start(service.run)
-            async with trio.open_nursery() as serving:
-                await serving.start(transport.serve, server.handle_connection)
-                host, port = _split_host_port(config.http_listen)
-                http_port = await serving.start(health.serve, host, port)
-                serving.start_soon(peers.run)
-                serving.start_soon(_mailbox_sweeper, service)
+    async with trio.open_nursery() as outer:
+        await outer.start(service.run)
+        async with trio.open_nursery() as serving:
+            await serving.start(transport.serve, server.handle_connection)
+            http_port = await serving.start(health.serve, listeners)
+            serving.start_soon(peers.run)
+            serving.start_soon(_mailbox_sweeper, service)
 
-                ticket = NodeTicket(key.public, tuple(transport.addresses()))
-                groups = service.group_count()
-                _write_state(config, ticket, host, http_port)
-                echo(f"node id:   {node_id_hex(key.public)}")
-                echo(f"ticket:    {ticket}")
-                echo(f"listening: {', '.join(transport.addresses())}")
-                echo(f"http:      http://{host}:{http_port}/metrics")
-                echo(f"data dir:  {config.data_dir}  ({groups} groups)")
-                log.info("syncnode ready", node_id=node_id_hex(key.public),
-                         addrs=transport.addresses(), http_port=http_port,
-                         groups=groups, ticket=str(ticket))
-                ready = True
+            ticket = NodeTicket(key.public, tuple(addrs))
+            groups = service.group_count()
+            _write_state(config, ticket, http_host, http_port)
+            echo(f"node id:   {node_id_hex(key.public)}")
+            echo(f"ticket:    {ticket}")
+            echo(f"listening: {', '.join(addrs)}")
+            echo(f"http:      http://{_url_host(http_host)}:{http_port}/metrics")
+            echo(f"data dir:  {config.data_dir}  ({groups} groups)")
+            log.info("syncnode ready", node_id=node_id_hex(key.public),
+                     addrs=addrs, bound=transport.addresses(), http_port=http_port,
+                     groups=groups, ticket=str(ticket))
+            ready = True
 
-                async for signum in signals:
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    echo(f"received {signal.Signals(signum).name}, shutting down")
-                    break
-                ready = False
-                serving.cancel_scope.cancel()
-            with trio.move_on_after(SHUTDOWN_GRACE) as grace:
-                await service.aclose()
-            if grace.cancelled_caught:
-                log.error("writer did not drain in time; queued writes were not acknowledged")
-                outer.cancel_scope.cancel()
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            await transport.aclose()
-    log.info("syncnode stopped")
-    echo("stopped")
+            async for signum in signals:
+                log.info("shutting down", signal=signal.Signals(signum).name)
+                echo(f"received {signal.Signals(signum).name}, shutting down")
+                break
+            ready = False
+            serving.cancel_scope.cancel()
+        with trio.move_on_after(SHUTDOWN_GRACE) as grace:
+            await service.aclose()
+        if grace.cancelled_caught:
+            log.error("writer did not drain in time; queued writes were not acknowledged")
+            outer.cancel_scope.cancel()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _mailbox_sweeper(service: Service) -> None:
@@ -102,7 +129,7 @@ async def _mailbox_sweeper(service: Service) -> None:
 def _write_state(config: Config, ticket: NodeTicket, http_host: str, http_port: int) -> None:
     """Record how to reach the running node, for ``syncnode info`` and scripts."""
     state = {"node_id": ticket.node_id.hex(), "ticket": str(ticket), "addrs": list(ticket.addrs),
-             "http": f"http://{http_host}:{http_port}", "pid": os.getpid()}
+             "http": f"http://{_url_host(http_host)}:{http_port}", "pid": os.getpid()}
     tmp = config.data_dir / (STATE_NAME + ".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(config.data_dir / STATE_NAME)

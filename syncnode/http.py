@@ -35,9 +35,10 @@ class HealthServer:
             return 200, CONTENT_TYPE_METRICS, self.metrics()
         return 404, "text/plain", b"not found (try /healthz, /readyz, /metrics)\n"
 
-    async def serve(self, host: str, port: int, *,
+    async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        """Serve on already bound ``listeners`` (the daemon binds them first, so a busy port
+        is a start-up error, not a crash); reports the port."""
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(self._connection, listeners)
 

@@ -43,6 +43,7 @@ class NodeProcess:
         """Start ``syncnode run`` and wait until it printed its ticket."""
         self.spawn()
         if not self.wait_ready(START_TIMEOUT):
+            self.stop()
             raise RuntimeError(f"syncnode did not start: {self.lines}\n"
                                f"{(self.data_dir / 'stderr.log').read_text()[-3000:]}")
         return self
