@@ -29,6 +29,7 @@ from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, n
 from device.p2p import PeerServer, Progress
 from device.store import Store
 from proto import entropy
+from proto.address import AddressRecord
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.logs import get_logger
@@ -167,6 +168,20 @@ class Device:
         for d in docs:
             d.relink(t.node_id)
         return docs
+
+    def learn_address(self, record: AddressRecord) -> bool:
+        """Keep a verified address record if it is newer than what this device holds for that
+        syncnode (set by hand or learned); True if the addresses changed."""
+        body = record.body
+        row = self.store.one("SELECT addrs, at FROM syncnode_addrs WHERE node_id=?",
+                             body.node_id)
+        if row is not None and (row[1] >= body.issued_at
+                                or tuple(msgpack.unpackb(row[0])) == body.addrs):
+            return False
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO syncnode_addrs VALUES (?,?,?)",
+                       (body.node_id, msgpack.packb(list(body.addrs)), body.issued_at))
+        return True
 
     def syncnode_ticket(self, ticket: NodeTicket) -> NodeTicket:
         """``ticket`` with the addresses set by hand for its node, if any (tried first, then

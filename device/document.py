@@ -899,6 +899,7 @@ class Document:
             nursery.start_soon(self._learner, client)
             nursery.start_soon(self.invites.run, client)
             nursery.start_soon(self._keepalive, client)
+            nursery.start_soon(self._follow_addresses, client)
             await self.learn(client)
             await self._backfill(client)
             nursery.start_soon(self._periodic_backfill, client)
@@ -976,6 +977,29 @@ class Document:
                 await client.heads([self.group_id])
                 continue
             raise TransportError(f"no answer within {cfg.keepalive_timeout:g} s")
+
+    async def _follow_addresses(self, client: SyncnodeClient) -> None:
+        """Ask this syncnode where the group's other syncnodes are now (their signed address
+        records, :mod:`proto.address`), so a syncnode that moved is found again without a new
+        document. Asked at link-up and every ``backfill_interval`` while one is unreachable."""
+        while self.status == "active":
+            others = [e.node_id for e in self.manifest.syncnodes if e.node_id != client.node_id]
+            if any(n not in self.clients for n in others):
+                try:
+                    records = await client.get_addresses(others)
+                except RemoteError as exc:  # a syncnode of an older version
+                    log.debug("no address records", node=short_id(client.node_id),
+                              error=str(exc))
+                    return
+                for record in records:
+                    node = record.body.node_id
+                    if node in others and node not in self.clients and record.verify() \
+                            and self.device.learn_address(record):
+                        log.info("syncnode moved; dialling its new address",
+                                 doc=short_id(self.group_id), node=short_id(node),
+                                 addrs=list(record.body.addrs), via=short_id(client.node_id))
+                        self.relink(node)
+            await trio.sleep(self.device.config.backfill_interval)
 
     async def _learner(self, client: SyncnodeClient) -> None:
         while True:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from proto.address import Addresses, AddressRecord, GetAddresses, PutAddress
 from proto.codec import decode, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import SyncnodeError, TransportError
@@ -211,6 +212,13 @@ class SyncnodeClient:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def get_addresses(self, node_ids: Sequence[bytes]) -> list[AddressRecord]:
+        """Signed address records the syncnode holds for ``node_ids`` (verify them)."""
+        return list((await self.call(GetAddresses(tuple(node_ids)), Addresses)).records)
+
+    async def put_address(self, record: AddressRecord) -> bool:
+        return bool((await self.call(PutAddress(record), Done)).count)
 
     async def mailbox_put(self, recipient: bytes, kind: MailboxKind, payload: bytes,
                           ttl: int) -> int:

@@ -31,6 +31,7 @@ class Limits:
     requests_per_second: float = 2000.0
     request_burst: int = 4000
     max_frame: int = 16 * 1024 * 1024
+    max_address_records: int = 4096
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ max_mailbox_ttl = 604800
 requests_per_second = 2000.0
 request_burst = 4000
 max_frame = 16777216
+# Signed address records of other syncnodes kept for relaying to devices (one per node).
+max_address_records = 4096
 
 # Addresses of peer syncnodes, by node id, when the hints in group manifests are stale:
 # [peers]

@@ -87,6 +87,7 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
         async with trio.open_nursery() as serving:
             await serving.start(transport.serve, server.handle_connection)
             http_port = await serving.start(health.serve, listeners)
+            service.addresses.set_own(addrs)  # the peer sweep hands it to our peers
             serving.start_soon(peers.run)
             serving.start_soon(_mailbox_sweeper, service)
 

@@ -5,6 +5,9 @@ the other syncnodes of the group: it fetches decided values with their certifica
 each through the same verification as a certificate sent by a device
 (:meth:`syncnode.service.Service.learn`), so a peer is never trusted, only its evidence.
 
+The sweep also hands each peer this node's signed address record, so devices that still reach
+one syncnode of a group learn where a moved one is now (:mod:`proto.address`).
+
 Triggers: a request that shows this node is behind (a Paxos message, decision or envelope for a
 later slot/epoch) asks for one group at once; a periodic sweep compares heads with each peer in
 batches (so 10,000 idle groups cost a few small requests, not 10,000).
@@ -16,6 +19,7 @@ from collections import defaultdict
 
 import trio
 
+from proto.address import AddressRecord
 from proto.errors import SyncnodeError
 from proto.identity import short_id
 from proto.logs import get_logger
@@ -45,6 +49,8 @@ class PeerSync:
         """(group, peer) -> until when not to ask that peer again (it served a decision we
         refuse: without this, catching up from it loops as fast as requests come in)."""
         self._wake = trio.Event()
+        self._announced: dict[bytes, AddressRecord] = {}
+        """Peer -> our address record it has acknowledged (sent again when it changes)."""
         service.catchup = self.request
 
     def request(self, group_id: bytes) -> None:
@@ -52,7 +58,14 @@ class PeerSync:
         self._wake.set()
 
     def _ticket(self, entry: SyncnodeEntry) -> NodeTicket:
-        return NodeTicket(entry.node_id, tuple(self.overrides.get(entry.node_id, entry.addrs)))
+        """Where to dial a peer: the operator's override, else its newest signed address
+        record (it may have moved since the manifest was written) before the manifest's."""
+        if entry.node_id in self.overrides:
+            return NodeTicket(entry.node_id, tuple(self.overrides[entry.node_id]))
+        learned = self.service.addresses.lookup([entry.node_id])
+        addrs = tuple(learned[0].body.addrs) if learned else ()
+        return NodeTicket(entry.node_id, (addrs + tuple(
+            a for a in entry.addrs if a not in addrs))[:8])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -129,6 +142,11 @@ class PeerSync:
             try:
                 async with SyncnodeClient.connect(self.transport, self._ticket(entries[node_id]),
                                                   timeout=CONNECT_TIMEOUT) as client:
+                    own = self.service.addresses.own
+                    if own is not None and self._announced.get(node_id) != own:
+                        # Tell the peer where we are now: it relays that to devices.
+                        await client.put_address(own)
+                        self._announced[node_id] = own
                     for i in range(0, len(group_ids), MAX_HEADS):
                         heads = await client.heads(group_ids[i:i + MAX_HEADS])
                         for head in heads.heads:

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from proto import entropy
+from proto.address import Addresses, GetAddresses, PutAddress
 from proto.codec import decode_as, decode_struct, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError
@@ -79,6 +80,7 @@ from proto.service import (
     Subscribe,
     Subscribed,
 )
+from syncnode.addresses import AddressBook
 from syncnode.config import Limits
 from syncnode.metrics import Metrics
 from syncnode.storage import Writer, one, open_database, rows, storage_bytes
@@ -221,6 +223,7 @@ class Service:
         self._nursery: trio.Nursery | None = None
         self.catchup: Callable[[bytes], None] = lambda group_id: None
         """Hook: ask the peer-sync task to fetch missing decisions of a group."""
+        self.addresses = AddressBook(key, self.db, clock, self.limits.max_address_records)
         self.metrics.track_storage(lambda: storage_bytes(db_path))
         self.metrics.groups.set(self.group_count())
 
@@ -695,6 +698,21 @@ class Service:
         await self.writer.execute(lambda c: c.execute(
             "DELETE FROM mailbox WHERE expires_at<=?", (now,)))
 
+    # -- address records -------------------------------------------------------------------------
+
+    async def _get_addresses(self, session: Session, msg: GetAddresses) -> Addresses:
+        return Addresses(tuple(self.addresses.lookup(msg.node_ids)))
+
+    async def _put_address(self, session: Session, msg: PutAddress) -> Done:
+        why = self.addresses.check(msg.record)
+        if why is not None:
+            raise RequestError(ErrorCode.INVALID, f"address record refused: {why}")
+        kept = await self.writer.execute(self.addresses.write(msg.record))
+        if kept:
+            log.info("address record stored", node=short_id(msg.record.body.node_id),
+                     addrs=list(msg.record.body.addrs), source=short_id(session.remote_id))
+        return Done(int(kept))
+
     _handlers: dict[type, str] = {  # by name: subclasses (the simulator's) may override
         GetChallenge: "_challenge",
         Authenticate: "_authenticate",
@@ -709,6 +727,8 @@ class Service:
         MailboxPut: "_mailbox_put",
         MailboxFetch: "_mailbox_fetch",
         MailboxAck: "_mailbox_ack",
+        GetAddresses: "_get_addresses",
+        PutAddress: "_put_address",
     }
 
 

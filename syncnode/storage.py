@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS mailbox (
     expires_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, item_id);
+CREATE TABLE IF NOT EXISTS address_records ( -- newest signed address record per syncnode
+    node_id BLOB PRIMARY KEY, issued_at INTEGER NOT NULL, record BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS equivocations (
     group_id BLOB NOT NULL, slot INTEGER NOT NULL, proof BLOB NOT NULL,
     PRIMARY KEY (group_id, slot)

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from device.agent import Device
+from proto.ticket import NodeTicket
 from syncnode.procs import NodeProcess
 from tests.device_kit import FAST, eventually
 
@@ -63,3 +64,29 @@ async def test_a_moved_syncnode_is_reached_after_set_address(
     async with Device.open(tmp_path / "a", config=FAST) as a:
         with trio.fail_after(30):
             await a.documents()[0].wait_connected(3)
+
+
+async def test_devices_follow_a_moved_syncnode_through_the_others(
+        tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    """A syncnode restarts on another address while the device is offline; it hands its
+    signed address record to the group's other syncnodes, and the device, reaching those,
+    learns the new address and links to all three again with no manual step."""
+    import socket
+
+    async with Device.open(tmp_path / "a", config=FAST) as a:
+        doc = await a.create_document([n.ticket for n in nodes if n.ticket])
+        with trio.fail_after(30):
+            await doc.wait_connected(3)
+    moved = nodes[2]
+    moved.interrupt()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        moved.listen = f"127.0.0.1:{s.getsockname()[1]}"
+    moved.start()
+    async with Device.open(tmp_path / "a", config=FAST) as a:
+        doc = a.documents()[0]
+        await eventually(lambda: len(doc.sync_status().connected) == 3, 30,
+                         "the link to the moved syncnode, found through the others")
+        assert moved.ticket is not None
+        assert a.syncnode_ticket(NodeTicket(moved.ticket.node_id, ())).addrs == \
+            moved.ticket.addrs
