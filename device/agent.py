@@ -147,8 +147,14 @@ class Device:
         return self.transport.node_id
 
     def addresses(self) -> tuple[str, ...]:
-        """Where other devices can reach this one directly (dialling hints)."""
-        return tuple(self.transport.addresses()[:8])
+        """Where other devices can reach this one directly (dialling hints): those of the
+        ``listen`` address's IP family. iroh's extra socket of the other family gets a random
+        port at every start, so a hint for it goes stale at once (same rule as the syncnode's
+        ticket, :func:`syncnode.startup.advertised`)."""
+        found = self.transport.addresses()
+        v6 = self.config.listen.startswith("[")
+        same = [a for a in found if a.startswith("[") == v6]
+        return tuple((same or found)[:8])
 
     def set_syncnode_address(self, ticket: str | NodeTicket) -> list[Document]:
         """Dial the syncnode of ``ticket`` at the ticket's addresses from now on, in every
