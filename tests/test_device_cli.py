@@ -46,7 +46,8 @@ def offline_home(tmp_path: Path) -> Path:
     unreachable."""
     home = tmp_path / "dev"
     sd(home, "init", check=True)
-    sd(home, "create", "--name", "notes", "--wait", "0", *unreachable_syncnodes(), check=True)
+    created = sd(home, "create", "--name", "notes", "--wait", "0", *unreachable_syncnodes())
+    assert created.returncode == 3, created.stderr  # local until a quorum registers it
     sd(home, "edit", "notes", "--text", "body", "--append", "hello", "--wait", "0", check=True)
     return home
 
@@ -143,7 +144,7 @@ def test_help_lists_exit_codes() -> None:
                             timeout=TIMEOUT, env=ENV)
     for text in (group.stdout, status.stdout):
         assert "Exit codes:" in text
-        for code in ("0    ok", "1    error", "2    usage error", "3    status",
+        for code in ("0    ok", "1    error", "2    usage error", "3    pending",
                      "130  interrupted"):
             assert code in text, (code, text)
     assert "exits with code 3" in status.stdout
@@ -215,8 +216,8 @@ def test_progress_only_on_a_terminal(offline_home: Path) -> None:
     assert b"fetching news from the syncnodes" in tty
     code, out, tty = run_on_tty(offline_home, "create", "--name", "n2", "--wait", "1",
                                 *unreachable_syncnodes())
-    assert code == 0 and out.startswith("created n2 ")
-    assert b"registering it with 3 syncnode(s)" in tty
+    assert code == 3 and out.startswith("created n2 ")  # 3: local until a quorum has it
+    assert b"registering it with its syncnodes" in tty
     code, out, tty = run_on_tty(offline_home, "--json", "show", "notes", "--sync", "1")
     assert code == 0 and tty == b""  # --json: nothing extra
     piped = sd(offline_home, "show", "notes", "--sync", "1", check=True)
