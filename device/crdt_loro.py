@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import loro
 
-from proto.crdt import CrdtBackend, CrdtError
+from proto.crdt import CrdtBackend, CrdtError, PartialChange
 
 BACKEND_ID = "loro/1"
 T = TypeVar("T")
@@ -61,8 +61,13 @@ class LoroDocument:
         before = self.doc.oplog_vv
         try:
             fn(Editor(self.doc))
-        finally:
+        except Exception as exc:
             self.doc.commit()
+            if self.doc.oplog_vv == before:
+                raise
+            raise PartialChange(bytes(self.doc.export(loro.ExportMode.Updates(before))),
+                                exc) from exc
+        self.doc.commit()
         if self.doc.oplog_vv == before:
             return None
         return bytes(self.doc.export(loro.ExportMode.Updates(before)))
@@ -92,16 +97,32 @@ class Editor:
     def __init__(self, doc: loro.LoroDoc) -> None:
         self._doc = doc
 
+    def _check(self, name: str, kind: str) -> None:
+        """A root name holds one kind of container: Loro keeps a text and a map of the same
+        name apart, and the document's value then shows only one of them, so an edit of the
+        other would be saved and sent but never seen (``set notes body.x 1`` on a text
+        ``body`` hid the text)."""
+        roots = self._doc.get_value()
+        existing = roots.get(name) if isinstance(roots, dict) else None
+        found = getattr(existing, "container_type", None)
+        if found is not None and str(found) != kind:
+            raise CrdtError(f"{name!r} is a {str(found).lower()} in this document, not a "
+                            f"{kind.lower()}; use another name")
+
     def text(self, name: str) -> loro.LoroText:
+        self._check(name, "Text")
         return self._doc.get_text(name)
 
     def map(self, name: str) -> loro.LoroMap:
+        self._check(name, "Map")
         return self._doc.get_map(name)
 
     def list(self, name: str) -> loro.LoroList:
+        self._check(name, "List")
         return self._doc.get_list(name)
 
     def counter(self, name: str) -> loro.LoroCounter:
+        self._check(name, "Counter")
         return self._doc.get_counter(name)
 
     def merge(self, snapshot: bytes) -> None:

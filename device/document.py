@@ -36,7 +36,7 @@ from device.paxos_driver import ProposeFailed, propose
 from proto import entropy
 from proto.causal import CausalBuffer
 from proto.codec import decode_as, encode
-from proto.crdt import CrdtBackend, CrdtError
+from proto.crdt import CrdtBackend, CrdtError, PartialChange
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import fingerprint, short_id
@@ -233,7 +233,11 @@ class Document:
         """
         if self.status != "active":
             raise DocumentError(f"document is {self.status}")
-        update = self.crdt.change(fn)
+        failed: BaseException | None = None
+        try:
+            update = self.crdt.change(fn)
+        except PartialChange as partial:  # keep what it did do: saved state = state in memory
+            update, failed = partial.update, partial.error
         if update is None:
             return
         with self.store.transaction(durable=False) as db:
@@ -246,6 +250,8 @@ class Document:
         self._maybe_publish_state()
         self._dirty.set()
         self._emit(Change("local", (short_id(self.me),), 1))
+        if failed is not None:
+            raise failed
 
     def flush(self) -> None:
         """Seal pending local edits into an update now rather than at the flush interval."""

@@ -23,6 +23,18 @@ class CrdtError(SyncnodeError):
     """An update or snapshot was rejected by the backend; the document is unchanged."""
 
 
+class PartialChange(Exception):
+    """``fn`` of :meth:`CrdtBackend.change` raised after it had already changed the document
+    (a CRDT cannot roll back). ``update`` holds what it did change, so the caller can store and
+    send it, keeping the saved state equal to the state in memory; ``error`` is what ``fn``
+    raised."""
+
+    def __init__(self, update: bytes, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.update = update
+        self.error = error
+
+
 class CrdtBackend(Protocol):
     backend_id: str
 
@@ -33,7 +45,8 @@ class CrdtBackend(Protocol):
 
     def change(self, fn: Any) -> bytes | None:
         """Run ``fn`` on the document as one local transaction; return its update (``None``
-        if it changed nothing)."""
+        if it changed nothing). If ``fn`` raises, that exception comes out as is when nothing
+        changed, else wrapped in :class:`PartialChange` with the update of what did."""
         ...
 
     def snapshot(self) -> bytes: ...
