@@ -112,7 +112,12 @@ def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str
         _run(data_dir, config_file, init_dir, no_group_commit,
              {"listen": listen, "relay": relay, "http_listen": http_listen,
               "log_level": log_level})
-    except KeyboardInterrupt:  # before the daemon's own SIGINT handling was in place
+    except KeyboardInterrupt:  # outside the daemon's own SIGINT handling
+        from syncnode import daemon
+
+        if daemon.STOPPED:  # a second SIGINT, re-raised after the graceful stop completed
+            daemon.ignore_stop_signals()  # trio.run put the default handler back
+            return
         click.echo("interrupted while starting; the node was not serving", err=True)
         sys.exit(INTERRUPTED)
 
@@ -139,6 +144,10 @@ def _run(data_dir: Path, config_file: Path | None, init_dir: bool, no_group_comm
     configure_logging(config.log_level)
     try:
         trio.run(partial(run_daemon, config, init=init_dir, echo=click.echo))
+        from syncnode import daemon
+
+        if daemon.STOPPED:
+            daemon.ignore_stop_signals()  # trio.run put the default handler back
     except (KeyFileError, ConfigError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -37,6 +37,13 @@ SHUTDOWN_GRACE = 5.0
 MAILBOX_SWEEP = 300.0
 
 
+SERVED = False
+STOPPED = False
+"""Set once the node served, and once its graceful stop finished: a second SIGINT queued during
+the stop is re-raised by trio as KeyboardInterrupt when the signal receiver closes, after
+everything was closed (two SIGINTs in a row: a terminal's Ctrl-C plus a parent's)."""
+
+
 async def run_daemon(config: Config, *, init: bool = False,
                      echo: Callable[[str], None] = print) -> None:
     """Run the node until SIGINT or SIGTERM, then stop gracefully and return.
@@ -48,20 +55,31 @@ async def run_daemon(config: Config, *, init: bool = False,
     """
     parse_listen(config.listen)
     parse_http(config.http_listen)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        key, lock_fd = claim_data_dir(config.data_dir, init=init, echo=echo)
-        try:
-            async with AsyncExitStack() as stack:
-                listeners = await open_http(config.http_listen)
-                for listener in listeners:
-                    stack.push_async_callback(listener.aclose)
-                transport, addrs = await bind_iroh(key, config, echo)
-                stack.push_async_callback(_close_transport, transport)
-                await _serve(config, key, transport, addrs, listeners, signals, echo)
-        finally:
-            os.close(lock_fd)  # after the database is closed: the next daemon may start
-    log.info("syncnode stopped")
-    echo("stopped")
+    global STOPPED
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            key, lock_fd = claim_data_dir(config.data_dir, init=init, echo=echo)
+            try:
+                async with AsyncExitStack() as stack:
+                    listeners = await open_http(config.http_listen)
+                    for listener in listeners:
+                        stack.push_async_callback(listener.aclose)
+                    transport, addrs = await bind_iroh(key, config, echo)
+                    stack.push_async_callback(_close_transport, transport)
+                    await _serve(config, key, transport, addrs, listeners, signals, echo)
+            finally:
+                os.close(lock_fd)  # after the database is closed: the next daemon may start
+            STOPPED = SERVED
+            log.info("syncnode stopped")
+            echo("stopped")
+    finally:
+        if STOPPED:
+            ignore_stop_signals()  # done: a late SIGINT must not turn a clean stop into 130
+
+
+def ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 async def _close_transport(transport: IrohTransport) -> None:
@@ -103,6 +121,8 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
                      addrs=addrs, bound=transport.addresses(), http_port=http_port,
                      groups=groups, ticket=str(ticket))
             ready = True
+            global SERVED
+            SERVED = True
 
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name)

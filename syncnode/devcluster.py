@@ -105,9 +105,12 @@ class DevCluster:
                 assert node.proc is not None
                 code = node.proc.poll()
                 if code is not None and self.stop_signal is None:
-                    self.err(f"dev-cluster: {name} (pid {node.proc.pid}) exited unexpectedly "
-                             f"with code {code}: {node.last_error() or 'no message'}; "
-                             f"stopping the others")
+                    how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                           else f"exited with code {code}")
+                    said = node.last_error()
+                    why = f" ({said})" if said and not said.startswith("{") else ""
+                    self.err(f"dev-cluster: {name} (pid {node.proc.pid}) {how}{why}; stopping "
+                             f"the others (its log: {node.data_dir / 'stderr.log'})")
                     return 1
             time.sleep(POLL)
         self.err(f"dev-cluster: {signal.Signals(self.stop_signal).name}, stopping "

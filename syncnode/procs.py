@@ -62,7 +62,10 @@ class NodeProcess:
                 [*self.command, "run", "--data-dir", str(self.data_dir), "--listen", self.listen,
                  "--http", self.http_listen, *self.extra_args],
                 stdout=subprocess.PIPE, stderr=err, text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Its own session: a Ctrl-C at the terminal reaches only the parent, which
+                # stops the node with one SIGINT (two in a row cut its graceful stop short).
+                start_new_session=True)
         threading.Thread(target=self._pump, args=(self.proc, self.lines, self.ready),
                          daemon=True).start()
 

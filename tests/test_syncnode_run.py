@@ -176,7 +176,8 @@ class DevCluster:
         self.proc = subprocess.Popen(
             [SYNCNODE, "dev-cluster", "--nodes", str(nodes), "--dir", str(root)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)  # its own process group, like a job in a terminal
         self.tickets: list[str] = []
 
     def wait_tickets(self) -> list[str]:
@@ -251,11 +252,16 @@ async def test_dev_cluster_serves_and_stops_every_child_on_sigint(tmp_path: Path
                         assert (await c.heads([b"\0" * 32])).heads == ()
         finally:
             await transport.aclose()
-        cluster.proc.send_signal(signal.SIGINT)
+        # Ctrl-C at a terminal signals the whole foreground process group: each node must
+        # still get one SIGINT only (from dev-cluster) and stop gracefully.
+        os.killpg(cluster.proc.pid, signal.SIGINT)
         code, err = await trio.to_thread.run_sync(cluster.finish)
         assert code == 0, err
         assert "SIGINT, stopping 3 syncnodes" in err and "Traceback" not in err
         assert_all_gone(root, pids)
+        for i in range(1, 4):
+            log = (root / f"node{i}" / "stderr.log").read_text()
+            assert "interrupted" not in log and "shutting down" in log, log[-2000:]
     finally:
         cluster.close()  # only does something if the test failed
 
@@ -265,7 +271,23 @@ async def test_dev_cluster_serves_and_stops_every_child_on_sigint(tmp_path: Path
         pids = again.child_pids()
         os.kill(pids[1], signal.SIGKILL)  # a node dies: the others are stopped, exit code 1
         code, err = await trio.to_thread.run_sync(again.finish)
-        assert code == 1 and f"node2 (pid {pids[1]}) exited unexpectedly" in err, err
+        assert code == 1 and f"node2 (pid {pids[1]}) was killed by SIGKILL" in err, err
         assert_all_gone(root, pids)
     finally:
         again.close()
+
+
+def test_two_sigints_in_a_row_still_stop_gracefully(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C plus a parent forwarding it: the second SIGINT arrives while the
+    node stops (it used to end with exit 130 and "interrupted while starting")."""
+    node = NodeProcess(tmp_path / "n")
+    node.init()
+    node.start()
+    assert node.proc is not None
+    for gap in (0.0, 0.01):
+        node.proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+    node.proc.send_signal(signal.SIGINT)
+    assert node.proc.wait(30) == 0
+    log = (tmp_path / "n" / "stderr.log").read_text()
+    assert "interrupted" not in log and "Traceback" not in log, log[-2000:]
