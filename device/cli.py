@@ -179,7 +179,8 @@ def set_(ctx: Ctx, doc: str, path: str, value: str, wait: float) -> None:
         d = device.document(doc)
         d.change(lambda e: e.map(container).insert(key, parsed))
         await settle(d, wait)
-        ctx.out(f"{path} = {parsed!r}", {"path": path, "value": parsed})
+        ctx.out(f"{path} = {json.dumps(parsed, ensure_ascii=False)}",
+                {"path": path, "value": parsed})
 
     run_device(ctx, go)
 
@@ -207,6 +208,9 @@ def edit(ctx: Ctx, doc: str, text_name: str | None, insert: tuple[int, str] | No
         raise click.UsageError("say what to edit: --text NAME, --list NAME or --counter NAME")
     if not text_name and (insert or delete or append is not None):
         raise click.UsageError("--insert, --append and --delete need --text NAME")
+    if text_name and not (insert or delete or append is not None):
+        raise click.UsageError("--text NAME needs --append STR, --insert POS STR or "
+                               "--delete POS LEN")
     if bool(list_name) != (push is not None):
         raise click.UsageError("--list NAME and --push VALUE go together")
 
@@ -332,15 +336,18 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
                 status.say(msg)
                 status.update(msg.rsplit("; ", 1)[-1] + "...")
 
+            result = None
             with trio.move_on_after(wait):
-                added, via = await d.wait_invite(ticket, say=say)
-                how = ("sent it the document directly" if via == "direct" else
-                       f"the document waits for it on {added.staged_on} syncnode(s)")
-                if ctx.json:
-                    ctx.out("", {"added": added.device, "epoch": added.slot, "via": via})
-                else:
-                    click.echo(f"added {added.device} at epoch {added.slot}; {how}", err=True)
-                return None
+                result = await d.wait_invite(ticket, say=say)
+        if result is not None:  # printed after the spinner is gone
+            added, via = result
+            how = ("sent it the document directly" if via == "direct" else
+                   f"the document waits for it on {added.staged_on} syncnode(s)")
+            if ctx.json:
+                ctx.out("", {"added": added.device, "epoch": added.slot, "via": via})
+            else:
+                click.echo(f"added {added.device} at epoch {added.slot}; {how}", err=True)
+            return None
         raise CliError(f"no device used the ticket within {wait:g} s; it stays valid for "
                        f"--ttl, and the device is added whenever this one runs "
                        f"(e.g. `syncdevice watch {doc}`)")
@@ -365,6 +372,13 @@ def join(ctx: Ctx, ticket: str, name: str, timeout: float, create: bool) -> None
     fails saying what it was waiting for."""
     if not create:
         require_device(ctx, hint=" (or `syncdevice join --init TICKET`)")
+    from proto.errors import DecodeError
+    from proto.invite import InviteTicket
+
+    try:  # before --init creates anything
+        InviteTicket.parse(ticket)
+    except DecodeError as exc:
+        raise CliError(f"bad invite ticket: {exc}") from None
 
     async def go(device: Any) -> None:
         with progress(ctx, "joining...") as status:

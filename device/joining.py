@@ -97,8 +97,10 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
         if not posted:
             raise JoinError("no syncnode stored the join request")
         phase.what = "waiting for the inviter to add this device (is it online?)"
-        say(f"join request stored on {len(posted)} of {len(t.syncnodes)} syncnode(s); "
-            f"waiting for the inviter ({short_id(fingerprint(t.inviter))}) to add this device")
+        say(f"join request left with the syncnodes ({len(posted)} of {len(t.syncnodes)} so "
+            f"far); waiting for the inviter ({short_id(fingerprint(t.inviter))}) to add this "
+            "device: it must be online (running `syncdevice invite`, or any syncdevice "
+            "command, or an app with the document open)")
         parts: dict[int, HandoffPart] = {}
         slot, values, decided = await _await_welcome(device, clients, t, parts)
         welcome = values[slot].welcome
@@ -291,7 +293,9 @@ async def _first_state(device: Device, doc: Document, t: InviteTicket,
 
         result = await _fetch_from(device, doc, endpoint, addrs, progress)
         if result is not None and not got:
-            got.append((*result, f"peer to peer from {short_id(endpoint)}"))
+            member = next((d for d in doc.manifest.devices if d.endpoint_id == endpoint), None)
+            who = short_id(member.fingerprint if member is not None else endpoint)
+            got.append((*result, f"peer to peer from {who}"))
             done.set()
         failed.set()
 
