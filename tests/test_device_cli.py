@@ -130,10 +130,10 @@ def test_no_device_is_created_by_a_mistyped_home(tmp_path: Path) -> None:
     created = sd(typo, "--json", "init", check=True)
     assert json.loads(created.stdout)["home"] == str(typo)
     assert sd(typo, "list", check=True).stdout.strip() == "no documents"
-    # join --init creates the device, then fails on the ticket (one line).
+    # join --init with a malformed ticket: one line, and no device is created.
     other = tmp_path / "other"
-    one_line_error(sd(other, "join", "--init", ticket, "--timeout", "5"), 1)
-    assert (other / "device.db").exists()
+    one_line_error(sd(other, "join", "--init", ticket, "--timeout", "5"), 1, "bad invite ticket")
+    assert not other.exists()  # a malformed ticket is refused before --init creates anything
 
 
 def test_help_lists_exit_codes() -> None:
