@@ -13,7 +13,6 @@ import device.p2p as p2p
 from device.agent import Device, JoinError
 from device.p2p import Progress
 from device.testdata import editing_trace, replay
-from proto.identity import short_id
 from proto.invite import InviteTicket
 from proto.transport.memory import MemoryNetwork
 from tests.device_kit import converged, eventually, memory_cluster, memory_device
