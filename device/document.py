@@ -36,7 +36,7 @@ from device.paxos_driver import ProposeFailed, propose
 from proto import entropy
 from proto.causal import CausalBuffer
 from proto.codec import decode_as, encode
-from proto.crdt import CrdtBackend, CrdtError, PartialChange
+from proto.crdt import CrdtBackend, PartialChange
 from proto.envelope import Envelope
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import fingerprint, short_id
@@ -341,10 +341,7 @@ class Document:
             m = next_manifest(self.manifest, commit, add=(entry,))
             return sign_value(self.device.key, m, commit, welcome)
 
-        slot = await self._commit(build)
-        if self.status == "active" and self.manifest.device(fpr) is not None:
-            self.publish_state()
-        return slot
+        return await self._commit(build)  # _apply_decided publishes the state for it
 
     def _maybe_publish_state(self) -> None:
         """Periodic state upload. Whoever crosses the threshold first publishes; everyone who
@@ -648,11 +645,12 @@ class Document:
         await trio.sleep(entropy.uniform(0, 0.2))
         if self.status != "active":
             return
-        try:
-            diff = self.crdt.diff_since(request.body)
-        except CrdtError as exc:
-            self._alarm("bad-update", f"sync request from {short_id(request.sender)}: {exc}")
-            return
+        # The whole document, not a diff against the requester's version: a STATE goes to
+        # every member, and each marks the vector it covers delivered. A diff holds only what
+        # the requester lacked, so another member lacking something else marked that delivered
+        # without its content, and never asked again (found by the simulator: partition seed
+        # 17 left three devices without four acknowledged updates for good).
+        diff = self.crdt.snapshot()
         body = pack_updates([diff])
         if len(body) > MAX_BODY - 1024:
             log.warning("state too large for one message; the requester needs a direct "
@@ -720,6 +718,11 @@ class Document:
             self._alarm("removed", f"this device was removed at epoch {slot}")
             self._durable_changed.fire()
             return True
+        if value.signer == self.me and value.welcome is not None:
+            # Our add of a device: store the document for it in the epoch it joins, in the same
+            # step that applies the add, whichever task applies it (a syncnode's push, learn,
+            # or _commit after announcing to every syncnode, which can be much later).
+            self.publish_state()
         future = [e for e in self.future.values() if e.epoch <= self.epoch]
         for e in future:
             del self.future[(e.sender, e.seq)]

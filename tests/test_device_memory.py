@@ -154,7 +154,7 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
             for i in range(25):
                 (da if i % 2 else db_).change(lambda e, i=i: e.list("l").push(i))
                 (da if i % 2 else db_).flush()
-                await trio.sleep(0.05)  # the other member sees each update before the next
+                await converged([da, db_])  # the other member sees each update before the next
             await converged([da, db_])
             states = [who for who, kind in sealed if kind == PayloadKind.STATE]
             # 25 edits, a state every 10 without one: two states in all, not one per member.
