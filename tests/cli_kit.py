@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,12 +53,19 @@ def real_syncnodes(nodes: list[NodeProcess]) -> list[str]:
     return out
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A test run started in the background of a
+    non-interactive shell (`cmd &`) inherits SIGINT ignored, and a program rightly keeps it
+    so; the tests that send SIGINT want the interactive case."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def started(home: Path, *args: str, stderr: Path) -> Iterator[subprocess.Popen[str]]:
     """A long-running syncdevice command; killed (by pid) if the test leaves it running."""
     with open(stderr, "w") as err:
         proc = subprocess.Popen([SYNCDEVICE, "--home", str(home), *args], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=ENV)
+                                stderr=err, text=True, env=ENV, preexec_fn=_default_sigint)
     try:
         yield proc
     finally:
