@@ -99,8 +99,7 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
         phase.what = "waiting for the inviter to add this device (is it online?)"
         say(f"join request left with the syncnodes ({len(posted)} of {len(t.syncnodes)} so "
             f"far); waiting for the inviter ({short_id(fingerprint(t.inviter))}) to add this "
-            "device: it must be online (running `syncdevice invite`, or any syncdevice "
-            "command, or an app with the document open)")
+            "device (the inviter's device must be running)")
         parts: dict[int, HandoffPart] = {}
         slot, values, decided = await _await_welcome(device, clients, t, parts)
         welcome = values[slot].welcome
