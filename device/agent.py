@@ -34,7 +34,7 @@ from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.logs import get_logger
 from proto.manifest import ManifestError, SyncnodeEntry, genesis, validate_genesis
-from proto.ticket import NodeTicket
+from proto.ticket import NodeTicket, preferred, same_family
 from proto.transport.base import Transport
 from proto.transport.iroh import IrohTransport
 
@@ -148,13 +148,9 @@ class Device:
 
     def addresses(self) -> tuple[str, ...]:
         """Where other devices can reach this one directly (dialling hints): those of the
-        ``listen`` address's IP family. iroh's extra socket of the other family gets a random
-        port at every start, so a hint for it goes stale at once (same rule as the syncnode's
-        ticket, :func:`syncnode.startup.advertised`)."""
-        found = self.transport.addresses()
-        v6 = self.config.listen.startswith("[")
-        same = [a for a in found if a.startswith("[") == v6]
-        return tuple((same or found)[:8])
+        ``listen`` address's IP family (:func:`proto.ticket.same_family`)."""
+        host = self.config.listen.rpartition(":")[0]
+        return tuple(same_family(self.transport.addresses(), host)[:8])
 
     def set_syncnode_address(self, ticket: str | NodeTicket) -> list[Document]:
         """Dial the syncnode of ``ticket`` at the ticket's addresses from now on, in every
@@ -195,9 +191,7 @@ class Device:
         row = self.store.one("SELECT addrs FROM syncnode_addrs WHERE node_id=?", ticket.node_id)
         if row is None:
             return ticket
-        manual = tuple(msgpack.unpackb(row[0]))
-        return NodeTicket(ticket.node_id, (manual + tuple(
-            a for a in ticket.addrs if a not in manual))[:8])
+        return NodeTicket(ticket.node_id, preferred(msgpack.unpackb(row[0]), ticket.addrs))
 
     def documents(self) -> list[Document]:
         return list(self._docs.values())

@@ -8,6 +8,7 @@ tampered address can at worst fail to connect, never reach an impostor.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
@@ -43,6 +44,23 @@ def from_text(prefix: str, text: str, cls: type[T], *, field: str, kind: str,
     except ValueError:
         raise DecodeError(field, "not base32") from None
     return decode_struct(raw, cls)
+
+
+def preferred(first: Sequence[str], then: Sequence[str]) -> tuple[str, ...]:
+    """Dialling hints: ``first`` (newer: set by hand or a signed record), then those of
+    ``then`` not already in it, at most the 8 a ticket holds."""
+    return (tuple(first) + tuple(a for a in then if a not in first))[:8]
+
+
+def same_family(addresses: Sequence[str], listen_host: str) -> list[str]:
+    """The addresses of ``listen_host``'s IP family (all of them if that leaves none).
+
+    Given only an IPv4 bind address, iroh adds a socket of the other family with a random port
+    at every start; a hint for it goes stale at once, and it is not what the operator
+    configured. Syncnode tickets and device hints both hold only the ``listen`` family."""
+    v6 = listen_host.startswith("[")
+    same = [a for a in addresses if a.startswith("[") == v6]
+    return same or list(addresses)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from proto.logs import get_logger
 from proto.manifest import SyncnodeEntry
 from proto.rpc import SyncnodeClient
 from proto.service import MAX_HEADS
-from proto.ticket import NodeTicket
+from proto.ticket import NodeTicket, preferred
 from proto.transport.base import Transport
 from syncnode.service import RequestError, Service
 from syncnode.storage import rows
@@ -63,9 +63,8 @@ class PeerSync:
         if entry.node_id in self.overrides:
             return NodeTicket(entry.node_id, tuple(self.overrides[entry.node_id]))
         learned = self.service.addresses.lookup([entry.node_id])
-        addrs = tuple(learned[0].body.addrs) if learned else ()
-        return NodeTicket(entry.node_id, (addrs + tuple(
-            a for a in entry.addrs if a not in addrs))[:8])
+        return NodeTicket(entry.node_id,
+                          preferred(learned[0].body.addrs if learned else (), entry.addrs))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -31,6 +31,7 @@ import trio
 from proto.errors import SyncnodeError, TransportError
 from proto.identity import SecretKey, read_key_file, write_key_file
 from proto.logs import get_logger
+from proto.ticket import same_family
 from proto.transport.iroh import IrohTransport
 from syncnode.config import CONFIG_NAME, DEFAULT_TOML, KEY_NAME, Config
 
@@ -148,18 +149,13 @@ def save_port(data_dir: Path, port: int) -> None:
 def advertised(addresses: list[str], listen_host: str) -> list[str]:
     """The addresses to put in the ticket: those of ``listen``'s IP family.
 
-    Given only an IPv4 bind address, iroh adds an IPv6 wildcard socket (``[::]``, random port)
-    by itself, so :meth:`proto.transport.iroh.IrohTransport.bind` also binds the other family's
-    loopback or wildcard (``127.0.0.1`` -> ``[::1]:0``, ``0.0.0.0`` -> ``[::]:0``) to keep a
-    loopback node on loopback. That second socket gets a new random port at every start, and it
-    is not what the operator configured (a firewall opened for the ``listen`` port does not let
-    it through). Advertising it made the ticket change at every restart. So the ticket holds
-    only addresses of the family the operator asked for; to be reachable over IPv6, listen on an
-    IPv6 address (``--listen [::]:7600``). If that would leave nothing, everything is advertised.
+    :meth:`proto.transport.iroh.IrohTransport.bind` also binds the other family's loopback or
+    wildcard (``127.0.0.1`` -> ``[::1]:0``, ``0.0.0.0`` -> ``[::]:0``) to keep a loopback node
+    on loopback; that socket gets a new random port at every start, so advertising it made the
+    ticket change at every restart (:func:`proto.ticket.same_family`). To be reachable over
+    IPv6, listen on an IPv6 address (``--listen [::]:7600``).
     """
-    v6 = listen_host.startswith("[")
-    same = [a for a in addresses if a.startswith("[") == v6]
-    return same or list(addresses)
+    return same_family(addresses, listen_host)
 
 
 def bind_error(what: str, value: str, exc: BaseException) -> StartupError:

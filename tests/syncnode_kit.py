@@ -42,6 +42,7 @@ from proto.transport.base import Transport
 from proto.transport.memory import MemoryNetwork
 from syncnode.config import Limits
 from syncnode.peers import PeerSync
+from syncnode.procs import NodeProcess
 from syncnode.server import Server
 from syncnode.service import Service
 
@@ -222,3 +223,15 @@ class MemoryCluster:
                     await c.authenticate(device.key)
                 out.append(c)
             yield out
+
+
+def restart_on_new_port(node: NodeProcess) -> None:
+    """Stop a real ``syncnode run`` (SIGINT) and start it again on a UDP port it never had:
+    a syncnode that moved, with the same identity."""
+    import socket
+
+    node.interrupt()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        node.listen = f"127.0.0.1:{s.getsockname()[1]}"
+    node.start()

@@ -13,6 +13,7 @@ from device.agent import Device
 from proto.ticket import NodeTicket
 from syncnode.procs import NodeProcess
 from tests.device_kit import FAST, eventually
+from tests.syncnode_kit import restart_on_new_port
 
 
 async def test_frozen_syncnode_is_reported_down_and_back_up(
@@ -40,19 +41,13 @@ async def test_frozen_syncnode_is_reported_down_and_back_up(
 
 async def test_a_moved_syncnode_is_reached_after_set_address(
         tmp_path: Path, nodes: list[NodeProcess]) -> None:
-    import socket
-
     async with Device.open(tmp_path / "a", config=FAST) as a:
         doc = await a.create_document([n.ticket for n in nodes if n.ticket])
         with trio.fail_after(30):
             await doc.wait_connected(3)
         moved = nodes[2]
-        moved.interrupt()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a port it never had
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        moved.listen = f"127.0.0.1:{port}"
-        moved.start()
+        restart_on_new_port(moved)
+        port = moved.listen.rpartition(":")[2]
         assert moved.ticket is not None
         assert any(addr.endswith(f":{port}") for addr in moved.ticket.addrs)
         await trio.sleep(2.0)
@@ -71,18 +66,12 @@ async def test_devices_follow_a_moved_syncnode_through_the_others(
     """A syncnode restarts on another address while the device is offline; it hands its
     signed address record to the group's other syncnodes, and the device, reaching those,
     learns the new address and links to all three again with no manual step."""
-    import socket
-
     async with Device.open(tmp_path / "a", config=FAST) as a:
         doc = await a.create_document([n.ticket for n in nodes if n.ticket])
         with trio.fail_after(30):
             await doc.wait_connected(3)
     moved = nodes[2]
-    moved.interrupt()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        moved.listen = f"127.0.0.1:{s.getsockname()[1]}"
-    moved.start()
+    restart_on_new_port(moved)
     async with Device.open(tmp_path / "a", config=FAST) as a:
         doc = a.documents()[0]
         await eventually(lambda: len(doc.sync_status().connected) == 3, 30,

@@ -22,6 +22,7 @@ from tests.cli_kit import (
     started,
     unreachable_syncnodes,
 )
+from tests.syncnode_kit import restart_on_new_port
 
 
 def test_invite_and_join_as_the_readme_says(tmp_path: Path, nodes: list[NodeProcess]) -> None:
@@ -92,17 +93,11 @@ def test_create_refuses_duplicates_and_says_when_it_is_local(tmp_path: Path,
 def test_a_moved_syncnode_is_set_by_hand(tmp_path: Path, nodes: list[NodeProcess]) -> None:
     """A document on one syncnode, which moves: no other syncnode can relay its new address
     record, so the user sets the new ticket by hand."""
-    import socket
-
     home = tmp_path / "a"
     sd(home, "init", check=True)
     moved = nodes[2]
     sd(home, "create", "--name", "notes", "--syncnode", str(moved.ticket), check=True)
-    moved.interrupt()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        moved.listen = f"127.0.0.1:{s.getsockname()[1]}"
-    moved.start()
+    restart_on_new_port(moved)
     before = json.loads(sd(home, "--json", "status", "notes", "--wait", "3").stdout)
     assert before[0]["connected"] == 0  # the address in the document is stale
     done = json.loads(sd(home, "--json", "set-address", str(moved.ticket), check=True).stdout)
