@@ -50,6 +50,14 @@ class Metrics:
         self.disconnects = Counter("syncnode_protocol_disconnects",
                                    "Connections dropped for malformed or oversized frames",
                                    registry=r)
+        self.refused = Counter(
+            "syncnode_refused", "Requests or connections refused by a limit or check, by reason "
+            "(an attack shows up here first)", ["reason"], registry=r)
+
+    def refuse(self, reason: str) -> None:
+        """Count one refusal. ``reason`` is a short fixed token (``frame_too_large``,
+        ``mailbox_full``, ...): never a value taken from the request."""
+        self.refused.labels(reason).inc()
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
