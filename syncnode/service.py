@@ -70,7 +70,6 @@ from proto.service import (
     Heads,
     MailboxAck,
     MailboxFetch,
-    MailboxItem,
     MailboxItems,
     MailboxNotice,
     MailboxPut,
@@ -82,6 +81,7 @@ from proto.service import (
 )
 from syncnode.addresses import AddressBook
 from syncnode.config import Limits
+from syncnode.mailbox import Mailbox
 from syncnode.metrics import Metrics
 from syncnode.storage import Writer, one, open_database, rows, storage_bytes
 
@@ -220,6 +220,8 @@ class Service:
         self.subscribers: dict[bytes, set[Subscriber]] = {}
         self.mailbox_watchers: dict[bytes, set[Subscriber]] = {}
         """Recipient key -> subscriptions of sessions authenticated with it (mailbox notices)."""
+        self.mailbox = Mailbox(self.db, self.writer, self.limits, self.metrics,
+                               lambda: self.clock(), self._mailbox_notify)
         self._nursery: trio.Nursery | None = None
         self.catchup: Callable[[bytes], None] = lambda group_id: None
         """Hook: ask the peer-sync task to fetch missing decisions of a group."""
@@ -639,64 +641,25 @@ class Service:
             elif isinstance(item, Envelope):
                 self.metrics.messages_pushed.inc()
 
-    # -- mailbox -------------------------------------------------------------------------------
+    # -- mailbox (syncnode/mailbox.py) ---------------------------------------------------------
 
-    async def _mailbox_put(self, session: Session, msg: MailboxPut) -> MailboxStored:
-        if not 1 <= msg.ttl <= self.limits.max_mailbox_ttl:
-            raise RequestError(ErrorCode.INVALID,
-                               f"ttl must be 1..{self.limits.max_mailbox_ttl} seconds")
-        now = int(self.clock())
-        cap = self.limits.max_mailbox_items_per_recipient
-
-        def write(c: sqlite3.Connection) -> int:
-            c.execute("DELETE FROM mailbox WHERE recipient=? AND expires_at<=?",
-                      (msg.recipient, now))
-            (count,) = c.execute("SELECT count(*) FROM mailbox WHERE recipient=?",
-                                 (msg.recipient,)).fetchone()
-            if count >= cap:
-                raise RequestError(ErrorCode.QUOTA_EXCEEDED,
-                                   f"recipient mailbox is full ({cap} items)")
-            cur = c.execute("INSERT INTO mailbox (recipient, kind, payload, expires_at) "
-                            "VALUES (?,?,?,?)", (msg.recipient, int(msg.kind), msg.payload,
-                                                 now + msg.ttl))
-            return int(cur.lastrowid or 0)
-
-        stored = MailboxStored(await self.writer.execute(write))
-        notice = encode(MailboxNotice(msg.recipient))
-        for sub in list(self.mailbox_watchers.get(msg.recipient, ())):
+    def _mailbox_notify(self, recipient: bytes) -> None:
+        notice = encode(MailboxNotice(recipient))
+        for sub in list(self.mailbox_watchers.get(recipient, ())):
             if not sub.offer(notice):
                 self.unsubscribe(sub)
-        return stored
 
-    def _require_key(self, session: Session, key: bytes) -> None:
-        if session.keys.get(fingerprint(key)) != key:
-            raise RequestError(ErrorCode.UNAUTHORIZED,
-                               "authenticate with the recipient key to read its mailbox")
+    async def _mailbox_put(self, session: Session, msg: MailboxPut) -> MailboxStored:
+        return await self.mailbox.put(session, msg)
 
     async def _mailbox_fetch(self, session: Session, msg: MailboxFetch) -> MailboxItems:
-        self._require_key(session, msg.recipient)
-        now = int(self.clock())
-        items = tuple(
-            MailboxItem(i, k, p, e) for i, k, p, e in rows(
-                self.db, "SELECT item_id, kind, payload, expires_at FROM mailbox WHERE "
-                "recipient=? AND item_id>? AND expires_at>? ORDER BY item_id LIMIT ?",
-                msg.recipient, msg.after, now, max(1, min(msg.limit, MAX_PAGE))))
-        return MailboxItems(items)
+        return await self.mailbox.fetch(session, msg)
 
     async def _mailbox_ack(self, session: Session, msg: MailboxAck) -> Done:
-        self._require_key(session, msg.recipient)
-        ids = [(msg.recipient, i) for i in msg.item_ids]
-
-        def write(c: sqlite3.Connection) -> int:
-            return c.executemany("DELETE FROM mailbox WHERE recipient=? AND item_id=?",
-                                 ids).rowcount
-
-        return Done(await self.writer.execute(write))
+        return await self.mailbox.ack(session, msg)
 
     async def expire_mailbox(self) -> None:
-        now = int(self.clock())
-        await self.writer.execute(lambda c: c.execute(
-            "DELETE FROM mailbox WHERE expires_at<=?", (now,)))
+        await self.mailbox.expire()
 
     # -- address records -------------------------------------------------------------------------
 
