@@ -236,6 +236,8 @@ def validate_genesis(group_id: bytes, value: LogValue) -> None:
     if m.epoch != 0 or value.commit is not None or m.prev_manifest_hash is not None \
             or m.commit_hash is not None or value.welcome is not None:
         raise ManifestError(Rule.BAD_GENESIS, "genesis is epoch 0 with no commit or parent")
+    if m.compaction is not None:  # nothing to compact yet: a field a node would store unchecked
+        raise ManifestError(Rule.BAD_GENESIS, "genesis has no compaction point")
     _check_roster(m)
     if len(m.devices) != 1 or m.devices[0].leaf != 0 or m.devices[0].role != Role.ADMIN:
         raise ManifestError(Rule.BAD_GENESIS, "genesis has exactly its creator, admin at leaf 0")

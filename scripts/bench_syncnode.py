@@ -191,7 +191,9 @@ def main() -> None:
         d.mkdir()
         (node,) = start_cluster(d, 1)
         (d / "node0" / "syncnode.toml").write_text(
-            "[limits]\nmax_groups_per_connection = 100000\nmax_groups_per_key = 100000\n")
+            "[limits]\nmax_groups_per_connection = 100000\nmax_groups_per_key = 100000\n"
+            "group_creations_per_second = 1000000.0\ngroup_creation_burst = 1000000\n"
+            "endpoint_group_creations_per_hour = 1000000\n")
         node.stop()
         node.start()
         try:

@@ -32,6 +32,26 @@ class Limits:
     request_burst: int = 4000
     max_frame: int = 16 * 1024 * 1024
     max_address_records: int = 4096
+    # connections (syncnode/server.py)
+    max_frame_unauthenticated: int = 256 * 1024
+    max_connections: int = 4096
+    max_connections_per_endpoint: int = 8
+    max_streams_per_connection: int = 32
+    max_requests_in_flight: int = 64
+    max_reply_bytes_queued: int = 16 * 1024 * 1024
+    max_subscriber_queue_bytes: int = 8 * 1024 * 1024
+    idle_timeout: float = 300.0
+    # groups (syncnode/service.py)
+    max_groups: int = 100_000
+    group_creations_per_second: float = 5.0
+    group_creation_burst: int = 50
+    endpoint_group_creations_per_hour: int = 120
+    max_group_syncnodes: int = 9
+    accept_groups_from: tuple[str, ...] = ()
+    # catch-up from peer syncnodes (syncnode/peers.py)
+    peer_dials_per_second: float = 2.0
+    peer_dial_burst: int = 20
+    catchup_concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -91,9 +111,47 @@ max_mailbox_items_per_recipient = 256
 max_mailbox_ttl = 604800
 requests_per_second = 2000.0
 request_burst = 4000
+# Largest request frame (bytes) from a connection that has authenticated a key.
 max_frame = 16777216
 # Signed address records of other syncnodes kept for relaying to devices (one per node).
 max_address_records = 4096
+
+# -- connections: every limit below applies before any authentication (SECURITY.md) --
+# Largest frame (bytes) a connection may send before it has authenticated a key.
+max_frame_unauthenticated = 262144
+# Open connections in total, and from one endpoint id.
+max_connections = 4096
+max_connections_per_endpoint = 8
+# Concurrent streams of one connection (each subscription holds one).
+max_streams_per_connection = 32
+# Requests of one connection being handled at once (over all its streams).
+max_requests_in_flight = 64
+# Reply bytes waiting for a client to read them; beyond this its requests are not read.
+max_reply_bytes_queued = 16777216
+# Pushed bytes waiting for a subscriber; beyond this it is dropped (it reconnects, backfills).
+max_subscriber_queue_bytes = 8388608
+# Seconds without a request or subscription after which a connection is closed (0: never).
+idle_timeout = 300.0
+
+# -- groups --
+# Groups this node hosts in total.
+max_groups = 100000
+# New groups per second over the whole node (token bucket with this burst).
+group_creations_per_second = 5.0
+group_creation_burst = 50
+# New groups one endpoint id may register per hour.
+endpoint_group_creations_per_hour = 120
+# Syncnodes a group may name (each is dialled for catch-up).
+max_group_syncnodes = 9
+# Creator key fingerprints (hex) allowed to register new groups; empty: anyone.
+accept_groups_from = []
+
+# -- catch-up: dialling the peer syncnodes a group names --
+# Outbound dials per second (token bucket with this burst); a peer that failed backs off.
+peer_dials_per_second = 2.0
+peer_dial_burst = 20
+# Groups caught up at once.
+catchup_concurrency = 8
 
 # Addresses of peer syncnodes, by node id, when the hints in group manifests are stale:
 # [peers]
@@ -111,6 +169,9 @@ def _check(name: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     elif isinstance(default, str):
         ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
     else:
         ok = True
     if not ok:
@@ -154,6 +215,14 @@ def load_config(data_dir: Path, config_file: Path | None = None) -> Config:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
         config = _apply(config, table, "")
+    for creator in config.limits.accept_groups_from:
+        try:
+            ok = len(bytes.fromhex(creator)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"[limits] accept_groups_from: {creator!r} is not a key fingerprint "
+                              "(64 hex digits: `syncdevice --json init` prints it as \"device\")")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {config.log_level!r} is not debug/info/warning/error")
     return config

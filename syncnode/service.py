@@ -122,6 +122,24 @@ class TokenBucket:
         return False
 
 
+class KeyedBuckets:
+    """One :class:`TokenBucket` per key (an endpoint id), the least recently used forgotten past
+    ``capacity``: memory stays bounded whatever number of keys a stranger invents (forgetting
+    only lets a key start afresh, which a new key could do anyway; node-wide limits bound that)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float],
+                 capacity: int = 10_000) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.buckets = LRU(capacity)
+
+    def take(self, key: bytes) -> bool:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, self.clock)
+        self.buckets.put(key, bucket)
+        return bool(bucket.take())
+
+
 @dataclass
 class Session:
     """What the syncnode knows about one connection."""
@@ -144,7 +162,7 @@ class GroupState:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class _LRU(OrderedDict[Any, Any]):
+class LRU(OrderedDict[Any, Any]):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
@@ -162,7 +180,7 @@ class SlotCache(MutableMapping[tuple[bytes, int], SlotState]):
 
     def __init__(self, db: sqlite3.Connection, capacity: int) -> None:
         self.db = db
-        self.lru = _LRU(capacity)
+        self.lru = LRU(capacity)
         self.dirty: dict[tuple[bytes, int], SlotState] = {}
 
     def __getitem__(self, key: tuple[bytes, int]) -> SlotState:
@@ -213,7 +231,7 @@ class Service:
         self.db = open_database(db_path)
         self.writer = Writer(db_path, batching=group_commit, on_batch=self.metrics.on_batch,
                              threads=threads)
-        self.groups = _LRU(cache_groups)
+        self.groups = LRU(cache_groups)
         self.slots = SlotCache(self.db, cache_slots)
         self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for, self.slots,
                                  validate_value=self._validate_value)
@@ -226,6 +244,12 @@ class Service:
         self.catchup: Callable[[bytes], None] = lambda group_id: None
         """Hook: ask the peer-sync task to fetch missing decisions of a group."""
         self.addresses = AddressBook(key, self.db, clock, self.limits.max_address_records)
+        lim = self.limits
+        self.creations = TokenBucket(lim.group_creations_per_second, lim.group_creation_burst,
+                                     clock)
+        self.endpoint_creations = KeyedBuckets(lim.endpoint_group_creations_per_hour / 3600,
+                                               lim.endpoint_group_creations_per_hour, clock)
+        self.allowed_creators = {bytes.fromhex(h) for h in lim.accept_groups_from}
         self.metrics.track_storage(lambda: storage_bytes(db_path))
         self.metrics.groups.set(self.group_count())
 
@@ -275,6 +299,11 @@ class Service:
         # and decoding whole log values (commit + Welcome, up to megabytes).
         row = one(self.db, "SELECT manifest FROM manifests WHERE group_id=? AND epoch=?",
                   group_id, epoch)
+        if row is None and epoch == 0:  # the genesis is small: its manifest is not kept twice
+            genesis = one(self.db, "SELECT value FROM decided WHERE group_id=? AND slot=0",
+                          group_id)
+            if genesis is not None:
+                return LogValue.decode(genesis[0]).manifest
         if row is None:
             raise KeyError((group_id, epoch))
         return decode_struct(row[0], Manifest)
@@ -330,6 +359,22 @@ class Service:
         session.keys[fpr] = msg.public_key
         return Authenticated(fpr)
 
+    def _behind(self, session: Session | None, g: GroupState) -> None:
+        """A request showed this node is behind on ``g``: ask the peer sync to catch up, but
+        only for a current member or one of the group's own syncnodes (``session`` None: this
+        node's own code). A stranger's Prepare for a made-up slot must not make the node dial
+        anything."""
+        if session is not None and not self._is_member_or_peer(session, g):
+            self.metrics.refuse("catchup_not_member")
+            return
+        self.catchup(g.group_id)
+
+    def _is_member_or_peer(self, session: Session, g: GroupState) -> bool:
+        if any(s.node_id == session.remote_id for s in g.manifest.syncnodes):
+            return True
+        return any((d := g.manifest.device(fpr)) is not None and d.sig_pub == pub
+                   for fpr, pub in session.keys.items())
+
     def _require_member(self, session: Session, g: GroupState) -> bytes:
         """The fingerprint under which the session acts as a current member of ``g``."""
         for fpr, pub in session.keys.items():
@@ -357,14 +402,7 @@ class Service:
             if stored is not None and stored[0] == msg.value:
                 return GroupRegistered(m.group_id, False)
             raise RequestError(ErrorCode.CONFLICT, "a different group has this id")
-        if session.groups_created >= self.limits.max_groups_per_connection:
-            raise RequestError(ErrorCode.QUOTA_EXCEEDED,
-                               f"at most {self.limits.max_groups_per_connection} new groups per "
-                               "connection")
-        row = one(self.db, "SELECT count(*) FROM groups WHERE creator=?", value.signer)
-        if row is not None and row[0] >= self.limits.max_groups_per_key:
-            raise RequestError(ErrorCode.QUOTA_EXCEEDED,
-                               f"at most {self.limits.max_groups_per_key} groups per creator")
+        self._admit_group(session, value)
         raw, now = msg.value, self.clock()
 
         def write(c: sqlite3.Connection) -> bool:
@@ -377,8 +415,7 @@ class Service:
             c.execute("INSERT INTO groups VALUES (?,?,0,?,?)", (m.group_id, value.signer,
                                                                 len(raw), now))
             c.execute("INSERT INTO decided VALUES (?,0,?,NULL)", (m.group_id, raw))
-            c.execute("INSERT INTO manifests VALUES (?,0,?)", (m.group_id, encode_struct(m)))
-            return True
+            return True  # the genesis manifest is read from slot 0: stored once
 
         created = bool(await self.writer.execute(write))
         if created:
@@ -387,6 +424,40 @@ class Service:
             log.info("group created", group=short_id(m.group_id), creator=short_id(value.signer),
                      syncnodes=len(m.syncnodes), peer=short_id(session.remote_id))
         return GroupRegistered(m.group_id, created)
+
+    def _admit_group(self, session: Session, value: LogValue) -> None:
+        """Raise unless this node takes one more group from this creator and connection: the
+        operator's allow-list, the node-wide count and creation rate, per-endpoint, -connection
+        and -creator counts, and a bound on the peers catch-up would dial (SECURITY.md)."""
+        lim, m = self.limits, value.manifest
+
+        def refuse(reason: str, code: ErrorCode, detail: str) -> None:
+            self.metrics.refuse(reason)
+            raise RequestError(code, detail)
+
+        if self.allowed_creators and fingerprint(value.signer) not in self.allowed_creators:
+            refuse("creator_not_allowed", ErrorCode.UNAUTHORIZED,
+                   "this syncnode accepts new groups only from keys its operator listed")
+        if len(m.syncnodes) > lim.max_group_syncnodes:
+            refuse("too_many_syncnodes", ErrorCode.INVALID,
+                   f"a group may name at most {lim.max_group_syncnodes} syncnodes here")
+        if self.group_count() >= lim.max_groups:
+            refuse("node_group_quota", ErrorCode.QUOTA_EXCEEDED,
+                   "this syncnode hosts as many groups as its operator allows")
+        if session.groups_created >= lim.max_groups_per_connection:
+            refuse("connection_group_quota", ErrorCode.QUOTA_EXCEEDED,
+                   f"at most {lim.max_groups_per_connection} new groups per connection")
+        row = one(self.db, "SELECT count(*) FROM groups WHERE creator=?", value.signer)
+        if row is not None and row[0] >= lim.max_groups_per_key:
+            refuse("creator_group_quota", ErrorCode.QUOTA_EXCEEDED,
+                   f"at most {lim.max_groups_per_key} groups per creator")
+        if not self.creations.take():
+            refuse("group_creation_rate", ErrorCode.RATE_LIMITED,
+                   "too many new groups on this syncnode just now; retry in a few seconds")
+        if not self.endpoint_creations.take(session.remote_id):
+            refuse("endpoint_group_creation_rate", ErrorCode.RATE_LIMITED,
+                   f"at most {lim.endpoint_group_creations_per_hour} new groups per hour "
+                   "from one endpoint")
 
     # -- Paxos ---------------------------------------------------------------------------------
 
@@ -398,7 +469,7 @@ class Service:
         if msg.slot <= g.top:
             return self.decided_at(g.group_id, msg.slot)  # tell the proposer it is over
         if msg.slot > g.top + 1:
-            self.catchup(g.group_id)
+            self._behind(session, g)
             return PaxosRejected(msg.group_id, msg.slot, RejectReason.UNKNOWN_SLOT, 0,
                                  f"this syncnode has decided up to slot {g.top} only; "
                                  "catching up from peers, retry shortly")
@@ -433,9 +504,9 @@ class Service:
     # -- decided log ---------------------------------------------------------------------------
 
     async def _learn(self, session: Session, msg: Decided) -> Done:
-        return Done(await self.learn(msg, source=short_id(session.remote_id)))
+        return Done(await self.learn(msg, source=short_id(session.remote_id), session=session))
 
-    async def learn(self, msg: Decided, *, source: str) -> int:
+    async def learn(self, msg: Decided, *, source: str, session: Session | None = None) -> int:
         """Verify and store a decision (from a device or a peer syncnode). Returns 1 when it was
         new, 0 when already known; raises RequestError otherwise."""
         cert = msg.certificate
@@ -448,7 +519,7 @@ class Service:
             if cert.slot <= g.top:
                 return self._known(g, msg)
             if cert.slot > g.top + 1:
-                self.catchup(g.group_id)
+                self._behind(session, g)
                 raise RequestError(ErrorCode.NOT_FOUND,
                                    f"missing slots {g.top + 1}..{cert.slot - 1}; catching up")
             try:
@@ -544,7 +615,7 @@ class Service:
         g = self.require_group(msg.group_id)
         self._require_member(session, g)
         if msg.epoch > g.top:
-            self.catchup(g.group_id)
+            self._behind(session, g)
             raise RequestError(ErrorCode.NOT_FOUND,
                                f"envelope epoch {msg.epoch} is ahead of this syncnode's "
                                f"{g.top}; send the decision first or retry")
@@ -609,7 +680,8 @@ class Service:
         """Register a live subscriber (the driver streams its queue). Raises RequestError."""
         g = self.require_group(msg.group_id)
         fpr = self._require_member(session, g)
-        sub = Subscriber(g.group_id, fpr, session)
+        sub = Subscriber(g.group_id, fpr, session,
+                         max_bytes=self.limits.max_subscriber_queue_bytes)
         self.subscribers.setdefault(g.group_id, set()).add(sub)
         for key in session.keys.values():
             self.mailbox_watchers.setdefault(key, set()).add(sub)
@@ -637,6 +709,7 @@ class Service:
                 self.unsubscribe(sub)
                 continue
             if not sub.offer(frame):
+                self.metrics.refuse("subscriber_behind")
                 self.unsubscribe(sub)
             elif isinstance(item, Envelope):
                 self.metrics.messages_pushed.inc()
@@ -697,22 +770,34 @@ class Service:
 
 class Subscriber:
     """One live subscription: a bounded queue of frames. A subscriber that falls too far behind
-    is dropped (it reconnects and backfills) rather than making the node buffer without bound."""
+    (more than ``max_queue`` frames or ``max_bytes`` bytes waiting) is dropped (it reconnects and
+    backfills) rather than making the node buffer without bound."""
 
-    def __init__(self, group_id: bytes, fpr: bytes, session: Session) -> None:
+    def __init__(self, group_id: bytes, fpr: bytes, session: Session, *,
+                 max_bytes: int = 8 * 1024 * 1024) -> None:
         self.group_id = group_id
         self.fingerprint = fpr
         self.session = session
         self.send, self.receive = trio.open_memory_channel[bytes](SUBSCRIBER_QUEUE)
         self.closed_reason: str | None = None
+        self.queued = 0
+        self.max_bytes = max_bytes
 
     def offer(self, frame: bytes) -> bool:
+        if self.queued + len(frame) > self.max_bytes and self.queued:
+            self.close("subscriber fell behind")
+            return False
         try:
             self.send.send_nowait(frame)
-            return True
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self.close("subscriber fell behind")
             return False
+        self.queued += len(frame)
+        return True
+
+    def taken(self, size: int) -> None:
+        """The driver took a frame of ``size`` bytes off the queue to send it."""
+        self.queued -= size
 
     def close(self, reason: str) -> None:
         if self.closed_reason is None:

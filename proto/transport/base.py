@@ -46,6 +46,13 @@ class Stream(abc.ABC):
         returns the next frame.
         """
 
+    def limit_receive(self, max_frame: int) -> None:
+        """Refuse received frames over ``max_frame`` bytes (at most the transport's own limit),
+        from the length header alone: a server keeps a stranger's frames small until it has
+        authenticated, then lifts the limit. Raises nothing; a later oversized frame makes
+        :meth:`receive` raise :class:`proto.errors.FrameError`."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def send_eof(self) -> None:
         """Finish our sending half; the peer's ``receive`` raises StreamClosed after the data."""

@@ -80,6 +80,9 @@ class IrohStream(Stream):
         self._max_frame = max_frame
         self._eof = False
 
+    def limit_receive(self, max_frame: int) -> None:
+        self._decoder.max_frame = max(1, min(max_frame, self._max_frame))
+
     async def send(self, frame: bytes) -> None:
         data = encode_frame(frame, self._max_frame)
         try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from proto.errors import StreamClosed, TransportError
+from proto.errors import FrameError, StreamClosed, TransportError
 from proto.framing import DEFAULT_MAX_FRAME, encode_frame
 from proto.transport.base import Connection, Stream, Transport
 from proto.wakeup import Signal
@@ -301,6 +301,10 @@ class MemoryStream(Stream):
         self._closed = False
         self._changed = Signal()
         self._announced = False  # has the peer side seen this stream yet?
+        self._receive_limit = conn.max_frame
+
+    def limit_receive(self, max_frame: int) -> None:
+        self._receive_limit = max(1, min(max_frame, self._conn.max_frame))
 
     def _wake(self) -> None:
         self._changed.fire()
@@ -321,7 +325,11 @@ class MemoryStream(Stream):
         while True:
             if self._inbox:
                 await trio.lowlevel.checkpoint()
-                return self._inbox.popleft()
+                frame = self._inbox.popleft()
+                if len(frame) > self._receive_limit:  # as a real wire's header check
+                    raise FrameError("<frame>", f"frame of {len(frame)} bytes exceeds max "
+                                     f"{self._receive_limit}")
+                return frame
             if self._eof_in or self._closed:
                 await trio.lowlevel.checkpoint()
                 raise StreamClosed("peer finished the stream")
