@@ -1,13 +1,20 @@
 """The inviter's side of joining: invite tickets, join requests, and the state handoff.
 
 A member makes a one-time ticket (:meth:`Invites.create`); the new device leaves a join request
-sealed to us in the syncnodes' mailbox. The syncnodes push a notice on our subscription when an
-item arrives for our key, so an online inviter reads it at once (a slow poll remains as a safety
-net). For a valid request we first store the whole document on a quorum of syncnodes, in the
+sealed to us in the invite's own box on each syncnode: a mailbox whose key pair both sides
+derive from the ticket's secret, into which only a holder of the ticket can put
+(:func:`proto.handoff.invite_box`). We authenticate with the box key of each open invite, read
+every page of its box, and delete each request once handled, and at once anything that does
+not open or names another invite: nothing a stranger sends reaches us or piles up. The
+syncnodes push a notice on our subscription when an item arrives in a box we read, so an
+online inviter reads it at once (a slow poll remains as a safety net).
+
+For a valid request we first store the whole document on a quorum of syncnodes, in the
 joiner's mailbox and encrypted with the ticket's secret (:mod:`proto.handoff`), and only then
 propose the add through Paxos: from the moment the add is decided, the joiner can get the
-document whatever happens to us. A request with a spent, expired or unknown ticket gets a
-refusal the joiner reads within seconds.
+document whatever happens to us. A request with a spent or expired ticket gets a refusal the
+joiner reads within seconds; one for an invite we do not know (revoked, or made on another
+device) lands in a box nobody reads, and the joiner waits until its timeout.
 """
 
 from __future__ import annotations
@@ -22,8 +29,14 @@ from device.errors import Offline
 from device.mls import MlsError
 from proto import entropy
 from proto.errors import DecodeError, SyncnodeError
-from proto.handoff import MAX_HANDOFF, JoinRefusal, seal_parts, seal_refusal
-from proto.identity import fingerprint, short_id
+from proto.handoff import (
+    MAX_HANDOFF,
+    JoinRefusal,
+    invite_box_from_hash,
+    seal_parts,
+    seal_refusal,
+)
+from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import MAX_NAME, InviteTicket, JoinRequest, secret_hash
 from proto.logs import get_logger
 from proto.manifest import ManifestError
@@ -140,51 +153,63 @@ class Invites:
 
     # -- reading join requests -----------------------------------------------------------------
 
-    def _watching(self) -> bool:
-        """Read the mailbox while any invite could still be asked for (used ones too: a
-        request for a spent ticket is answered with a refusal)."""
-        return bool(self.doc.store.one(
-            "SELECT 1 FROM invites WHERE group_id=? AND expires_at>? LIMIT 1",
-            self.doc.group_id, entropy.wall() - EXPIRY_GRACE))
+    def _boxes(self) -> list[tuple[bytes, SecretKey]]:
+        """The invites whose box we read, by secret hash: every one that could still be asked
+        for (used ones too: a request for a spent ticket is answered with a refusal)."""
+        return [(h, invite_box_from_hash(h)) for (h,) in self.doc.store.all(
+            "SELECT secret_hash FROM invites WHERE group_id=? AND expires_at>?",
+            self.doc.group_id, entropy.wall() - EXPIRY_GRACE)]
 
     async def run(self, client: SyncnodeClient) -> None:
         """Per syncnode link: read join requests when notified (safety-net poll otherwise)."""
         doc = self.doc
+        authenticated: set[bytes] = set()
         while doc.status == "active":
             mark = self._notices
-            if trio.current_time() >= self._retry_at and self._watching():
-                await self._read(client)
+            if trio.current_time() >= self._retry_at:
+                for hashed, box in self._boxes():
+                    if box.public not in authenticated:
+                        await client.authenticate(box)
+                        authenticated.add(box.public)
+                    await self._read(client, hashed, box)
             if self._notices == mark:  # nothing arrived while we read
                 with trio.move_on_after(doc.device.config.mailbox_interval):
                     await self._wanted.wait()
 
-    async def _read(self, client: SyncnodeClient) -> None:
-        me = self.doc.device.key.public
+    async def _read(self, client: SyncnodeClient, hashed: bytes, box: SecretKey) -> None:
+        """Every page of one invite's box; what is handled, unreadable or not for this invite
+        is deleted."""
         after = 0
         while True:
-            page = await client.mailbox_fetch(me, after, MAILBOX_PAGE)
+            page = await client.mailbox_fetch(box.public, after, MAILBOX_PAGE)
             done = []
             for item in page.items:
                 after = max(after, item.item_id)
-                if item.kind != MailboxKind.KEY_PACKAGE or await self._request(item.payload):
+                if item.kind != MailboxKind.KEY_PACKAGE \
+                        or await self._request(item.payload, hashed):
                     done.append(item.item_id)
             if done:
-                await client.mailbox_ack(me, done)
-            if len(page.items) < MAILBOX_PAGE:
+                await client.mailbox_ack(box.public, done)
+            if not page.more:
                 return
 
-    async def _request(self, sealed: bytes) -> bool:
-        """Handle one join request; False if it should stay in the mailbox (retry later)."""
+    async def _request(self, sealed: bytes, hashed: bytes) -> bool:
+        """Handle one join request found in the box of the invite with secret hash ``hashed``;
+        False if it should stay in the mailbox (retry later)."""
         doc = self.doc
         try:
             req = JoinRequest.open(doc.device.key, sealed)
         except DecodeError as exc:
             log.warning("unreadable join request", error=str(exc))
             return True
-        if req.group_id != doc.group_id:
-            return False  # for another of our documents; its own link handles it
+        if req.group_id != doc.group_id or secret_hash(req.secret) != hashed:
+            # Only a holder of this ticket could put it here, and it names something else:
+            # nobody wants it.
+            log.warning("join request for another invite in an invite's box",
+                        doc=short_id(doc.group_id))
+            return True
         async with self._lock:
-            key = secret_hash(req.secret)
+            key = hashed
             joiner = short_id(fingerprint(req.sig_pub))
             row = doc.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
                                 "group_id=?", key, doc.group_id)
@@ -264,7 +289,7 @@ class Invites:
         async def put(client: SyncnodeClient) -> None:
             try:
                 for p in payloads:
-                    await client.mailbox_put(recipient, kind, p, ttl)
+                    await client.mailbox_put(recipient, kind, p, ttl, group_id=self.doc.group_id)
                 ok.append(client.node_id)
             except SyncnodeError as exc:
                 log.info("mailbox put failed", node=short_id(client.node_id), error=str(exc))

@@ -1,6 +1,7 @@
 """The new device's side of joining (DESIGN.md "Join"), driven by :meth:`Device.join`.
 
-1. Leave our KeyPackage, sealed to the inviter, in the mailbox of every syncnode of the ticket.
+1. Leave our KeyPackage, sealed to the inviter, in the invite's box on every syncnode of the
+   ticket (:func:`proto.handoff.invite_box`).
 2. Wait until a verified slot of the decided log adds us (its Welcome), or the inviter refuses
    the ticket (spent, expired, unknown: :mod:`proto.handoff`).
 3. Get the document from whichever source answers first, all tried at once: the inviter and the
@@ -26,7 +27,7 @@ from proto.codec import encode
 from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.groups import single_errors
-from proto.handoff import HandoffPart, assemble, open_part, open_refusal
+from proto.handoff import HandoffPart, assemble, invite_box, open_part, open_refusal
 from proto.identity import fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
@@ -35,7 +36,7 @@ from proto.p2p import SnapshotBody
 from proto.paxos.messages import Decided
 from proto.paxos.quorum import CertificateError
 from proto.rpc import RemoteError, SyncnodeClient
-from proto.service import MailboxKind
+from proto.service import MailboxItem, MailboxKind, put_proof
 from proto.ticket import NodeTicket
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from device.document import Document
 
 log = get_logger("device.joining")
+
+MAILBOX_PAGE = 64
 
 Say = Callable[[str], None]
 
@@ -82,11 +85,16 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
     ttl = int(max(60, t.expires_at - entropy.wall()))
     posted: list[bytes] = []
 
+    box = invite_box(t.secret)
+
     async def post(c: SyncnodeClient) -> bool:
-        """Leave the request on ``c`` as soon as it is connected (a slow or dead syncnode of
-        the ticket must not hold the others up)."""
+        """Leave the request in the invite's box on ``c`` (proving that we hold the ticket,
+        for that syncnode only) as soon as it is connected: a slow or dead syncnode of the
+        ticket must not hold the others up."""
+        kind = MailboxKind.KEY_PACKAGE
         try:
-            await c.mailbox_put(t.inviter, MailboxKind.KEY_PACKAGE, request, ttl)
+            await c.mailbox_put(box.public, kind, request, ttl,
+                                proof=put_proof(box, c.node_id, kind, request, ttl))
             posted.append(c.node_id)
             return True
         except SyncnodeError as exc:  # the others may still take it
@@ -221,7 +229,7 @@ async def _read_mailbox(device: Device, c: SyncnodeClient, t: InviteTicket,
     me = device.key.public
     after = 0
     while True:
-        page = await c.mailbox_fetch(me, after, 64)
+        page = await c.mailbox_fetch(me, after, MAILBOX_PAGE)
         for item in page.items:
             after = max(after, item.item_id)
             try:
@@ -235,7 +243,7 @@ async def _read_mailbox(device: Device, c: SyncnodeClient, t: InviteTicket,
                     parts[part.index] = part
             except DecodeError:
                 continue  # another join's, or junk
-        if len(page.items) < 64:
+        if not page.more:
             return
 
 
@@ -379,17 +387,37 @@ async def _staged_from(device: Device, doc: Document, c: SyncnodeClient, t: Invi
     return data, offer.body
 
 
+def _ours(t: InviteTicket, me: bytes, item: MailboxItem) -> bool:
+    """Whether ``item`` is something the inviter of ``t`` left for us (it opens with the
+    ticket's secret). Items of another join of ours stay for that join."""
+    try:
+        if item.kind == MailboxKind.STATE_HANDOFF:
+            open_part(t.secret, t.group_id, me, item.payload)
+        elif item.kind == MailboxKind.JOIN_REFUSED:
+            open_refusal(t.secret, t.group_id, me, item.payload)
+        else:
+            return False
+    except DecodeError:
+        return False
+    return True
+
+
 async def _ack_handoff(device: Device, clients: list[SyncnodeClient], t: InviteTicket) -> None:
     """Delete what the inviter left for us (best effort: it also expires)."""
     me = device.key.public
 
     async def one(c: SyncnodeClient) -> None:
         try:
-            page = await c.mailbox_fetch(me, 0, 1024)
-            ids = [i.item_id for i in page.items
-                   if i.kind in (MailboxKind.STATE_HANDOFF, MailboxKind.JOIN_REFUSED)]
-            if ids:
-                await c.mailbox_ack(me, ids)
+            after = 0
+            while True:
+                page = await c.mailbox_fetch(me, after, MAILBOX_PAGE)
+                if page.items:
+                    after = page.items[-1].item_id
+                ids = [i.item_id for i in page.items if _ours(t, me, i)]
+                if ids:
+                    await c.mailbox_ack(me, ids)
+                if not page.more:
+                    break
         except SyncnodeError as exc:
             log.info("could not clear the mailbox", node=short_id(c.node_id), error=str(exc))
 

@@ -15,6 +15,13 @@ Both are encrypted and authenticated with a key derived from the ticket's one-ti
 (XSalsa20-Poly1305): only the inviter and the joiner know it, so the syncnodes learn nothing
 from the parts and nobody else can forge a refusal. Each is bound to the group and to the
 joiner's key, so it cannot be replayed to another device or document.
+
+The join request itself goes the other way, into the invite's own **box** on each syncnode:
+:func:`invite_box` derives an Ed25519 key pair from the secret; its public key is the mailbox
+recipient, and the joiner proves each put with it (:func:`proto.service.put_proof`, bound to
+that syncnode's id). So nobody without the ticket can put anything where the inviter reads join
+requests, no registration is needed, and a syncnode (which sees only the public key) cannot
+forge a request to the others. The inviter authenticates with the box key to read and ack it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import nacl.secret
 
 from proto.codec import U32, Hash32, MaxLen, PublicKey, decode_struct, encode_struct
 from proto.errors import DecodeError
+from proto.identity import SecretKey
+from proto.invite import secret_hash
 from proto.p2p import SnapshotOffer, snapshot_digest
 from proto.paxos.messages import GroupId
 
@@ -59,6 +68,17 @@ class JoinRefusal:
     group_id: GroupId
     joiner: PublicKey
     reason: Annotated[str, MaxLen(200)]
+
+
+def invite_box(secret: bytes) -> SecretKey:
+    """The invite's mailbox key pair, from the ticket's secret (see the module docstring)."""
+    return invite_box_from_hash(secret_hash(secret))
+
+
+def invite_box_from_hash(hashed: bytes) -> SecretKey:
+    """The same from :func:`proto.invite.secret_hash` of the secret: what the inviter keeps
+    (it never stores the secret itself)."""
+    return SecretKey(hashlib.blake2b(hashed, digest_size=32, person=b"syncnode-invbox").digest())
 
 
 def _box(secret: bytes, purpose: bytes) -> nacl.secret.SecretBox:

@@ -221,9 +221,12 @@ class SyncnodeClient:
         return bool((await self.call(PutAddress(record), Done)).count)
 
     async def mailbox_put(self, recipient: bytes, kind: MailboxKind, payload: bytes,
-                          ttl: int) -> int:
-        return (await self.call(MailboxPut(recipient, kind, payload, ttl), MailboxStored)
-                ).item_id
+                          ttl: int, *, group_id: bytes | None = None,
+                          proof: bytes | None = None) -> int:
+        """``group_id``: the group we put as a member of; ``proof``: a join request's
+        :func:`proto.service.put_proof` (see :class:`MailboxPut`)."""
+        return (await self.call(MailboxPut(recipient, kind, payload, ttl, group_id, proof),
+                                MailboxStored)).item_id
 
     async def mailbox_fetch(self, recipient: bytes, after: int = 0, limit: int = 64
                             ) -> MailboxItems:

@@ -15,18 +15,33 @@ group's current manifest; mailbox fetches check it against the recipient.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 from typing import Annotated
 
-from proto.codec import U32, U64, Hash32, Len, MaxItems, MaxLen, PublicKey, Signature64, message
+from proto.codec import (
+    U32,
+    U64,
+    Hash32,
+    Len,
+    MaxItems,
+    MaxLen,
+    PublicKey,
+    Signature64,
+    encode_struct,
+    message,
+)
 from proto.envelope import Envelope
-from proto.identity import register_context
+from proto.identity import SecretKey, is_valid_signature, register_context
 from proto.paxos.messages import Decided, GroupId
 
 AUTH_CTX = register_context("syncnode/auth/v1")
+PUT_PROOF_CTX = register_context("syncnode/mailbox-put/v1")
 MAX_PAGE = 1024
 MAX_HEADS = 256
 MAX_MAILBOX_PAYLOAD = 256 * 1024
+MAX_JOIN_REQUEST = 64 * 1024
+"""Largest ``KEY_PACKAGE`` payload: a sealed join request is a few KiB."""
 
 
 @dataclass(frozen=True)
@@ -179,12 +194,63 @@ class MailboxKind(enum.IntEnum):
 @message(0x50)
 @dataclass(frozen=True)
 class MailboxPut:
-    """Leave ``payload`` for the holder of ``recipient`` (a public key) for ``ttl`` seconds."""
+    """Leave ``payload`` for the holder of ``recipient`` (a public key) for ``ttl`` seconds.
+
+    Who may put what (the syncnode checks it before storing anything):
+
+    * ``KEY_PACKAGE`` (a join request, at most :data:`MAX_JOIN_REQUEST` bytes): anyone who knows
+      the invite ticket. ``recipient`` is the invite's **box key**, an Ed25519 key derived from
+      the ticket's secret (:func:`proto.handoff.invite_box`), and ``proof`` is the box key's
+      signature over :class:`MailboxPutProof` (this syncnode's id, recipient, kind, payload
+      hash, ttl). The syncnode checks it against ``recipient`` itself: it needs no registration
+      and learns only the public key, so even a malicious syncnode cannot forge a request to
+      the others, and a proof is useless on any other syncnode.
+    * every other kind: a session authenticated as a current member of ``group_id``, a group
+      this syncnode hosts (the inviter staging the document for a joiner, or refusing it).
+
+    Puts are further bounded per box, per sender (the member's key, or the endpoint of an
+    unauthenticated join request), per endpoint over time, and node-wide (``[limits]``).
+    """
 
     recipient: PublicKey
     kind: MailboxKind
     payload: Annotated[bytes, MaxLen(MAX_MAILBOX_PAYLOAD)]
     ttl: U32
+    group_id: GroupId | None = None
+    """The group the sender acts for as a member (every kind but ``KEY_PACKAGE``)."""
+    proof: Signature64 | None = None
+    """``KEY_PACKAGE`` only: the recipient (box) key's signature over :class:`MailboxPutProof`."""
+
+
+@dataclass(frozen=True)
+class MailboxPutProof:
+    """What a join request's box key signs: the put is good on this syncnode only, for this
+    payload and lifetime."""
+
+    node_id: PublicKey
+    recipient: PublicKey
+    kind: MailboxKind
+    payload_hash: Hash32
+    ttl: U32
+
+    @classmethod
+    def of(cls, node_id: bytes, put: MailboxPut) -> MailboxPutProof:
+        digest = hashlib.blake2b(put.payload, digest_size=32, person=b"syncnode-mbput").digest()
+        return cls(node_id, put.recipient, put.kind, digest, put.ttl)
+
+
+def put_proof(box: SecretKey, node_id: bytes, kind: MailboxKind, payload: bytes, ttl: int
+              ) -> bytes:
+    """The ``proof`` of a put of ``payload`` into the mailbox of ``box`` on syncnode
+    ``node_id``."""
+    put = MailboxPut(box.public, kind, payload, ttl)
+    return box.sign(PUT_PROOF_CTX, encode_struct(MailboxPutProof.of(node_id, put)))
+
+
+def put_proof_valid(node_id: bytes, put: MailboxPut) -> bool:
+    """Whether ``put`` carries the recipient key's signature for syncnode ``node_id``."""
+    return put.proof is not None and is_valid_signature(
+        put.recipient, PUT_PROOF_CTX, encode_struct(MailboxPutProof.of(node_id, put)), put.proof)
 
 
 @message(0x51)
@@ -216,6 +282,8 @@ class MailboxItem:
 @dataclass(frozen=True)
 class MailboxItems:
     items: Annotated[tuple[MailboxItem, ...], MaxItems(MAX_PAGE)]
+    more: bool = False
+    """The page was cut (by ``limit`` or its byte budget): ask again after its last item."""
 
 
 @message(0x54)
@@ -231,7 +299,9 @@ class MailboxAck:
 @dataclass(frozen=True)
 class MailboxNotice:
     """Pushed on a subscription when an item arrives for a key the subscriber authenticated
-    with: an online inviter reads a join request at once instead of polling."""
+    with (before subscribing, or later and then fetched that key's mailbox once, as an inviter
+    does for its invite boxes): an online inviter reads a join request at once instead of
+    polling."""
 
     recipient: PublicKey
 

@@ -28,6 +28,14 @@ class Limits:
     max_bytes_per_group: int = 1024 * 1024 * 1024
     max_mailbox_items_per_recipient: int = 256
     max_mailbox_ttl: int = 7 * 24 * 3600
+    # mailbox quotas and budgets (syncnode/mailbox.py)
+    max_mailbox_bytes: int = 1024 * 1024 * 1024
+    max_mailbox_bytes_per_sender: int = 128 * 1024 * 1024
+    max_join_request_bytes: int = 64 * 1024 * 1024
+    max_join_requests_per_box: int = 16
+    max_join_requests_per_sender: int = 32
+    mailbox_put_bytes_per_second: float = 1024 * 1024.0
+    mailbox_put_burst_bytes: int = 64 * 1024 * 1024
     requests_per_second: float = 2000.0
     request_burst: int = 4000
     max_frame: int = 16 * 1024 * 1024
@@ -109,6 +117,19 @@ max_groups_per_connection = 100
 max_bytes_per_group = 1073741824
 max_mailbox_items_per_recipient = 256
 max_mailbox_ttl = 604800
+# Bytes all mailbox items may take together (each counted as payload + 256 bytes of overhead).
+max_mailbox_bytes = 1073741824
+# Bytes of live items one sender may have (a member's key; a join request's endpoint id).
+max_mailbox_bytes_per_sender = 134217728
+# Share of max_mailbox_bytes for join requests (anyone may send one); when full, the oldest go.
+max_join_request_bytes = 67108864
+# Join requests waiting in one invite's box.
+max_join_requests_per_box = 16
+# Join requests waiting from one endpoint id.
+max_join_requests_per_sender = 32
+# Mailbox bytes one endpoint id may put per second (token bucket with this burst).
+mailbox_put_bytes_per_second = 1048576.0
+mailbox_put_burst_bytes = 67108864
 requests_per_second = 2000.0
 request_burst = 4000
 # Largest request frame (bytes) from a connection that has authenticated a key.

@@ -3,32 +3,71 @@ they expire (join requests for an inviter, state handoffs and refusals for a joi
 
 :class:`Mailbox` holds what it needs of the node (read connection, group-commit writer, limits,
 metrics, clock); :class:`~syncnode.service.Service` keeps thin handlers that delegate here.
+
+Who may put what (issue 14, findings 1 and 6; the wire side is :class:`proto.service.MailboxPut`):
+
+* A **join request** (``KEY_PACKAGE``) goes to the invite's own box, whose key pair the joiner
+  and the inviter derive from the ticket's secret (:func:`proto.handoff.invite_box`); the put
+  carries the box key's signature over this node's id, the recipient, kind, payload hash and
+  ttl, which we check against the recipient key itself. No registration, nothing secret here:
+  we learn only the public key, so we cannot forge a request to the other syncnodes, and a
+  proof made for us is useless on them. Strangers can no longer fill the mailbox an inviter
+  reads: only someone holding the ticket can put into its box. At most
+  ``max_join_requests_per_box`` wait per box and ``max_join_requests_per_sender`` per endpoint,
+  each at most :data:`~proto.service.MAX_JOIN_REQUEST` bytes.
+* **Everything else** (state handoffs, refusals) must come from a session authenticated as a
+  current member of the group it names (``group_id``), hosted on this node.
+
+Disk is bounded by quotas on the live items, each counted as payload +
+:data:`~syncnode.storage.MAILBOX_ITEM_OVERHEAD` bytes (kept exact by SQLite triggers, see
+:data:`syncnode.storage.MAILBOX_SCHEMA`): ``max_mailbox_bytes`` node-wide, of which join requests
+(which anyone who invents a box key can send) may take ``max_join_request_bytes`` (when that share
+is full the **oldest** join requests make room, so a flood cannot lock out fresh requests, which
+an online inviter reads within a second); ``max_mailbox_bytes_per_sender`` per member key or
+join-request endpoint; and every put spends a per-endpoint token bucket of bytes
+(``mailbox_put_bytes_per_second``, ``mailbox_put_burst_bytes``). The defaults fit the largest
+handoff (:data:`proto.handoff.MAX_HANDOFF`, 32 MiB, about 32.05 MiB counted) several times per
+sender and within one burst.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import trio
 
 from proto.identity import fingerprint
 from proto.messages import ErrorCode
 from proto.service import (
+    MAX_JOIN_REQUEST,
     MAX_PAGE,
     Done,
     MailboxAck,
     MailboxFetch,
     MailboxItem,
     MailboxItems,
+    MailboxKind,
     MailboxPut,
     MailboxStored,
+    put_proof_valid,
 )
 from syncnode.config import Limits
 from syncnode.metrics import Metrics
-from syncnode.storage import Writer, rows
+from syncnode.storage import MAILBOX_ITEM_OVERHEAD, Writer, rows
 
 if TYPE_CHECKING:
     from syncnode.service import Session
+
+FETCH_BYTES = 4 * 1024 * 1024
+"""Soft byte budget of one page of mailbox items (well under a frame)."""
+JOIN_CLASS, OTHER_CLASS = b"j", b"m"
+"""``mailbox_usage`` rows of the two classes (never a sender: those are 32 bytes)."""
+ENDPOINT_BUCKETS = 16384
+"""Endpoints whose put budget is remembered (least recently used forgotten: a forgotten one
+starts afresh, as a new endpoint would; the quotas bound what that gains)."""
 
 
 def _refused(code: ErrorCode, detail: str) -> Exception:
@@ -38,57 +77,169 @@ def _refused(code: ErrorCode, detail: str) -> Exception:
     return RequestError(code, detail)
 
 
+class ByteBuckets:
+    """A token bucket of bytes per key (an endpoint id), bounded in number."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float],
+                 capacity: int = ENDPOINT_BUCKETS) -> None:
+        self.rate, self.burst, self.clock, self.capacity = rate, float(burst), clock, capacity
+        self.buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: bytes, n: int) -> bool:
+        now = self.clock()
+        tokens, stamp = self.buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - stamp) * self.rate)
+        # More than the whole burst at once (a small configured burst): allowed from a full
+        # bucket, leaving a debt.
+        ok = tokens >= min(float(n), self.burst)
+        if ok:
+            tokens -= n
+        self.buckets[key] = (tokens, now)
+        if len(self.buckets) > self.capacity:
+            self.buckets.popitem(last=False)
+        return ok
+
+
 class Mailbox:
-    """Mailbox requests of one syncnode. ``notify(recipient)`` tells the recipient's live
-    subscriptions that an item arrived."""
+    """Mailbox requests of one syncnode.
+
+    ``notify(recipient)`` tells the recipient's live subscriptions that an item arrived;
+    ``member_key(session, group_id)`` is the fingerprint under which the session acts as a
+    current member of a hosted group, or None."""
 
     def __init__(self, db: sqlite3.Connection, writer: Writer, limits: Limits, metrics: Metrics,
-                 clock: Callable[[], float], notify: Callable[[bytes], None]) -> None:
+                 clock: Callable[[], float], notify: Callable[[bytes], None], *,
+                 node_id: bytes, member_key: Callable[[Session, bytes], bytes | None],
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.db = db
         self.writer = writer
         self.limits = limits
         self.metrics = metrics
         self.clock = clock
         self.notify = notify
+        self.node_id = node_id
+        self.member_key = member_key
+        self.budgets = ByteBuckets(limits.mailbox_put_bytes_per_second,
+                                   limits.mailbox_put_burst_bytes,
+                                   monotonic or trio.current_time)
+
+    def _refuse(self, reason: str, code: ErrorCode, detail: str) -> Exception:
+        self.metrics.refuse(reason)
+        return _refused(code, detail)
 
     async def put(self, session: Session, msg: MailboxPut) -> MailboxStored:
-        if not 1 <= msg.ttl <= self.limits.max_mailbox_ttl:
-            raise _refused(ErrorCode.INVALID,
-                           f"ttl must be 1..{self.limits.max_mailbox_ttl} seconds")
+        lim = self.limits
+        if not 1 <= msg.ttl <= lim.max_mailbox_ttl:
+            raise self._refuse("mailbox_bad_ttl", ErrorCode.INVALID,
+                               f"ttl must be 1..{lim.max_mailbox_ttl} seconds")
+        join = msg.kind == MailboxKind.KEY_PACKAGE
+        sender: bytes | None
+        if join:
+            if len(msg.payload) > MAX_JOIN_REQUEST:
+                raise self._refuse("mailbox_join_too_large", ErrorCode.INVALID,
+                                   f"a join request holds at most {MAX_JOIN_REQUEST} bytes")
+            if not put_proof_valid(self.node_id, msg):
+                raise self._refuse(
+                    "mailbox_unproven", ErrorCode.UNAUTHORIZED,
+                    "a join request goes to an invite's box, signed by the box key for this "
+                    "syncnode")
+            sender = session.remote_id
+        else:
+            sender = None if msg.group_id is None else self.member_key(session, msg.group_id)
+            if sender is None:
+                raise self._refuse(
+                    "mailbox_not_member", ErrorCode.UNAUTHORIZED,
+                    "only a current member of a group hosted here (named in the put) may "
+                    "leave this kind of item")
+        size = len(msg.payload) + MAILBOX_ITEM_OVERHEAD
+        if not self.budgets.take(session.remote_id, size):
+            raise self._refuse("mailbox_rate", ErrorCode.RATE_LIMITED,
+                               "mailbox puts from this endpoint are over "
+                               f"{lim.mailbox_put_bytes_per_second:g} bytes/s; retry later")
         now = int(self.clock())
-        cap = self.limits.max_mailbox_items_per_recipient
+        refusal: tuple[str, ErrorCode, str] | None = None
+        evicted = 0
 
         def write(c: sqlite3.Connection) -> int:
+            nonlocal refusal, evicted
             c.execute("DELETE FROM mailbox WHERE recipient=? AND expires_at<=?",
                       (msg.recipient, now))
             (count,) = c.execute("SELECT count(*) FROM mailbox WHERE recipient=?",
                                  (msg.recipient,)).fetchone()
+            cap = lim.max_join_requests_per_box if join else lim.max_mailbox_items_per_recipient
             if count >= cap:
-                raise _refused(ErrorCode.QUOTA_EXCEEDED,
-                               f"recipient mailbox is full ({cap} items)")
-            cur = c.execute("INSERT INTO mailbox (recipient, kind, payload, expires_at) "
-                            "VALUES (?,?,?,?)", (msg.recipient, int(msg.kind), msg.payload,
-                                                 now + msg.ttl))
+                refusal = ("mailbox_recipient_full", ErrorCode.QUOTA_EXCEEDED,
+                           f"recipient mailbox is full ({cap} items)")
+                return 0
+            cls = JOIN_CLASS if join else OTHER_CLASS
+            usage = {who: (b, n) for who, b, n in c.execute(
+                "SELECT who, bytes, items FROM mailbox_usage WHERE who IN (?,?)", (sender, cls))}
+            sent, items = usage.get(sender, (0, 0))
+            if sent + size > lim.max_mailbox_bytes_per_sender or (
+                    join and items >= lim.max_join_requests_per_sender):
+                refusal = ("mailbox_sender_quota", ErrorCode.QUOTA_EXCEEDED,
+                           "this sender has too much waiting in mailboxes here "
+                           f"({sent} bytes, {items} items)")
+                return 0
+            share = lim.max_join_request_bytes if join else \
+                max(0, lim.max_mailbox_bytes - lim.max_join_request_bytes)
+            share = min(share, lim.max_mailbox_bytes)
+            over = usage.get(cls, (0, 0))[0] + size - share
+            if over > 0 and (not join or size > share):
+                refusal = ("mailbox_node_quota", ErrorCode.QUOTA_EXCEEDED,
+                           "this syncnode's mailbox is full")
+                return 0
+            while over > 0:  # join requests: the oldest make room
+                batch = c.execute("SELECT item_id, size FROM mailbox WHERE kind=? "
+                                  "ORDER BY item_id LIMIT 64",
+                                  (int(MailboxKind.KEY_PACKAGE),)).fetchall()
+                if not batch:
+                    break
+                gone = []
+                for item_id, item_size in batch:
+                    gone.append((item_id,))
+                    over -= item_size
+                    if over <= 0:
+                        break
+                c.executemany("DELETE FROM mailbox WHERE item_id=?", gone)
+                evicted += len(gone)
+            cur = c.execute("INSERT INTO mailbox (recipient, kind, payload, expires_at, sender, "
+                            "size) VALUES (?,?,?,?,?,?)",
+                            (msg.recipient, int(msg.kind), msg.payload, now + msg.ttl, sender,
+                             size))
             return int(cur.lastrowid or 0)
 
-        stored = MailboxStored(await self.writer.execute(write))
+        item_id = await self.writer.execute(write)
+        if evicted:
+            self.metrics.refuse("mailbox_join_evicted")
+        if refusal is not None:
+            reason, code, detail = refusal
+            raise self._refuse(reason, code, detail)
         self.notify(msg.recipient)
-        return stored
+        return MailboxStored(item_id)
 
     def require_key(self, session: Session, key: bytes) -> None:
         if session.keys.get(fingerprint(key)) != key:
-            raise _refused(ErrorCode.UNAUTHORIZED,
-                           "authenticate with the recipient key to read its mailbox")
+            raise self._refuse("mailbox_not_recipient", ErrorCode.UNAUTHORIZED,
+                               "authenticate with the recipient key to read its mailbox")
 
     async def fetch(self, session: Session, msg: MailboxFetch) -> MailboxItems:
         self.require_key(session, msg.recipient)
         now = int(self.clock())
-        items = tuple(
-            MailboxItem(i, k, p, e) for i, k, p, e in rows(
+        limit = max(1, min(msg.limit, MAX_PAGE))
+        items: list[MailboxItem] = []
+        budget = FETCH_BYTES
+        more = False
+        for i, k, p, e in rows(
                 self.db, "SELECT item_id, kind, payload, expires_at FROM mailbox WHERE "
                 "recipient=? AND item_id>? AND expires_at>? ORDER BY item_id LIMIT ?",
-                msg.recipient, msg.after, now, max(1, min(msg.limit, MAX_PAGE))))
-        return MailboxItems(items)
+                msg.recipient, msg.after, now, limit + 1):
+            if len(items) == limit or (items and len(p) > budget):
+                more = True
+                break
+            items.append(MailboxItem(i, k, p, e))
+            budget -= len(p)
+        return MailboxItems(tuple(items), more)
 
     async def ack(self, session: Session, msg: MailboxAck) -> Done:
         self.require_key(session, msg.recipient)
@@ -104,3 +255,10 @@ class Mailbox:
         now = int(self.clock())
         await self.writer.execute(lambda c: c.execute(
             "DELETE FROM mailbox WHERE expires_at<=?", (now,)))
+
+    def usage(self) -> dict[str, int]:
+        """Live bytes of join requests and of everything else (for tests and operators)."""
+        got = dict(rows(self.db, "SELECT who, bytes FROM mailbox_usage WHERE who IN (?,?)",
+                        JOIN_CLASS, OTHER_CLASS))
+        return {"join_requests": int(got.get(JOIN_CLASS, 0)),
+                "other": int(got.get(OTHER_CLASS, 0))}

@@ -239,7 +239,8 @@ class Service:
         self.mailbox_watchers: dict[bytes, set[Subscriber]] = {}
         """Recipient key -> subscriptions of sessions authenticated with it (mailbox notices)."""
         self.mailbox = Mailbox(self.db, self.writer, self.limits, self.metrics,
-                               lambda: self.clock(), self._mailbox_notify)
+                               lambda: self.clock(), self._mailbox_notify,
+                               node_id=self.node_id, member_key=self._member_key)
         self._nursery: trio.Nursery | None = None
         self.catchup: Callable[[bytes], None] = lambda group_id: None
         """Hook: ask the peer-sync task to fetch missing decisions of a group."""
@@ -725,8 +726,31 @@ class Service:
     async def _mailbox_put(self, session: Session, msg: MailboxPut) -> MailboxStored:
         return await self.mailbox.put(session, msg)
 
+    def _member_key(self, session: Session, group_id: bytes) -> bytes | None:
+        g = self.group(group_id)
+        if g is None:
+            return None
+        try:
+            return self._require_member(session, g)
+        except RequestError:
+            return None
+
     async def _mailbox_fetch(self, session: Session, msg: MailboxFetch) -> MailboxItems:
-        return await self.mailbox.fetch(session, msg)
+        items = await self.mailbox.fetch(session, msg)
+        self._watch_mailbox(session, msg.recipient)
+        return items
+
+    def _watch_mailbox(self, session: Session, recipient: bytes) -> None:
+        """Notices for ``recipient`` also reach the session's subscriptions made before it
+        authenticated with that key (an inviter reading its invite boxes). :meth:`unsubscribe`
+        drops them with the session's other keys."""
+        watchers = self.mailbox_watchers.get(recipient, set())
+        if any(s.session is session for s in watchers):
+            return
+        mine = {s for key in session.keys.values() if key != recipient
+                for s in self.mailbox_watchers.get(key, ()) if s.session is session}
+        if mine:
+            self.mailbox_watchers[recipient] = watchers | mine
 
     async def _mailbox_ack(self, session: Session, msg: MailboxAck) -> Done:
         return await self.mailbox.ack(session, msg)

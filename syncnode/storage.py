@@ -61,7 +61,9 @@ CREATE TABLE IF NOT EXISTS envelopes (
 CREATE TABLE IF NOT EXISTS mailbox (
     item_id INTEGER PRIMARY KEY AUTOINCREMENT,
     recipient BLOB NOT NULL, kind INTEGER NOT NULL, payload BLOB NOT NULL,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL,
+    sender BLOB NOT NULL DEFAULT X'',  -- member key fingerprint, or a join request's endpoint
+    size INTEGER NOT NULL DEFAULT 0    -- bytes counted against the quotas (MAILBOX_SCHEMA)
 );
 CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, item_id);
 CREATE TABLE IF NOT EXISTS address_records ( -- newest signed address record per syncnode
@@ -72,6 +74,62 @@ CREATE TABLE IF NOT EXISTS equivocations (
     PRIMARY KEY (group_id, slot)
 ) WITHOUT ROWID;
 """
+
+MAILBOX_ITEM_OVERHEAD = 256
+"""Bytes every mailbox item counts beyond its payload (row, indexes): tiny items are not free."""
+MAILBOX_SCHEMA = """
+CREATE INDEX IF NOT EXISTS mailbox_kind ON mailbox (kind, item_id);
+CREATE INDEX IF NOT EXISTS mailbox_expiry ON mailbox (expires_at);
+-- Live mailbox use per sender and per class (X'6a': join requests, X'6d': the rest), kept
+-- exact by the triggers whatever deletes an item (ack, expiry, eviction).
+CREATE TABLE IF NOT EXISTS mailbox_usage (
+    who BLOB PRIMARY KEY, bytes INTEGER NOT NULL, items INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS mailbox_usage_in AFTER INSERT ON mailbox BEGIN
+    INSERT INTO mailbox_usage VALUES (NEW.sender, NEW.size, 1) ON CONFLICT (who)
+        DO UPDATE SET bytes = bytes + excluded.bytes, items = items + 1;
+    INSERT INTO mailbox_usage VALUES (CASE WHEN NEW.kind = 1 THEN X'6a' ELSE X'6d' END,
+                                      NEW.size, 1) ON CONFLICT (who)
+        DO UPDATE SET bytes = bytes + excluded.bytes, items = items + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_usage_out AFTER DELETE ON mailbox BEGIN
+    UPDATE mailbox_usage SET bytes = bytes - OLD.size, items = items - 1
+        WHERE who IN (OLD.sender, CASE WHEN OLD.kind = 1 THEN X'6a' ELSE X'6d' END);
+    DELETE FROM mailbox_usage WHERE who = OLD.sender AND items <= 0;
+END;
+"""
+
+
+def _migrate_mailbox(conn: sqlite3.Connection) -> None:
+    """Bring the mailbox of a database made by an older syncnode up to date: sender and size
+    columns, the usage table (filled from the items already there) and its triggers. Additive,
+    so the schema version stays: an older syncnode still runs on the result (what it puts
+    then counts 0 bytes until it expires)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(mailbox)")}
+    fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                         "name='mailbox_usage'").fetchone() is None
+    script = ["BEGIN IMMEDIATE;"]
+    if "sender" not in columns:
+        script.append("ALTER TABLE mailbox ADD COLUMN sender BLOB NOT NULL DEFAULT X'';")
+    if "size" not in columns:
+        script.append("ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;")
+    script.append(MAILBOX_SCHEMA)
+    if fresh:  # items an older syncnode stored count their payload from now on
+        script.append(f"""
+            UPDATE mailbox SET size = length(payload) + {MAILBOX_ITEM_OVERHEAD};
+            DELETE FROM mailbox_usage;
+            INSERT INTO mailbox_usage SELECT sender, sum(size), count(*) FROM mailbox
+                GROUP BY sender;
+            INSERT INTO mailbox_usage SELECT CASE WHEN kind = 1 THEN X'6a' ELSE X'6d' END
+                AS who, sum(size), count(*) FROM mailbox GROUP BY who;""")
+    script.append("COMMIT;")
+    try:
+        conn.executescript("\n".join(script))
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
 
 WriteOp = Callable[[sqlite3.Connection], Any]
 """A write: runs inside the batch transaction (in its own savepoint) on the writer thread."""
@@ -93,6 +151,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     """Create or open the database, check its schema version, return a read connection."""
     conn = connect(path)
     conn.executescript(SCHEMA)
+    _migrate_mailbox(conn)
     row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))

@@ -179,13 +179,14 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
                                (SyncnodeEntry(b"\x01" * 32, ()),), t0.secret, t0.expires_at)
         with pytest.raises(JoinError, match="none of the document's syncnodes"):
             await b.join(str(nowhere), timeout=20)
-        # A forged secret: the inviter ignores the request; the joiner waits, then times out.
+        # A forged secret (like a revoked invite's, or another device's): its box is one the
+        # inviter never reads; the joiner waits, then times out.
         ticket = InviteTicket.parse(doc.invite())
         forged = InviteTicket(ticket.group_id, ticket.inviter, ticket.inviter_endpoint,
                               ticket.inviter_addrs, ticket.syncnodes, b"\x00" * 16,
                               ticket.expires_at)
-        with pytest.raises(JoinError, match="refused this ticket: the inviter has no such"):
-            await b.join(str(forged), timeout=20)
+        with pytest.raises(JoinError, match="waiting for the inviter to add this device"):
+            await b.join(str(forged), timeout=5)
         assert len(doc.members()) == 1
         # A good ticket works once; reusing it adds nobody else, and the second device is told
         # so by the inviter at once (not at its timeout).
@@ -237,21 +238,32 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
         data, body = await p2p.fetch_snapshot(b.transport, a.endpoint_id, (), joined.manifest)
         assert body.size == len(data) > 0
 
-        # A join request naming another group, with this document's valid secret: ignored, and
-        # the invite stays usable.
+        # A join request naming another group, with this document's valid secret, in the
+        # invite's box: dropped, and the invite stays usable. Nothing goes to the inviter's own
+        # key any more.
         import secrets as pysecrets
 
+        from proto.handoff import invite_box
         from proto.invite import JoinRequest
-        from proto.rpc import SyncnodeClient
-        from proto.service import MailboxKind
+        from proto.rpc import RemoteError, SyncnodeClient
+        from proto.service import MailboxKind, put_proof
 
         open_invite = InviteTicket.parse(doc.invite())
         kp = e.mls.key_package()
         req = JoinRequest(pysecrets.token_bytes(32), open_invite.secret, kp, e.key.public,
                           e.endpoint_id, e.addresses()).seal(a.key.public)
+        box, kind = invite_box(open_invite.secret), MailboxKind.KEY_PACKAGE
         async with SyncnodeClient.connect(e.transport, nodes[0].ticket) as c:
-            await c.mailbox_put(a.key.public, MailboxKind.KEY_PACKAGE, req, 600)
-        await trio.sleep(1.0)
+            with pytest.raises(RemoteError, match="UNAUTHORIZED"):
+                await c.mailbox_put(a.key.public, kind, req, 600)
+            await c.mailbox_put(box.public, kind, req, 600,
+                                proof=put_proof(box, c.node_id, kind, req, 600))
+            await c.authenticate(box)
+            for _ in range(50):
+                if not (await c.mailbox_fetch(box.public)).items:
+                    break
+                await trio.sleep(0.1)
+            assert not (await c.mailbox_fetch(box.public)).items  # read and dropped
         assert {m.id for m in doc.members()} == {a.id, b.id}
         joined_e = await e.join(str(open_invite))
         assert {m.id for m in joined_e.members()} == {a.id, b.id, e.id}

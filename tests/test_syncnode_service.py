@@ -182,23 +182,45 @@ def bc_backfill(client, group_id):  # type: ignore[no-untyped-def]
 
 
 async def test_mailbox(cluster: MemoryCluster) -> None:
-    bob, eve = Device("bob"), Device("eve")
+    """Join requests go to an invite's box with the box key's proof; everything else comes from
+    a member of a hosted group; only the recipient key reads and acks. (More in
+    tests/test_mailbox.py.)"""
+    from proto.handoff import invite_box
+    from proto.service import put_proof
+
+    alice, bob, eve = Device("alice"), Device("bob"), Device("eve")
     node = cluster.nodes[0]
-    async with cluster.clients(None, [node]) as (anon,), cluster.clients(bob, [node]) as (bc,):
-        item = await anon.mailbox_put(bob.key.public, MailboxKind.KEY_PACKAGE, b"kp", 60)
-        with pytest.raises(RemoteError) as err:
-            await anon.mailbox_fetch(bob.key.public)
+    box = invite_box(b"s" * 16)
+    kp = MailboxKind.KEY_PACKAGE
+    g = new_group(alice, [n.entry for n in cluster.nodes])
+    async with cluster.clients(None, [node]) as (anon,), cluster.clients(bob, [node]) as (bc,), \
+            cluster.clients(alice, [node]) as (ac,):
+        await ac.register_group(g.values[0])
+        with pytest.raises(RemoteError) as err:  # no proof
+            await anon.mailbox_put(box.public, kp, b"kp", 60)
         assert err.value.code == ErrorCode.UNAUTHORIZED
-        items = (await bc.mailbox_fetch(bob.key.public)).items
-        assert [(i.item_id, i.kind, i.payload) for i in items] == [
-            (item, MailboxKind.KEY_PACKAGE, b"kp")]
+        item = await anon.mailbox_put(box.public, kp, b"kp", 60,
+                                      proof=put_proof(box, node.key.public, kp, b"kp", 60))
+        with pytest.raises(RemoteError) as err:
+            await anon.mailbox_fetch(box.public)
+        assert err.value.code == ErrorCode.UNAUTHORIZED
+        await bc.authenticate(box)
+        items = (await bc.mailbox_fetch(box.public)).items
+        assert [(i.item_id, i.kind, i.payload) for i in items] == [(item, kp, b"kp")]
+        # Other kinds: only from a current member of a group hosted here, naming it.
+        for who, group in ((anon, None), (anon, g.group_id), (bc, g.group_id)):
+            with pytest.raises(RemoteError) as err:
+                await who.mailbox_put(bob.key.public, MailboxKind.WELCOME, b"w", 60,
+                                      group_id=group)
+            assert err.value.code == ErrorCode.UNAUTHORIZED
         with pytest.raises(RemoteError):
-            await anon.mailbox_put(eve.key.public, MailboxKind.WELCOME, b"w", 10**9)
-        assert await bc.mailbox_ack(bob.key.public, [item]) == 1
-        assert (await bc.mailbox_fetch(bob.key.public)).items == ()
+            await ac.mailbox_put(eve.key.public, MailboxKind.WELCOME, b"w", 10**9,
+                                 group_id=g.group_id)
+        assert await bc.mailbox_ack(box.public, [item]) == 1
+        assert (await bc.mailbox_fetch(box.public)).items == ()
         # Expiry: an item whose ttl passed is not served.
         node.service.clock = lambda: 10**10
-        await anon.mailbox_put(bob.key.public, MailboxKind.WELCOME, b"old", 1)
+        await ac.mailbox_put(bob.key.public, MailboxKind.WELCOME, b"old", 1, group_id=g.group_id)
         node.service.clock = time.time
         assert (await bc.mailbox_fetch(bob.key.public)).items != ()  # far-future clock: live
         node.service.clock = lambda: 10**11
