@@ -95,12 +95,12 @@ class _Budget:
         if self.queued <= self.limits.max_reply_bytes_queued:
             self._room.set()
 
-    async def room(self) -> bool:
-        """Wait until the client has read enough of its replies; True if we had to wait."""
-        if self._room.is_set():
-            return False
+    def full(self) -> bool:
+        return not self._room.is_set()
+
+    async def room(self) -> None:
+        """Wait until the client has read enough of its replies."""
         await self._room.wait()
-        return True
 
 
 class Server:
@@ -211,8 +211,9 @@ class Server:
                         send: trio.MemorySendChannel[Any], nursery: trio.Nursery) -> None:
         svc = self.service
         while True:
-            if await budget.room():
+            if budget.full():
                 svc.metrics.refuse("slow_reader")  # counted once per pause, not per byte
+                await budget.room()
             try:
                 frame = await stream.receive()
             except StreamClosed:

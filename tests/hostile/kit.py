@@ -69,3 +69,23 @@ async def latencies(call: Callable[[], Awaitable[object]], n: int = 20) -> list[
 
 def p50(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def refusals(node: NodeProcess) -> dict[str, float]:
+    """``syncnode_refused_total{reason=...}`` from the node's /metrics, by reason."""
+    status, text = node.get("/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith('syncnode_refused_total{reason="'):
+            reason = line.split('"')[1]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def configured(root: Path, limits: str) -> NodeProcess:
+    """A started ``syncnode run`` whose ``[limits]`` table is ``limits`` (TOML lines)."""
+    node = NodeProcess(root)
+    node.init()
+    (root / "syncnode.toml").write_text("[limits]\n" + limits)
+    return node.start()
