@@ -436,7 +436,7 @@ class Service:
             self.metrics.refuse(reason)
             raise RequestError(code, detail)
 
-        if self.allowed_creators and fingerprint(value.signer) not in self.allowed_creators:
+        if self.allowed_creators and value.signer not in self.allowed_creators:
             refuse("creator_not_allowed", ErrorCode.UNAUTHORIZED,
                    "this syncnode accepts new groups only from keys its operator listed")
         if len(m.syncnodes) > lim.max_group_syncnodes:
