@@ -52,7 +52,7 @@ import enum
 import re
 import threading
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -349,6 +349,8 @@ class FieldSchema:
 
 _SCHEMAS: dict[type[Any], tuple[FieldSchema, ...]] = {}
 _COMPILING: set[type[Any]] = set()
+_LOCK = threading.RLock()
+"""Held while compiling a schema or building a decoder (both cached, so rarely taken)."""
 _MAX_OBJECTS: dict[type[Any], int] = {}
 _MIRROR_FIELDS: dict[type[Any], tuple[tuple[str, Any], ...]] = {}
 
@@ -406,6 +408,14 @@ def _spec_for(tp: Any, owner: str) -> Spec:
 
 def schema_of(cls: type[Any]) -> tuple[FieldSchema, ...]:
     """The compiled field schema of a wire dataclass (cached)."""
+    cached = _SCHEMAS.get(cls)
+    if cached is not None:
+        return cached
+    with _LOCK:  # the server decodes on worker threads: _COMPILING must not see another's work
+        return _compile(cls)
+
+
+def _compile(cls: type[Any]) -> tuple[FieldSchema, ...]:
     cached = _SCHEMAS.get(cls)
     if cached is not None:
         return cached
@@ -522,7 +532,6 @@ def pack(obj: Any) -> bytes:
 
 _MIRRORS: dict[tuple[type[Any], int | None], type[msgspec.Struct]] = {}
 _WIRES: dict[tuple[type[Any], int | None], _Wire] = {}
-_BUILD_LOCK = threading.Lock()  # decoders may be built from the server's worker threads
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -538,7 +547,7 @@ def _mirror_struct(cls: type[Any], tag: int | None) -> type[msgspec.Struct]:
     schema_of(cls)
     mirror = msgspec.defstruct(
         f"{cls.__name__}Wire", list(_MIRROR_FIELDS[cls]), array_like=True,
-        forbid_unknown_fields=True, gc=False, tag=tag if tag is not None else None,
+        forbid_unknown_fields=True, gc=False, tag=tag,
         module=__name__)
     return _MIRRORS.setdefault(key, mirror)
 
@@ -651,7 +660,7 @@ def _wire(cls: type[Any], tag: int | None) -> _Wire:
     key = (cls, tag)
     found = _WIRES.get(key)
     if found is None:
-        with _BUILD_LOCK:
+        with _LOCK:
             found = _WIRES.get(key)
             if found is None:
                 found = _WIRES[key] = _Wire(cls, tag)
@@ -729,14 +738,19 @@ def _registered(tag: int) -> type[Any]:
     return cls
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES,
+           only: Collection[type[Any]] | None = None) -> Any:
     """Decode one message from exactly ``data``; any defect raises :class:`DecodeError`.
 
     The tag selects the message type; that type's decoder then reads the rest against its
     schema, so a value of the wrong type or a sequence over its bound is refused when it is
-    reached, before anything after it is read."""
+    reached, before anything after it is read. ``only`` (e.g. the request types a server
+    answers) refuses every other type from its tag, before its body is read: a stranger then
+    cannot make a server decode a large response type."""
     _check_size(data, max_bytes)
     cls = _registered(_peek_tag(data))
+    if only is not None and cls not in only:
+        raise DecodeError("<tag>", f"{cls.__name__} is not expected here")
     return _wire(cls, _TAG_OF[cls]).decode(data)
 
 
