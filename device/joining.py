@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = get_logger("device.joining")
 
 MAILBOX_PAGE = 64
+REQUEST_TTL = 7 * 24 * 3600
+"""Longest a join request waits on a syncnode (their default ``max_mailbox_ttl``), whatever the
+ticket's lifetime."""
 
 Say = Callable[[str], None]
 
@@ -82,7 +85,7 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
     key_package = device.mls.key_package()
     request = JoinRequest(t.group_id, t.secret, key_package, device.key.public,
                           device.endpoint_id, device.addresses()).seal(t.inviter)
-    ttl = int(max(60, t.expires_at - entropy.wall()))
+    ttl = int(min(max(60, t.expires_at - entropy.wall()), REQUEST_TTL))
     posted: list[bytes] = []
 
     box = invite_box(t.secret)
