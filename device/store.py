@@ -10,6 +10,9 @@ Crash rule: each engine step (flush an edit, apply received messages, apply a de
 **one transaction** that also writes the MLS state it changed, so after a crash the database
 is at a step boundary: never a ciphertext in the outbox whose ratchet state was not saved,
 never a delivered update that is not in the CRDT state.
+
+The device directory is private to its owner (0700, files 0600, see :func:`private_home`): the
+database holds the keys that let anyone who reads them act as this device.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from proto.errors import SyncnodeError
+from proto.logs import get_logger
+
+log = get_logger("device.store")
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -79,6 +86,41 @@ CREATE TABLE IF NOT EXISTS alarms (
 """
 
 
+HOME_FILES = ("lock", "device.db", "device.db-wal", "device.db-shm", "device.db-journal")
+"""What the store keeps in the device directory."""
+
+
+def _create_private(path: Path, flags: int) -> int:
+    """Open ``path``, creating it readable by its owner only (the umask can only narrow)."""
+    return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def private_home(path: Path) -> list[str]:
+    """Make the device directory and the store's files in it private to their owner (0700,
+    0600): ``device.db`` holds the MLS signing secret and the endpoint seed, which let anyone
+    who reads them act as this device. Homes made by older versions (0755 and 0644) are
+    narrowed, with a warning naming each change; returns the changes."""
+    changed: list[str] = []
+    for p, want in [(path, 0o700), *[(path / n, 0o600) for n in HOME_FILES]]:
+        try:
+            mode = stat.S_IMODE(p.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            new = mode & want
+            try:
+                os.chmod(p, new)
+            except OSError as exc:
+                log.warning("device home is readable by other users and could not be made "
+                            "private", path=str(p), mode=f"{mode:04o}", error=str(exc))
+                continue
+            changed.append(f"{p} {mode:04o} -> {new:04o}")
+    if changed:
+        log.warning("device home was readable by other users; made it private to its owner",
+                    changed=changed)
+    return changed
+
+
 class StoreLocked(SyncnodeError):
     """Another process has this device store open."""
 
@@ -89,8 +131,9 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_home(path)
         self.path = path
-        self._lock = open(path / "lock", "a+")
+        self._lock = os.fdopen(_create_private(path / "lock", os.O_RDWR | os.O_APPEND), "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,6 +142,8 @@ class Store:
         self._lock.truncate(0)
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        # SQLite creates the -wal and -shm files with the database file's permissions.
+        os.close(_create_private(path / "device.db", os.O_RDWR))
         self.db = sqlite3.connect(path / "device.db", isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
