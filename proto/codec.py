@@ -567,7 +567,9 @@ def _has_map(spec: Spec) -> bool:
 class _Wire:
     """The compiled decoder of one wire type: msgspec reads and validates the bytes into the
     mirror struct, which is checked to be the canonical encoding and then converted (in C) to the
-    declared dataclass, running its ``__post_init__`` checks."""
+    declared dataclass, running its ``__post_init__`` checks. The conversion sets the fields and
+    calls ``__post_init__`` without calling ``__init__``: wire dataclasses keep the generated
+    ``__init__`` and put their checks in ``__post_init__``."""
 
     def __init__(self, cls: type[Any], tag: int | None) -> None:
         self.cls = cls
