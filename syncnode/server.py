@@ -110,6 +110,9 @@ class Server:
         self.per_endpoint: Counter[bytes] = Counter()
         self.decode_limiter = trio.CapacityLimiter(1)
         self.threads = service.writer.threads
+        self.requests = frozenset((*service._handlers, Subscribe))
+        """The only message types a client may send: anything else is refused from its tag,
+        before its body is read (a stranger cannot make the node decode a large reply type)."""
 
     def _admit(self, conn: Connection) -> str | None:
         limits = self.service.limits
@@ -247,9 +250,10 @@ class Server:
 
     async def _decode(self, frame: bytes, limit: int) -> Any:
         if self.threads and len(frame) > INLINE_DECODE:
-            return await trio.to_thread.run_sync(partial(decode, frame, max_bytes=limit),
-                                                 limiter=self.decode_limiter)
-        return decode(frame, max_bytes=limit)
+            return await trio.to_thread.run_sync(
+                partial(decode, frame, max_bytes=limit, only=self.requests),
+                limiter=self.decode_limiter)
+        return decode(frame, max_bytes=limit, only=self.requests)
 
     async def _answer(self, session: Session, budget: _Budget, msg: Any, slot: _Slot) -> None:
         try:
