@@ -39,7 +39,7 @@ from proto.handoff import (
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import MAX_NAME, InviteTicket, JoinRequest, secret_hash
 from proto.logs import get_logger
-from proto.manifest import ManifestError
+from proto.manifest import ManifestError, genesis_hash
 from proto.p2p import SnapshotBody, SnapshotOffer, snapshot_digest
 from proto.payload import vector_deps
 from proto.rpc import SyncnodeClient
@@ -105,7 +105,8 @@ class Invites:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
                        (secret_hash(secret), doc.group_id, expires))
         self.notify()  # the request usually follows at once: read the mailbox now
-        return str(InviteTicket(doc.group_id, doc.device.key.public, doc.device.endpoint_id,
+        return str(InviteTicket(doc.group_id, genesis_hash(doc.values[0].encode()),
+                                doc.device.key.public, doc.device.endpoint_id,
                                 doc.device.addresses(), doc.manifest.syncnodes, secret,
                                 int(expires), doc.name[:MAX_NAME]))
 

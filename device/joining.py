@@ -3,7 +3,10 @@
 1. Leave our KeyPackage, sealed to the inviter, in the invite's box on every syncnode of the
    ticket (:func:`proto.handoff.invite_box`).
 2. Wait until a verified slot of the decided log adds us (its Welcome), or the inviter refuses
-   the ticket (spent, expired, unknown: :mod:`proto.handoff`).
+   the ticket (spent, expired, unknown: :mod:`proto.handoff`). The log is verified from the
+   genesis the ticket names (its hash), one syncnode's answers apart from another's, so one
+   malicious syncnode cannot stop the join; the syncnodes show the log to members only, so it
+   is read once we are one.
 3. Get the document from whichever source answers first, all tried at once: the inviter and the
    other members directly (peer to peer), and the copy the inviter stored for us on the
    syncnodes before it proposed the add. If none has it, members answer a state request through
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,11 +35,20 @@ from proto.handoff import HandoffPart, assemble, invite_box, open_part, open_ref
 from proto.identity import fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
-from proto.manifest import LogValue, ManifestError, SyncnodeEntry, validate_genesis, verify_decided
+from proto.manifest import (
+    LogValue,
+    Manifest,
+    ManifestError,
+    Rule,
+    SyncnodeEntry,
+    genesis_hash,
+    validate_genesis,
+    verify_decided,
+)
 from proto.p2p import SnapshotBody
 from proto.paxos.messages import Decided
 from proto.paxos.quorum import CertificateError
-from proto.rpc import RemoteError, SyncnodeClient
+from proto.rpc import RemoteError, SyncnodeClient, UnexpectedReply
 from proto.service import MailboxItem, MailboxKind, put_proof
 from proto.ticket import NodeTicket
 
@@ -191,21 +204,64 @@ async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry],
         raise JoinError("none of the document's syncnodes is reachable")
 
 
+@dataclass
+class _Log:
+    """The decided log as one syncnode has proven it so far: slot 0 is the genesis the ticket
+    names, every later slot carries a certificate that verifies against the manifest before
+    it. What was verified stays verified; a bad answer is never added."""
+
+    values: dict[int, LogValue] = field(default_factory=dict)
+    decided: dict[int, Decided] = field(default_factory=dict)
+
+
+def _log_of(logs: dict[bytes, _Log], node_id: bytes) -> _Log:
+    """The log a syncnode's answers extend: its own. Sharing one across syncnodes let the first
+    to answer decide for all of them (issue 14, finding 4: one forged genesis, and no answer of
+    the honest ones verified any more)."""
+    return logs.setdefault(node_id, _Log())
+
+
+def _genesis_of(t: InviteTicket, raw: bytes) -> LogValue:
+    """The genesis a syncnode served, if it is the one the ticket names (raises otherwise).
+    Any self-signed genesis for the group id is well formed: only the hash binds it."""
+    if genesis_hash(raw) != t.genesis:
+        raise ManifestError(Rule.BAD_GENESIS,
+                            "not the genesis the invite ticket names (a forged group)")
+    g = LogValue.decode(raw)
+    validate_genesis(t.group_id, g)
+    return g
+
+
+def _check_inviter(t: InviteTicket, manifest: Manifest) -> None:
+    """The ticket's inviter is a device of the manifest our add was decided against."""
+    inviter = manifest.device(fingerprint(t.inviter))
+    if inviter is None or inviter.sig_pub != t.inviter:
+        raise JoinError("the invite ticket's inviter is not a member of the document it names; "
+                        "ask a member for a new ticket")
+
+
 async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: InviteTicket,
                          parts: dict[int, HandoffPart]
                          ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
-    """Poll the decided log until a verified slot adds this device, and our mailbox for the
-    inviter's refusal (and the state it staged, kept in ``parts``). What was verified stays
-    verified: each poll reads only the slots after it."""
+    """Poll until a syncnode proves a slot that adds this device (its Welcome), and our mailbox
+    for the inviter's refusal (and the state it staged, kept in ``parts``).
+
+    Each syncnode's answers are verified on their own (:class:`_Log`), from the genesis the
+    ticket names: a syncnode that serves a forged genesis or an uncertified slot spoils only its
+    own log, and the first syncnode whose log reaches our add wins. A syncnode shows a group's
+    log only to its members and syncnodes, so until our add is decided there it answers no head
+    for the group and there is nothing to read; each poll costs two small requests per
+    syncnode, and the log is read from the genesis once we are a member."""
     cfg = device.config
     started = trio.current_time()
-    values: dict[int, LogValue] = {}
-    decided: dict[int, Decided] = {}
+    logs: dict[bytes, _Log] = {}
+    complaints: dict[bytes, str] = {}
     while True:
         for c in list(clients):
+            known = _log_of(logs, c.node_id)
             try:
                 await _read_mailbox(device, c, t, parts)
-                found = await _scan_log(device, c, t, values, decided)
+                found = await _scan_log(device, c, t, known)
             except TransportError as exc:  # gone: stop asking it
                 log.info("lost a syncnode while waiting", node=short_id(c.node_id),
                          error=str(exc))
@@ -214,13 +270,16 @@ async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: Invit
                     raise JoinError("lost every syncnode of the document while waiting for "
                                     "the inviter") from None
                 continue
-            except (RemoteError, DecodeError, CertificateError,
-                    ManifestError) as exc:  # a bad syncnode: try the others
-                log.info("cannot read the decided log", node=short_id(c.node_id),
-                         error=str(exc))
+            except (RemoteError, UnexpectedReply, DecodeError, CertificateError,
+                    ManifestError) as exc:  # a bad syncnode: its answer is dropped
+                if complaints.get(c.node_id) != str(exc):  # once, not at every poll
+                    complaints[c.node_id] = str(exc)
+                    log.warning("a syncnode served a decided log that does not verify",
+                                node=short_id(c.node_id), error=str(exc))
                 continue
             if found is not None:
-                return found, values, decided
+                _check_inviter(t, known.values[found - 1].manifest)
+                return found, known.values, known.decided
         fast = trio.current_time() - started < cfg.fast_poll_window
         await trio.sleep(cfg.fast_poll_interval if fast else cfg.join_poll_interval)
 
@@ -250,28 +309,32 @@ async def _read_mailbox(device: Device, c: SyncnodeClient, t: InviteTicket,
             return
 
 
-async def _scan_log(device: Device, c: SyncnodeClient, t: InviteTicket,
-                    values: dict[int, LogValue], decided: dict[int, Decided]) -> int | None:
-    """Extend the verified log (``values``, ``decided``) from ``c``; the slot that adds this
-    device, once there is one."""
-    slot = len(values)
+async def _scan_log(device: Device, c: SyncnodeClient, t: InviteTicket, known: _Log
+                    ) -> int | None:
+    """Extend ``known`` (``c``'s verified log) from ``c``; the slot that adds this device, once
+    there is one. Until ``c`` shows us the group's head (it does once we are a member there),
+    there is nothing to read."""
+    slot = len(known.values)
+    heads = await c.heads([t.group_id])
+    top = next((h.top for h in heads.heads if h.group_id == t.group_id), None)
+    if top is None or top < slot:
+        return None
     while True:
         page = await c.fetch_decided(t.group_id, slot)
         if slot == 0:
             if page.genesis is None:
-                return None
-            g = LogValue.decode(page.genesis)
-            validate_genesis(t.group_id, g)
-            values[0] = g
+                raise ManifestError(Rule.BAD_GENESIS, "the syncnode served no genesis")
+            known.values[0] = _genesis_of(t, page.genesis)
             slot = 1
         for d in page.decided:
             s = d.certificate.slot
             if s != slot:
                 break
-            values[s] = verify_decided(values[s - 1].manifest, d.value, d.certificate)
-            decided[s] = d
-            if values[s].manifest.device(device.fingerprint) is not None \
-                    and values[s].welcome is not None:
+            known.values[s] = verify_decided(known.values[s - 1].manifest, d.value,
+                                             d.certificate)
+            known.decided[s] = d
+            if known.values[s].manifest.device(device.fingerprint) is not None \
+                    and known.values[s].welcome is not None:
                 return s
             slot += 1
         if not page.decided or slot > page.top:

@@ -1,11 +1,12 @@
 """Invite tickets and join requests (DESIGN.md "Join").
 
-An invite ticket is what a member hands to a new device out of band (copy-paste): the group,
-the inviter's MLS signature key, the group's syncnodes, a one-time secret and an expiry. The new
-device answers with a :class:`JoinRequest` (its KeyPackage and endpoint id, plus the secret)
-sealed to the inviter's key (X25519 derived from the Ed25519 signature key) and left in the
-syncnodes' mailbox for the inviter. Sealing matters: the syncnodes relay the request but must not
-learn the secret, or they could get their own key package added.
+An invite ticket is what a member hands to a new device out of band (copy-paste): the group
+(its id and the hash of its genesis), the inviter's MLS signature key, the group's syncnodes, a
+one-time secret and an expiry. The new device answers with a :class:`JoinRequest` (its
+KeyPackage and endpoint id, plus the secret) sealed to the inviter's key (X25519 derived from the
+Ed25519 signature key) and left in the syncnodes' mailbox for the inviter. Sealing matters: the
+syncnodes relay the request but must not learn the secret, or they could get their own key
+package added.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.public
 
-from proto.codec import U64, Len, MaxItems, MaxLen, PublicKey, decode_struct, encode_struct
+from proto.codec import (
+    U64,
+    Hash32,
+    Len,
+    MaxItems,
+    MaxLen,
+    PublicKey,
+    decode_struct,
+    encode_struct,
+)
 from proto.errors import DecodeError
 from proto.identity import SecretKey
 from proto.manifest import SyncnodeEntry
@@ -34,6 +44,18 @@ MAX_NAME = 64
 @dataclass(frozen=True)
 class InviteTicket:
     group_id: GroupId
+    genesis: Hash32
+    """:func:`proto.manifest.genesis_hash` of the group's slot-0 value: the new device accepts
+    only that genesis from the syncnodes, so one malicious syncnode cannot hand it a forged
+    group under the same id (issue 14, finding 4).
+
+    Why the ticket carries the hash rather than the group id being the hash of the genesis:
+    both let the new device check, from the ticket alone, the genesis a syncnode serves. The
+    hash in the ticket changes nothing else: group ids, the genesis format, what syncnodes store
+    and check, and every existing group stay as they are, while deriving the id would change
+    group creation and registration on devices and syncnodes for the same guarantee to the one
+    party that needs it (the joiner). It costs 32 bytes of ticket. The whole value is hashed
+    (not just its manifest) so there is no second encoding of a genesis to reason about."""
     inviter: PublicKey
     """The inviter's MLS signature key (join requests are sealed to it)."""
     inviter_endpoint: PublicKey

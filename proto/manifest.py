@@ -126,6 +126,17 @@ def commit_hash(commit: bytes) -> bytes:
     return _hash(b"syncnode-commit", commit)
 
 
+def genesis_hash(genesis: bytes) -> bytes:
+    """What binds a group to its genesis: the hash of the slot-0 :class:`LogValue` bytes.
+
+    The group id is random and names nothing by itself: anyone can sign a well-formed genesis
+    for any id (:func:`validate_genesis` checks only its form and self-signature). An invite
+    ticket therefore carries this hash, and the new device takes from a syncnode only the
+    genesis whose bytes hash to it. The encoding is canonical (:mod:`proto.codec` rejects any
+    other), so the bytes a syncnode stored and the bytes a member re-encodes are the same."""
+    return _hash(b"syncnode-genesis", genesis)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -104,7 +104,7 @@ def test_loro_diff_since_and_idempotence() -> None:
 
 
 def test_invite_ticket_round_trip_and_errors() -> None:
-    t = InviteTicket(b"g" * 32, b"k" * 32, b"e" * 32, ("127.0.0.1:2",),
+    t = InviteTicket(b"g" * 32, b"h" * 32, b"k" * 32, b"e" * 32, ("127.0.0.1:2",),
                      (SyncnodeEntry(b"n" * 32, ("127.0.0.1:1",)),), b"s" * 16, 123)
     assert InviteTicket.parse(str(t)) == t
     assert InviteTicket.parse(str(t)[:20] + "\n " + str(t)[20:]) == t  # pasted with breaks

@@ -167,7 +167,8 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
             await b.join("sninv1notbase32!!")
         expired = InviteTicket.parse(doc.invite())
         expired = InviteTicket(*[getattr(expired, f) for f in (
-            "group_id", "inviter", "inviter_endpoint", "inviter_addrs", "syncnodes", "secret")],
+            "group_id", "genesis", "inviter", "inviter_endpoint", "inviter_addrs", "syncnodes",
+            "secret")],
             expires_at=int(time.time()) - 1)
         with pytest.raises(JoinError, match="expired"):
             await b.join(str(expired))
@@ -175,14 +176,16 @@ async def test_bad_tickets_and_bad_peers(tmp_path: Path, monkeypatch: pytest.Mon
         from proto.manifest import SyncnodeEntry
 
         t0 = InviteTicket.parse(doc.invite())
-        nowhere = InviteTicket(t0.group_id, t0.inviter, t0.inviter_endpoint, t0.inviter_addrs,
-                               (SyncnodeEntry(b"\x01" * 32, ()),), t0.secret, t0.expires_at)
+        nowhere = InviteTicket(t0.group_id, t0.genesis, t0.inviter, t0.inviter_endpoint,
+                               t0.inviter_addrs, (SyncnodeEntry(b"\x01" * 32, ()),), t0.secret,
+                               t0.expires_at)
         with pytest.raises(JoinError, match="none of the document's syncnodes"):
             await b.join(str(nowhere), timeout=20)
         # A forged secret (like a revoked invite's, or another device's): its box is one the
         # inviter never reads; the joiner waits, then times out.
         ticket = InviteTicket.parse(doc.invite())
-        forged = InviteTicket(ticket.group_id, ticket.inviter, ticket.inviter_endpoint,
+        forged = InviteTicket(ticket.group_id, ticket.genesis, ticket.inviter,
+                              ticket.inviter_endpoint,
                               ticket.inviter_addrs, ticket.syncnodes, b"\x00" * 16,
                               ticket.expires_at)
         with pytest.raises(JoinError, match="waiting for the inviter to add this device"):
