@@ -925,13 +925,17 @@ class Document:
         which it now knows our log."""
         heads = {h.group_id: h.top for h in (await client.heads([self.group_id])).heads}
         top = heads.get(self.group_id)
+        hidden = top is None
         if top is None:
+            # Not hosted there, or not shown to us: a syncnode shows a group's head only to
+            # its current members and syncnodes, so a device removed meanwhile sees none. It
+            # may still read on from its own epoch, up to its removal (learn, below).
             await client.register_group(self.values[0])
             top = 0
         epoch = self.epoch
         for slot in range(top + 1, epoch + 1):
             await self._tell(client, slot)
-        if top > self.epoch:
+        if hidden or top > self.epoch:
             await self.learn(client)
         return max(top, epoch)
 

@@ -583,9 +583,56 @@ class Service:
         if self._nursery is not None:
             self._nursery.start_soon(go)
 
+    # Who reads a group's decided log and heads (issue 14, finding 7). Manifests name every
+    # member's keys, endpoints and addresses and the group's syncnodes; commits and Welcomes
+    # show sizes and timing. So:
+    # - a current member (a session authenticated with a device key of the current manifest)
+    #   and the group's own syncnodes (the connection's authenticated endpoint id is a node id
+    #   of the current manifest: peer catch-up and sweeps) read all of it, from the genesis (a
+    #   device added at slot s is a member from s on, and then verifies the log from slot 0);
+    # - a former member or syncnode reads from the slot after an epoch whose manifest names it
+    #   up to the slot that dropped it, so a device removed while away learns its removal, and
+    #   nothing later;
+    # - anyone else, including a device waiting to be added, gets UNAUTHORIZED for the log and
+    #   no head for the group. An unknown group gets the same UNAUTHORIZED as a hidden one, and
+    #   the same empty answer from FetchHeads: the log requests are no existence oracle. (Group
+    #   ids are random; RegisterGroup must still refuse an id that is taken, with CONFLICT.)
+
+    def _may_read(self, session: Session, m: Manifest) -> bool:
+        """Is the session a device or syncnode named by manifest ``m``?"""
+        if any(s.node_id == session.remote_id for s in m.syncnodes):
+            return True
+        return any((d := m.device(fpr)) is not None and d.sig_pub == pub
+                   for fpr, pub in session.keys.items())
+
+    def _readable_up_to(self, session: Session, g: GroupState, from_slot: int, limit: int
+                        ) -> int | None:
+        """The last slot of ``g`` the session may read in a page from ``from_slot`` (None: not
+        allowed at all)."""
+        if self._may_read(session, g.manifest):
+            return g.top
+        if not 1 <= from_slot <= g.top:
+            return None
+        try:
+            if not self._may_read(session, self.manifest_at(g.group_id, from_slot - 1)):
+                return None
+            last = min(g.top, from_slot + min(limit, 64) - 1)
+            for slot in range(from_slot, last + 1):  # a former member: up to its removal
+                if not self._may_read(session, self.manifest_at(g.group_id, slot)):
+                    return slot
+        except KeyError:  # a manifest this node lacks: nothing to judge by
+            return None
+        return last
+
     async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
-        g = self.require_group(msg.group_id)
+        g = self.group(msg.group_id)
         limit = max(1, min(msg.limit, MAX_PAGE))
+        up_to = None if g is None else self._readable_up_to(session, g, msg.from_slot, limit)
+        if g is None or up_to is None:
+            self.metrics.refuse("log_not_member")
+            raise RequestError(ErrorCode.UNAUTHORIZED,
+                               "only members of a group and its syncnodes read its decided "
+                               "log (or this syncnode does not host the group)")
         genesis = None
         if msg.from_slot == 0:
             row = one(self.db, "SELECT value FROM decided WHERE group_id=? AND slot=0",
@@ -594,20 +641,29 @@ class Service:
         out: list[Decided] = []
         budget = PAGE_BYTES
         for value, cert in rows(self.db, "SELECT value, certificate FROM decided WHERE "
-                                "group_id=? AND slot>=? AND slot>0 ORDER BY slot LIMIT ?",
-                                g.group_id, max(msg.from_slot, 1), limit):
+                                "group_id=? AND slot>=? AND slot>0 AND slot<=? ORDER BY slot "
+                                "LIMIT ?", g.group_id, max(msg.from_slot, 1), up_to, limit):
             budget -= len(value)
             if out and budget < 0:
                 break
             out.append(Decided(value, decode_as(cert, Certificate)))
-        return DecidedPage(g.group_id, genesis, tuple(out), g.top)
+        return DecidedPage(g.group_id, genesis, tuple(out), up_to)
 
     async def _fetch_heads(self, session: Session, msg: FetchHeads) -> Heads:
+        """Heads of the asked groups this node hosts and the session may read (above); the
+        others are left out, hosted or not."""
         heads = []
+        hidden = False
         for gid in msg.group_ids:
             g = self.group(gid)
-            if g is not None:
+            if g is None:
+                continue
+            if self._may_read(session, g.manifest):
                 heads.append(Head(gid, g.top))
+            else:
+                hidden = True
+        if hidden:
+            self.metrics.refuse("heads_not_member")
         return Heads(tuple(heads))
 
     # -- messages ------------------------------------------------------------------------------

@@ -262,7 +262,8 @@ async def test_restart_restores_state_and_lru_bounds_memory(cluster: MemoryClust
     async with cluster.clients(None, [node]) as (anon,):
         for o in others:
             await anon.register_group(o.values[0])
-        page = await anon.fetch_decided(g.group_id, 0)
+    async with cluster.clients(alice, [node]) as (ac,):  # the log is for members only
+        page = await ac.fetch_decided(g.group_id, 0)
         assert page.top == 2 and len(page.decided) == 2
     assert len(node.service.groups) == 1  # bounded by the LRU
     async with cluster.clients(bob, [node]) as (bc,):
@@ -297,8 +298,8 @@ async def test_peer_catch_up_after_downtime(cluster: MemoryCluster) -> None:
     assert node.service.group(g.group_id).top == 0
     await node.peers.sweep()
     assert node.service.group(g.group_id).top == 3
-    async with cluster.clients(None, [node]) as (anon,):
-        page = await anon.fetch_decided(g.group_id, 1)
+    async with cluster.clients(bob, [node]) as (bc,):
+        page = await bc.fetch_decided(g.group_id, 1)
         assert [d.value for d in page.decided] == [x.encode() for x in g.values[1:]]
 
 
