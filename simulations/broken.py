@@ -25,6 +25,8 @@ VARIANTS = {
     "ignore-promises": "acceptors accept ballots below their promise (Paxos phase 2 unchecked)",
     "early-apply": "devices apply their own commit before Paxos decides it",
     "join-early": "a join returns once the device is added, before it holds the document",
+    "trust-first-genesis": "a joiner takes the first genesis any syncnode serves (not checked "
+                           "against the ticket) into one log shared by all syncnodes",
 }
 
 
@@ -56,6 +58,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
     if variant == "join-early":
         with _joins_return_early():
+            yield
+        return
+    if variant == "trust-first-genesis":
+        with _joins_trust_first_genesis():
             yield
         return
     if variant != "early-apply":
@@ -115,3 +121,33 @@ def _joins_return_early() -> Iterator[None]:
     finally:
         device.joining._first_state = honest_first_state  # type: ignore[assignment]
         device.joining._wait_for_state = honest_wait  # type: ignore[assignment]
+
+
+@contextmanager
+def _joins_trust_first_genesis() -> Iterator[None]:
+    """The join as it was before issue 14's finding 4: any well-formed genesis for the group
+    id is taken, and every syncnode's answers extend one log, so the first syncnode to answer
+    decides for all. Either defence alone stops the forging syncnode of the ``forge``
+    scenario; this removes both, and its joins must then be caught never completing."""
+    import device.joining
+    from device.joining import _Log
+    from proto.manifest import validate_genesis
+
+    honest_log_of = device.joining._log_of
+    honest_genesis_of = device.joining._genesis_of
+
+    def shared(logs: dict[bytes, _Log], node_id: bytes) -> _Log:
+        return logs.setdefault(b"", _Log())
+
+    def unchecked(t: Any, raw: bytes) -> LogValue:
+        g = LogValue.decode(raw)
+        validate_genesis(t.group_id, g)
+        return g
+
+    device.joining._log_of = shared
+    device.joining._genesis_of = unchecked
+    try:
+        yield
+    finally:
+        device.joining._log_of = honest_log_of
+        device.joining._genesis_of = honest_genesis_of

@@ -8,13 +8,17 @@ corruption is not here: it is a network fault of the node's outgoing links
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from proto.envelope import Envelope
+from proto.identity import SecretKey
+from proto.manifest import LogValue, genesis
 from proto.paxos.acceptor import EMPTY, SlotState
 from proto.paxos.messages import Accept, Decided, Prepare
 from proto.service import Backfill, BackfillPage, DecidedPage, FetchDecided, FetchHeads, Head, Heads
 from syncnode.service import GroupState, Service, Session
+from syncnode.storage import one
 
 
 class WithholdingService(Service):
@@ -77,3 +81,35 @@ class EquivocatingService(Service):
         finally:
             self.acceptor.slots = real
         return self._paxos_reply(msg, step.reply)
+
+
+class ForgedGenesisService(Service):
+    """Serves a forged group under the real group's id (issue 14, finding 4): to anyone who
+    asks for slot 0, a well-formed genesis signed by a key of its own (derived from its node key
+    and the group, so a seed replays), naming the real syncnodes; and it shows every group's
+    head to anyone. A device waiting to be added, to which honest syncnodes show nothing yet,
+    reads this node's log first. Everything else is the honest service (members never ask for
+    slot 0 again). A joiner must accept only the genesis its ticket names, and one syncnode's
+    answers must never spoil what it reads from the others."""
+
+    forgeries = 0
+    """Forged geneses served (tests check the attack happened)."""
+
+    async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
+        g = self.require_group(msg.group_id)
+        if msg.from_slot != 0:
+            return await super()._fetch_decided(session, msg)
+        self.forgeries += 1
+        return DecidedPage(g.group_id, self.forged_genesis(g.group_id).encode(), (), g.top)
+
+    async def _fetch_heads(self, session: Session, msg: FetchHeads) -> Heads:
+        return Heads(tuple(Head(gid, g.top) for gid in msg.group_ids
+                           if (g := self.group(gid)) is not None))
+
+    def forged_genesis(self, group_id: bytes) -> LogValue:
+        row = one(self.db, "SELECT value FROM decided WHERE group_id=? AND slot=0", group_id)
+        assert row is not None
+        real = LogValue.decode(row[0]).manifest
+        key = SecretKey(hashlib.blake2b(self.key.seed + group_id, digest_size=32,
+                                        person=b"forged-genesis").digest())
+        return genesis(key, group_id, key.public, real.syncnodes, real.crdt_type)

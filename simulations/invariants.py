@@ -9,6 +9,9 @@ Continuous (after each step):
 - **join-complete** (checked by the runner when a join returns): the new device holds every
   update its inviter held when it made the ticket, also if the inviter crashed as the add was
   decided.
+- **join-done** (scenarios where nothing may stop a join: checked when a join fails, and at the
+  end): a device that a decided slot added completes its join. A Byzantine minority must not
+  leave a member nobody holds (a forged genesis did: issue 14, finding 4).
 
 Final (after faults heal and traffic stops):
 - **converged**: all current members are at the same epoch and hold identical documents;
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from device.mls import MlsError
 from proto.codec import decode_as
 from proto.errors import SyncnodeError
-from proto.manifest import ManifestError, validate_genesis, verify_decided
+from proto.manifest import LogValue, ManifestError, validate_genesis, verify_decided
 from proto.paxos.messages import EquivocationProof, value_hash
 from proto.paxos.quorum import CertificateError, verify_certificate
 from simulations.world import SimDevice, World
@@ -47,9 +50,10 @@ class Violation:
 
 
 class Checker:
-    def __init__(self, world: World, *, colluding: bool) -> None:
+    def __init__(self, world: World, *, colluding: bool, joins_complete: bool = False) -> None:
         self.world = world
         self.colluding = colluding
+        self.joins_complete = joins_complete
         self._verified: dict[int, int] = {}  # device index -> highest slot verified
 
     # -- continuous ------------------------------------------------------------------------------
@@ -124,7 +128,31 @@ class Checker:
             out += self.detected()
         else:
             out += [*self.converged(), *self.acked_delivered(), *self.alarms()]
+        if self.joins_complete:
+            out += self.joins_done()
         return out
+
+    def joins_done(self, devices: list[SimDevice] | None = None) -> list[Violation]:
+        """join-done: every device (of ``devices``) a decided slot of an honest syncnode's log
+        added holds the document, or is still joining."""
+        added = self.added()
+        out = []
+        for dev in self.world.devices if devices is None else devices:
+            slot = added.get(dev.fingerprint)
+            if slot is not None and not dev.joined and not dev.joining:
+                out.append(Violation("join-done", f"{dev.name} was added at slot {slot} but "
+                                     "its join never completed"))
+        return out
+
+    def added(self) -> dict[bytes, int]:
+        """Fingerprint -> the first slot whose manifest names it, in the honest logs."""
+        first: dict[bytes, int] = {}
+        for node in self.world.nodes:
+            if node.honest:
+                for slot, (value, _cert) in sorted(self.world.node_log(node).items()):
+                    for d in LogValue.decode(value).manifest.devices:
+                        first[d.fingerprint] = min(slot, first.get(d.fingerprint, slot))
+        return first
 
     def converged(self) -> list[Violation]:
         members = self.world.members()

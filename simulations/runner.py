@@ -98,7 +98,8 @@ class Run:
             await nursery.start(self.net.run)
             self.world = World(self.root, self.net, nursery,
                                service_factory=broken.service_factory(self.variant))
-            self.checker = Checker(self.world, colluding=self.scenario.colluding)
+            self.checker = Checker(self.world, colluding=self.scenario.colluding,
+                                   joins_complete=self.scenario.joins_complete)
             with broken.planted(self.variant, self.world):
                 await self.play_all()
             nursery.cancel_scope.cancel()
@@ -107,6 +108,8 @@ class Run:
         await self.setup()
         self.net.faults = self.scenario.network_faults(self.faults)
         for step in self.plan:
+            if self.violations:  # found already (a join's checks): the trace ends there
+                break
             await self.play(step)
             await trio.sleep(step.pause)
             await self.restart_due(step.index)
@@ -140,7 +143,8 @@ class Run:
         self.event(f"setup: nodes {' '.join(n.behaviour for n in self.world.nodes)}; "
                    f"{founder.name} created the document")
         for _ in range(2):
-            await self.join(founder, wait=True)
+            if not self.violations:
+                await self.join(founder, wait=True)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -231,6 +235,7 @@ class Run:
 
         async def go() -> None:
             assert dev.device is not None
+            dev.joining = True
             try:
                 with trio.fail_after(OP_TIMEOUT):
                     dev.doc = await dev.device.join(ticket)
@@ -246,7 +251,10 @@ class Run:
                 self.stats["ops_failed"] += 1
                 self.event(f"{dev.name} join failed: {type(exc).__name__}: {exc}")
             finally:
+                dev.joining = False
                 done.set()
+            if self.scenario.joins_complete and not dev.joined:
+                self.fail(self.checker.joins_done([dev]))
 
         assert dev.device is not None
         dev.device.spawn(go)
@@ -265,7 +273,7 @@ class Run:
             self.world.nursery.start_soon(crash_on_add)
         if wait:
             await done.wait()
-            if not dev.joined:
+            if not dev.joined and not self.violations:
                 raise RuntimeError(f"setup: {dev.name} could not join without faults")
         return f"{inviter.name} invites {dev.name}"
 
@@ -447,6 +455,8 @@ class Run:
                        f"outbox {s.outbox}, linked to [{links}]")
 
     def settled(self) -> bool:
+        if any(d.joining for d in self.world.devices):
+            return False
         members = self.world.members()
         if not members:
             return True

@@ -41,6 +41,9 @@ class Scenario:
     colluding: bool = False
     """A Byzantine majority: devices may split, and must then detect it."""
     extra: dict[str, int] = field(default_factory=dict)
+    joins_complete: bool = False
+    """Nothing here may stop a join (no network or crash faults, an honest majority): a device
+    that was added must complete its join (invariant ``join-done``)."""
 
     def network_faults(self, faults: frozenset[str]) -> Faults:
         return LOSSY if "lossy" in faults else MILD if faults else QUIET
@@ -56,7 +59,8 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario("baseline", "no faults: edits, joins, removals, key rotations"),
+    Scenario("baseline", "no faults: edits, joins, removals, key rotations",
+             joins_complete=True),
     Scenario("partition", "symmetric and one-way partitions, and heals",
              frozenset({"partition", "contention"})),
     Scenario("lossy", "frames dropped, duplicated, delayed and reordered",
@@ -66,11 +70,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("clock", "wall-clock jumps of syncnodes and devices",
              frozenset({"clock"})),
     Scenario("withhold", "one syncnode stores everything and delivers nothing",
-             frozenset({"contention"}), nodes=("withhold", "honest", "honest")),
+             frozenset({"contention"}), nodes=("withhold", "honest", "honest"),
+             joins_complete=True),
     Scenario("stale", "one syncnode serves a decided log frozen at slot 1",
-             frozenset({"contention"}), nodes=("honest", "stale", "honest")),
+             frozenset({"contention"}), nodes=("honest", "stale", "honest"),
+             joins_complete=True),
     Scenario("corrupt", "one syncnode's frames get a flipped byte (20% of them)",
-             frozenset({"contention"}), nodes=("honest", "honest", "corrupt")),
+             frozenset({"contention"}), nodes=("honest", "honest", "corrupt"),
+             joins_complete=True),
+    Scenario("forge", "one syncnode serves a forged genesis under the group's id to anyone "
+             "(joiners read it first)", frozenset({"contention"}),
+             nodes=("forge", "honest", "honest"), joins_complete=True, extra={"add": 6}),
     Scenario("equivocate", "two colluding syncnodes (a majority) accept two values per slot",
              frozenset({"contention"}), nodes=("equivocate", "equivocate", "honest"),
              colluding=True, extra={"rotate-race": 10}),

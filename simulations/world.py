@@ -32,7 +32,12 @@ from proto.envelope import Envelope
 from proto.identity import SecretKey
 from proto.ticket import NodeTicket
 from proto.transport.memory import Faults, MemoryNetwork, MemoryTransport
-from simulations.byzantine import EquivocatingService, StaleService, WithholdingService
+from simulations.byzantine import (
+    EquivocatingService,
+    ForgedGenesisService,
+    StaleService,
+    WithholdingService,
+)
 from syncnode.peers import PeerSync
 from syncnode.server import Server
 from syncnode.service import Service
@@ -52,6 +57,7 @@ SERVICES: dict[str, type[Service]] = {
     "stale": StaleService,
     "corrupt": Service,  # honest code; the network flips bytes of what it sends
     "equivocate": EquivocatingService,
+    "forge": ForgedGenesisService,
 }
 CORRUPTING = Faults(corrupt=0.2, ordered=True)
 
@@ -106,6 +112,8 @@ class SimDevice:
     stopped: trio.Event | None = None
     joined: bool = False
     """Has (or had) the document: the founder, or a device whose join completed."""
+    joining: bool = False
+    """Its join is under way."""
     made: list[str] = field(default_factory=list)
     """Markers of this device's edits, in order, not yet known to be acknowledged."""
     acked: set[str] = field(default_factory=set)
