@@ -22,13 +22,15 @@ from device.joining import _check_inviter, _genesis_of
 from proto.identity import SecretKey
 from proto.invite import InviteTicket
 from proto.manifest import ManifestError, Rule, genesis_hash
-from proto.transport.memory import MemoryNetwork
+from proto.transport.memory import Faults, MemoryNetwork
 from simulations.broken import planted
 from simulations.byzantine import ForgedGenesisService
 from syncnode.peers import PeerSync
 from syncnode.server import Server
 from tests.device_kit import converged, memory_device
 from tests.syncnode_kit import MemoryCluster, Node
+
+SLOWER = Faults(min_delay=0.02, max_delay=0.04, ordered=True)
 
 
 async def _forging_node(cluster: MemoryCluster) -> tuple[Node, ForgedGenesisService]:
@@ -59,6 +61,8 @@ async def _cluster(tmp_path: Path, nursery: trio.Nursery, net: MemoryNetwork
     cluster = MemoryCluster(net, nursery, tmp_path)
     forger, service = await _forging_node(cluster)  # first in the document's list
     honest = [await cluster.start_node() for _ in range(2)]
+    for node in honest:  # the forger answers first, as the attack wants
+        net.set_node_faults(node.key.public, SLOWER)
     return [forger, *honest], service
 
 
