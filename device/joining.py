@@ -436,7 +436,8 @@ async def _staged_from(device: Device, doc: Document, c: SyncnodeClient, t: Invi
     try:
         await _read_mailbox(device, c, t, parts, refusals=False)
         found = assemble(parts)
-    except (TransportError, RemoteError, DecodeError) as exc:
+    except (TransportError, RemoteError, UnexpectedReply, DecodeError) as exc:
+        # a bad syncnode's answer spoils only what came from it
         log.info("cannot read the staged state", node=short_id(c.node_id), error=str(exc))
         parts.clear()
         return None

@@ -150,6 +150,8 @@ class Session:
     keys: dict[bytes, bytes] = field(default_factory=dict)
     """Authenticated device keys: fingerprint -> signature public key."""
     groups_created: int = 0
+    counted: set[str] = field(default_factory=set)
+    """Refusal reasons counted once per connection (a legitimate client may repeat them)."""
 
 
 @dataclass
@@ -365,16 +367,10 @@ class Service:
         only for a current member or one of the group's own syncnodes (``session`` None: this
         node's own code). A stranger's Prepare for a made-up slot must not make the node dial
         anything."""
-        if session is not None and not self._is_member_or_peer(session, g):
+        if session is not None and not self._may_read(session, g.manifest):
             self.metrics.refuse("catchup_not_member")
             return
         self.catchup(g.group_id)
-
-    def _is_member_or_peer(self, session: Session, g: GroupState) -> bool:
-        if any(s.node_id == session.remote_id for s in g.manifest.syncnodes):
-            return True
-        return any((d := g.manifest.device(fpr)) is not None and d.sig_pub == pub
-                   for fpr, pub in session.keys.items())
 
     def _require_member(self, session: Session, g: GroupState) -> bytes:
         """The fingerprint under which the session acts as a current member of ``g``."""
@@ -663,7 +659,9 @@ class Service:
             else:
                 hidden = True
         if hidden:
-            self.metrics.refuse("heads_not_member")
+            if "heads_not_member" not in session.counted:  # a joiner polls until it is added
+                session.counted.add("heads_not_member")
+                self.metrics.refuse("heads_not_member")
         return Heads(tuple(heads))
 
     # -- messages ------------------------------------------------------------------------------
