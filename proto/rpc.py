@@ -72,12 +72,13 @@ class UnexpectedReply(SyncnodeError):
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "reply")
+    __slots__ = ("done", "error", "reply", "sent_at")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: Any = None
         self.error: BaseException | None = None
+        self.sent_at = trio.current_time()
 
 
 class Channel:
@@ -88,6 +89,16 @@ class Channel:
         self._waiters: deque[_Waiter] = deque()
         self._lock = trio.Lock()
         self._broken: BaseException | None = None
+        self._last_reply = trio.current_time()
+
+    def stalled_for(self) -> float:
+        """Seconds this channel has been waiting for a reply without receiving any (0 while no
+        request is outstanding). Replies come in request order, so this measures the peer's
+        progress, not one request's age: a busy peer answering a long pipeline is not stalled,
+        a dead, frozen or restarted one is (its stale connection never answers)."""
+        if not self._waiters:
+            return 0.0
+        return trio.current_time() - max(self._last_reply, self._waiters[0].sent_at)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -95,6 +106,7 @@ class Channel:
         try:
             while True:
                 frame = await self.stream.receive()
+                self._last_reply = trio.current_time()
                 if not self._waiters:
                     raise UnexpectedReply("reply without a request")
                 w = self._waiters.popleft()
@@ -121,7 +133,15 @@ class Channel:
         w = _Waiter()
         async with self._lock:
             self._waiters.append(w)
-            await self.stream.send(encode(msg))
+            try:
+                await self.stream.send(encode(msg))
+            except BaseException as exc:
+                # Interrupted (cancelled) or failed half way: the frame may be partly written
+                # and this waiter has no request behind it, so every later reply would go to
+                # the wrong caller. The stream is out of step for good: break the channel.
+                self._fail(exc if isinstance(exc, TransportError)
+                           else TransportError("a request was interrupted while being sent"))
+                raise
         await w.done.wait()
         if w.error is not None:
             raise w.error
