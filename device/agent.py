@@ -66,9 +66,14 @@ class DeviceConfig:
     mailbox_interval: float = 10.0
     """Safety net: how often a device with open invites reads its mailbox even without a
     notice (syncnodes push one when a join request arrives)."""
-    keepalive_interval: float = 5.0
-    keepalive_timeout: float = 10.0
-    """A syncnode link that does not answer a request within this long counts as down."""
+    keepalive_interval: float = 2.0
+    """An idle syncnode link asks for the group's head this often, so that a syncnode that
+    died, froze or restarted is noticed without traffic of our own (see keepalive_timeout)."""
+    keepalive_timeout: float = 3.0
+    """A syncnode link whose requests have waited this long with no reply of any kind counts
+    as down, and is dropped and dialled again at once (a restarted syncnode cannot close its
+    old connection). It also bounds the waits of a commit when no quorum answers; with a
+    quorum, commits and durability acks never wait for the others."""
     fast_poll_interval: float = 0.02
     fast_poll_window: float = 120.0
     """For this long after making an invite (inviter) or starting a join (new device), poll

@@ -20,7 +20,7 @@ The engine steps (each one SQLite transaction that also saves the MLS state it t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,7 @@ from proto.payload import (
     unpack_updates,
     vector_deps,
 )
-from proto.rpc import RemoteError, SyncnodeClient
+from proto.rpc import RemoteError, Subscription, SyncnodeClient
 from proto.service import MailboxNotice
 from proto.ticket import NodeTicket
 from proto.wakeup import Signal
@@ -197,6 +197,7 @@ class Document:
         self._answered: set[tuple[bytes, int]] = set()
         self._link_delay: dict[bytes, float] = {}
         self._link_attempts: dict[bytes, trio.CancelScope] = {}
+        self._link_pauses: dict[bytes, trio.CancelScope] = {}
         self.invites = Invites(self)
         self.state_loaded = trio.Event()
         """Set once this device holds the document's content (always, except right after a
@@ -300,6 +301,7 @@ class Document:
 
     async def wait_durable(self) -> None:
         """Until every edit made so far is stored by a quorum of syncnodes."""
+        self._wake_links_below_quorum()
         while self.status == "active":
             s = self.sync_status()
             if s.unsent == 0 and s.outbox == 0:
@@ -760,23 +762,57 @@ class Document:
             if not progressed or self.epoch >= page.top:
                 return
 
-    async def _learn_everywhere(self) -> None:
+    async def _learn_round(self) -> None:
+        """Before proposing, learn what the linked syncnodes decided beyond our epoch (so a
+        ballot is not spent on a slot that is already taken). Returns once a quorum of the
+        slot's acceptors answered, every link finished, or ``keepalive_timeout`` passed: a
+        syncnode that is down, frozen or slow is not waited for (Paxos itself finds any
+        decision this misses: the Promises report it). The others are cancelled."""
+        acceptors = self.manifest.acceptors()
+        clients = [c for n, c in self.clients.items() if n in acceptors]
+        learned = finished = 0
+        enough = trio.Event()
+
         async def one(client: SyncnodeClient) -> None:
+            nonlocal learned, finished
             try:
                 await self.learn(client)
+                learned += 1
             except SyncnodeError as exc:  # unreachable, or garbage from a faulty syncnode
                 log.debug("learn failed", node=short_id(client.node_id), error=str(exc))
+            finally:
+                finished += 1
+                if learned >= acceptors.quorum or finished == len(clients):
+                    enough.set()
 
+        if not clients:
+            return
         async with trio.open_nursery() as nursery:
-            for client in list(self.clients.values()):
+            for client in clients:
                 nursery.start_soon(one, client)
+            with trio.move_on_after(self.device.config.keepalive_timeout):
+                await enough.wait()
+            nursery.cancel_scope.cancel()
 
     async def _wait_for_quorum(self) -> None:
-        """Give links a moment to come up (right after start, or after a network change)."""
+        """Give links a moment to come up (right after start, after a network change, or
+        after stale links to restarted syncnodes were dropped)."""
         acceptors = self.manifest.acceptors()
+        self._wake_links_below_quorum()
         with trio.move_on_after(self.device.config.connect_timeout):
             while sum(n in acceptors for n in self.clients) < acceptors.quorum:
                 await self._links_changed.wait()
+
+    async def _quorum_links(self) -> list[SyncnodeClient]:
+        """The acceptors linked now (waiting, up to ``keepalive_timeout``, for a quorum of
+        them). Paxos calls it at every ballot, so a link that comes back while a commit is
+        under way is used by the commit's next ballot."""
+        acceptors = self.manifest.acceptors()
+        self._wake_links_below_quorum()
+        with trio.move_on_after(self.device.config.keepalive_timeout):
+            while sum(n in acceptors for n in self.clients) < acceptors.quorum:
+                await self._links_changed.wait()
+        return [c for n, c in self.clients.items() if n in acceptors]
 
     async def _commit(self, build: Callable[[], LogValue | None]) -> int:
         """Get one commit of ours decided. ``build`` makes it for the current epoch (None: no
@@ -787,7 +823,7 @@ class Document:
                 if self.status != "active":
                     raise DocumentError(f"document is {self.status}")
                 await self._wait_for_quorum()
-                await self._learn_everywhere()
+                await self._learn_round()
                 slot = self.epoch + 1
                 row = self.store.one("SELECT slot, value FROM proposal WHERE group_id=?",
                                      self.group_id)
@@ -813,14 +849,20 @@ class Document:
                         db.execute("INSERT OR REPLACE INTO proposal VALUES (?,?,?)",
                                    (self.group_id, slot, value_bytes))
                 acceptors = self.manifest.acceptors()
-                clients = [c for n, c in self.clients.items() if n in acceptors]
-                if len(clients) < acceptors.quorum:
-                    raise Offline(f"{len(clients)} of {len(acceptors)} syncnodes reachable, "
+                # Again: the learn round may have dropped stale links (to syncnodes that
+                # restarted), which redial at once.
+                await self._wait_for_quorum()
+                linked = sum(n in acceptors for n in self.clients)
+                if linked < acceptors.quorum:
+                    raise Offline(f"{linked} of {len(acceptors)} syncnodes reachable, "
                                   f"a membership change needs {acceptors.quorum}")
                 try:
-                    outcome = await propose(self.device.key, clients, self.group_id, slot,
-                                            value_bytes, acceptors, attempts=cfg.propose_attempts,
-                                            backoff=cfg.propose_backoff)
+                    outcome = await propose(self.device.key, self._quorum_links, self.group_id,
+                                            slot, value_bytes, acceptors,
+                                            attempts=cfg.propose_attempts,
+                                            backoff=cfg.propose_backoff,
+                                            timeout=cfg.keepalive_timeout,
+                                            background=self.device.spawn)
                 except ProposeFailed as exc:
                     raise Offline(str(exc)) from None
                 if isinstance(outcome, Decided):
@@ -865,7 +907,9 @@ class Document:
                 dial = self.device.syncnode_ticket(ticket)  # a newer address set by hand
                 with attempt:
                     async with SyncnodeClient.connect(self.device.transport, dial,
-                                                      timeout=cfg.connect_timeout) as client:
+                                                      timeout=cfg.connect_timeout) as client, \
+                            trio.open_nursery() as guard:
+                        guard.start_soon(self._watchdog, client)  # bounds every request below
                         await client.authenticate(self.device.key)
                         await self._serve(client)
             except* SyncnodeError as group:
@@ -886,8 +930,21 @@ class Document:
                 self._link_delay[ticket.node_id] = cfg.reconnect_min
                 continue
             with trio.CancelScope() as pause:
-                self._link_attempts[ticket.node_id] = pause
+                self._link_attempts[ticket.node_id] = self._link_pauses[ticket.node_id] = pause
                 await trio.sleep(delay * entropy.uniform(0.5, 1.0))
+            self._link_pauses.pop(ticket.node_id, None)
+
+    def _wake_links_below_quorum(self) -> None:
+        """Without a quorum of links, dial at once every syncnode whose link is waiting out
+        its reconnect backoff: this document needs a quorum now (a commit, a durability wait),
+        and a syncnode that came back during a long backoff would otherwise be found up to
+        ``reconnect_max`` late. A dial in progress is left alone (it reaches a syncnode that
+        comes back). Once per wait, never on every change of the links: a dial that fails at
+        once would otherwise be woken again at once, in a loop."""
+        acceptors = self.manifest.acceptors()
+        if sum(n in acceptors for n in self.clients) < acceptors.quorum:
+            for pause in list(self._link_pauses.values()):
+                pause.cancel()
 
     def relink(self, node_id: bytes) -> None:
         """Drop the link to ``node_id`` (or its pending dial) and dial again at once."""
@@ -897,7 +954,7 @@ class Document:
 
     async def _serve(self, client: SyncnodeClient) -> None:
         known = await self._sync_node(client)
-        async with client.subscribe(self.group_id) as sub, trio.open_nursery() as nursery:
+        async with self._subscription(client) as sub, trio.open_nursery() as nursery:
             self._link_delay[client.node_id] = self.device.config.reconnect_min
             self.clients[client.node_id] = client
             self._links_changed.fire()
@@ -918,6 +975,19 @@ class Document:
                     continue
                 await self._inbox_send.send((client, item))
             raise TransportError("subscription ended")
+
+    @asynccontextmanager
+    async def _subscription(self, client: SyncnodeClient) -> AsyncIterator[Subscription]:
+        """The group's live feed from ``client``, its start bounded by ``keepalive_timeout``:
+        it has a stream of its own, which the link's watchdog does not see."""
+        limit = self.device.config.keepalive_timeout
+        async with AsyncExitStack() as stack:
+            sub: Subscription | None = None
+            with trio.move_on_after(limit):
+                sub = await stack.enter_async_context(client.subscribe(self.group_id))
+            if sub is None:
+                raise TransportError(f"no answer to the subscription within {limit:g} s")
+            yield sub
 
     async def _sync_node(self, client: SyncnodeClient) -> int:
         """Make the syncnode know our group and every decision we know (it may have missed
@@ -980,16 +1050,28 @@ class Document:
             await self._backfill(client)
 
     async def _keepalive(self, client: SyncnodeClient) -> None:
-        """A link counts as connected only while its syncnode answers: a frozen process keeps
-        the QUIC connection open for a long time, so ask for our head now and then and drop
-        the link when no answer comes in time (it then reconnects with backoff)."""
-        cfg = self.device.config
+        """Ask for our head every ``keepalive_interval``, so that an idle link, too, has a
+        request for the :meth:`_watchdog` to time."""
         while self.status == "active":
-            await trio.sleep(cfg.keepalive_interval)
-            with trio.move_on_after(cfg.keepalive_timeout):
-                await client.heads([self.group_id])
-                continue
-            raise TransportError(f"no answer within {cfg.keepalive_timeout:g} s")
+            await trio.sleep(self.device.config.keepalive_interval)
+            await client.heads([self.group_id])
+
+    async def _watchdog(self, client: SyncnodeClient) -> None:
+        """A link counts as up only while its syncnode answers: drop it (it redials after
+        ``reconnect_min``) when a request has waited ``keepalive_timeout`` with no reply at all.
+
+        This bounds every request on the link, whoever made it. A dead or frozen syncnode
+        does not close its QUIC connection, and one that restarted cannot (its new process
+        does not know the old connection, and iroh gives up on it only after 30 s): requests
+        on such a stale link would hang while the restarted syncnode answers a new connection
+        at once. Silence is measured on the whole pipeline (:meth:`Channel.stalled_for`), not
+        per request, so a busy syncnode working through many requests is not dropped."""
+        limit = self.device.config.keepalive_timeout
+        while True:
+            stalled = client.channel.stalled_for()
+            if stalled >= limit:
+                raise TransportError(f"no answer within {limit:g} s")
+            await trio.sleep(max(limit - stalled, limit / 8))
 
     async def _follow_addresses(self, client: SyncnodeClient) -> None:
         """Ask this syncnode where the group's other syncnodes are now (their signed address

@@ -1,17 +1,30 @@
 """Driving the sans-IO :class:`~proto.paxos.proposer.Proposer` over syncnode connections.
 
-One call to :func:`propose` runs Paxos for one slot against the group's syncnodes: broadcast
-Prepare, feed the replies, broadcast Accept, until the proposer reaches an outcome. Contention
+One call to :func:`propose` runs Paxos for one slot against the group's syncnodes: send
+Prepare to each, feed the replies, send Accept, until the proposer reaches an outcome. Contention
 (a Nack, or too few replies) backs off for a random, exponentially growing time, so competing
 devices stop colliding. A syncnode that already decided the slot answers with the decision,
-which ends the attempt at once. Once decided, the certificate is sent to every syncnode so they
-all serve it (a syncnode that misses it catches up from its peers).
+which ends the attempt at once.
+
+**A minority never sets the pace.** Every phase ends as soon as the proposer has its quorum
+outcome (a quorum of Promises, a quorum of Accepteds, or one verified Decided): each request runs
+in its own task and its reply is fed to the proposer when it comes, so a syncnode that is down,
+frozen or slow is simply not waited for. Its request is left running (bounded by ``timeout``)
+until :func:`propose` returns, and a late reply is still fed to the proposer (the sans-IO core
+ignores what no longer matters: an old ballot, a phase already done); only when no quorum
+answers does a phase last its full ``timeout``. Each ballot asks the syncnodes linked *now*
+(``clients`` may be a function), so a link that reconnects during an attempt is used by the
+next ballot. A won decision is then sent to the syncnodes; :func:`propose` returns once a quorum
+of them stored it, and the others get it in ``background`` (or are waited for, bounded, when
+the caller has no background nursery).
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -21,83 +34,182 @@ from proto.errors import SyncnodeError
 from proto.identity import SecretKey
 from proto.logs import get_logger
 from proto.paxos.messages import Accepted, Decided, Nack, PaxosRejected, Promise, value_hash
-from proto.paxos.proposer import Lost, Outcome, Proposer
+from proto.paxos.proposer import Lost, Outcome, Phase, Proposer
 from proto.paxos.quorum import AcceptorSet, verify_certificate
 from proto.rpc import SyncnodeClient
+from proto.service import Done
 
 log = get_logger("device.paxos")
 
 REPLY_TIMEOUT = 5.0
+
+Links = Sequence[SyncnodeClient] | Callable[[], Awaitable[Sequence[SyncnodeClient]]]
+"""The syncnodes to ask: a fixed list, or an async function returning the ones linked now
+(called at every ballot)."""
+
+Spawn = Callable[..., None]
+"""``nursery.start_soon``-like: runs ``fn(*args)`` in the background, beyond the call."""
 
 
 class ProposeFailed(SyncnodeError):
     """No outcome within the attempt budget (no reachable quorum, or endless contention)."""
 
 
-async def _broadcast(clients: Sequence[SyncnodeClient], msg: Any, timeout: float) -> list[Any]:
-    replies: list[Any] = []
+@dataclass(frozen=True)
+class _Reply:
+    phase: int
+    node: bytes
+    message: Any
+    """What the syncnode answered; None when it failed or did not answer within the timeout."""
 
-    async def one(client: SyncnodeClient) -> None:
-        with trio.move_on_after(timeout):
+
+class _Requests:
+    """Requests to syncnodes, each in its own task of one nursery; replies arrive, tagged with
+    the phase that sent them, on one channel in the order they come."""
+
+    def __init__(self, nursery: trio.Nursery, timeout: float) -> None:
+        self.nursery = nursery
+        self.timeout = timeout
+        self.phase = 0
+        self._send, self.replies = trio.open_memory_channel[_Reply](math.inf)
+
+    def send(self, clients: Sequence[SyncnodeClient], msg: Any) -> int:
+        """Start a new phase: ``msg`` to each of ``clients``; returns how many were asked."""
+        self.phase += 1
+        for client in clients:
+            self.nursery.start_soon(self._one, self.phase, client, msg)
+        return len(clients)
+
+    async def _one(self, phase: int, client: SyncnodeClient, msg: Any) -> None:
+        reply = None
+        with trio.move_on_after(self.timeout):
             try:
-                replies.append(await client.request(msg))
+                reply = await client.request(msg)
             except SyncnodeError as exc:
                 log.debug("syncnode did not answer", node=client.node_id.hex()[:10],
                           error=str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for c in clients:
-            nursery.start_soon(one, c)
-    return replies
+        self._send.send_nowait(_Reply(phase, client.node_id, reply))
 
 
-async def propose(key: SecretKey, clients: Sequence[SyncnodeClient], group_id: bytes, slot: int,
+async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
                   value: bytes, acceptors: AcceptorSet, *, attempts: int = 12,
                   backoff: float = 0.02, timeout: float = REPLY_TIMEOUT,
-                  rng: random.Random | None = None, announce: bool = True) -> Outcome:
+                  rng: random.Random | None = None, announce: bool = True,
+                  background: Spawn | None = None) -> Outcome:
     """Run Paxos for ``(group_id, slot)`` proposing ``value``; return the outcome.
 
     ``Decided`` if ``value`` won, :class:`Lost` (with the winner) otherwise. Raises
-    :class:`ProposeFailed` when no decision is reached in ``attempts`` ballots. With
-    ``announce`` (the default) a won decision is sent to every syncnode before returning;
-    otherwise the caller does it with :func:`announce_decision`.
+    :class:`ProposeFailed` when no decision is reached in ``attempts`` ballots. ``timeout``
+    bounds one phase when no quorum answers (with a quorum it ends at the quorum's pace). With
+    ``announce`` (the default) a won decision is sent to the syncnodes before returning, and
+    the call returns once a quorum stored it: the remaining ones finish in ``background``
+    (each bounded by ``timeout``), or are awaited, bounded, when it is None. Without
+    ``announce`` the caller does it with :func:`announce_decision`.
     """
     rng = rng or entropy.rng()
     proposer = Proposer(key, group_id, slot, value, acceptors)
-    for attempt in range(attempts):
-        prepare = proposer.start()[0]
-        accepts: list[Any] = []
-        for reply in await _broadcast(clients, prepare, timeout):
-            done = _already_decided(reply, value, acceptors)
+    outcome: Outcome | None = None
+    async with trio.open_nursery() as nursery:
+        requests = _Requests(nursery, timeout)
+        for attempt in range(attempts):
+            outcome = await _ballot(proposer, requests, await _targets(clients, acceptors),
+                                    value, acceptors)
+            if outcome is not None:
+                break
+            await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
+        nursery.cancel_scope.cancel()  # stragglers: their replies no longer matter
+    if outcome is None:
+        raise ProposeFailed(f"no decision for slot {slot} after {attempts} ballots")
+    if isinstance(outcome, Decided) and announce:
+        await announce_decision(await _targets(clients, acceptors), outcome, timeout,
+                                quorum=acceptors.quorum, background=background)
+    return outcome
+
+
+async def _ballot(proposer: Proposer, requests: _Requests, clients: Sequence[SyncnodeClient],
+                  value: bytes, acceptors: AcceptorSet) -> Outcome | None:
+    """One ballot (both phases); None when it ended without an outcome (retry)."""
+    accepts: list[Any] = []
+    asked = requests.send(clients, proposer.start()[0])
+    outcome = await _gather(proposer, requests, asked, value, acceptors, accepts.extend,
+                            lambda: bool(accepts) or proposer.phase is not Phase.PREPARING)
+    if outcome is not None or not accepts:
+        return outcome
+    asked = requests.send(clients, accepts[0])
+    return await _gather(proposer, requests, asked, value, acceptors, accepts.extend,
+                         lambda: proposer.phase is not Phase.ACCEPTING)
+
+
+async def _gather(proposer: Proposer, requests: _Requests, asked: int, value: bytes,
+                  acceptors: AcceptorSet, on_messages: Callable[[list[Any]], None],
+                  phase_over: Callable[[], bool]) -> Outcome | None:
+    """Feed replies to the proposer until the phase is over (its quorum outcome, or a Nack),
+    every syncnode asked in this phase answered, or ``timeout``. Returns an outcome the
+    proposer reached or a syncnode's verified decision; None otherwise."""
+    answered = 0
+    with trio.move_on_after(requests.timeout):
+        while answered < asked:
+            reply = await requests.replies.receive()
+            answered += reply.phase == requests.phase
+            msg = reply.message
+            done = _already_decided(msg, value, acceptors)
             if done is not None:
                 return done
-            if isinstance(reply, Promise | Nack):
-                accepts += proposer.receive(reply)
-            elif isinstance(reply, PaxosRejected):
-                log.info("prepare rejected", reason=reply.reason, detail=reply.detail)
-        if accepts:
-            for reply in await _broadcast(clients, accepts[0], timeout):
-                done = _already_decided(reply, value, acceptors)
-                if done is not None:
-                    return done
-                if isinstance(reply, Accepted | Nack):
-                    proposer.receive(reply)
-                elif isinstance(reply, PaxosRejected):
-                    log.info("accept rejected", reason=reply.reason, rule=reply.rule,
-                             detail=reply.detail)
-        if proposer.outcome is not None:
-            outcome = proposer.outcome
-            if isinstance(outcome, Decided) and announce:
-                await announce_decision(clients, outcome, timeout)
-            return outcome
-        await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
-    raise ProposeFailed(f"no decision for slot {slot} after {attempts} ballots")
+            if isinstance(msg, Promise | Accepted | Nack):
+                on_messages(proposer.receive(msg))
+            elif isinstance(msg, PaxosRejected):
+                log.info("paxos request rejected", node=reply.node.hex()[:10],
+                         reason=msg.reason, rule=msg.rule, detail=msg.detail)
+            if proposer.outcome is not None:
+                return proposer.outcome
+            if phase_over():
+                return None
+    return proposer.outcome
+
+
+async def _targets(clients: Links, acceptors: AcceptorSet) -> list[SyncnodeClient]:
+    """The linked syncnodes that are acceptors of the slot, one client per node."""
+    current = clients if isinstance(clients, Sequence) else await clients()
+    out: dict[bytes, SyncnodeClient] = {}
+    for c in current:
+        if c.node_id in acceptors:
+            out.setdefault(c.node_id, c)
+    return list(out.values())
 
 
 async def announce_decision(clients: Sequence[SyncnodeClient], decided: Decided,
-                            timeout: float = REPLY_TIMEOUT) -> None:
-    """Send a decision with its certificate to every syncnode (they verify and store it)."""
-    await _broadcast(clients, decided, timeout)
+                            timeout: float = REPLY_TIMEOUT, *, quorum: int | None = None,
+                            background: Spawn | None = None) -> None:
+    """Send a decision with its certificate to the syncnodes (they verify and store it).
+
+    With ``quorum``, return once that many stored it; the others continue in ``background``
+    (each bounded by ``timeout``), or are awaited, bounded, when it is None. Without, wait for
+    every one (each bounded by ``timeout``)."""
+    stored = finished = 0
+    enough = trio.Event()
+
+    async def one(client: SyncnodeClient) -> None:
+        nonlocal stored, finished
+        try:
+            with trio.move_on_after(timeout):
+                reply = await client.request(decided)
+                stored += isinstance(reply, Done)
+        except SyncnodeError as exc:
+            log.debug("syncnode did not take the decision", node=client.node_id.hex()[:10],
+                      error=str(exc))
+        finally:
+            finished += 1
+            if stored >= (quorum or len(clients)) or finished == len(clients):
+                enough.set()
+
+    if quorum is not None and background is not None and clients:
+        for c in clients:
+            background(one, c)
+        await enough.wait()  # bounded: each request ends within ``timeout``
+        return
+    async with trio.open_nursery() as nursery:
+        for c in clients:
+            nursery.start_soon(one, c)
 
 
 def _already_decided(reply: Any, value: bytes, acceptors: AcceptorSet) -> Outcome | None:
