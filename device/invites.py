@@ -268,7 +268,8 @@ class Invites:
                            req.sig_pub, data)
         acceptors = doc.manifest.acceptors()
         stored = await self._put_all(req.sig_pub, MailboxKind.STATE_HANDOFF, parts,
-                                     HANDOFF_TTL, [n for n in doc.clients if n in acceptors])
+                                     HANDOFF_TTL, [n for n in doc.clients if n in acceptors],
+                                     acceptors.quorum)
         if stored < acceptors.quorum:
             raise Offline(f"the document reached {stored} of {len(acceptors)} syncnodes; "
                           f"adding a device needs it on {acceptors.quorum}")
@@ -278,14 +279,20 @@ class Invites:
         doc = self.doc
         sealed = seal_refusal(req.secret, JoinRefusal(doc.group_id, req.sig_pub, reason))
         n = await self._put_all(req.sig_pub, MailboxKind.JOIN_REFUSED, [sealed], REFUSAL_TTL,
-                                list(doc.clients))
+                                list(doc.clients), doc.manifest.acceptors().quorum)
         log.info("join request refused", doc=short_id(doc.group_id),
                  device=short_id(fingerprint(req.sig_pub)), reason=reason, told=n)
 
     async def _put_all(self, recipient: bytes, kind: MailboxKind, payloads: list[bytes],
-                       ttl: int, nodes: list[bytes]) -> int:
-        """Put every payload on each of ``nodes`` (in parallel); how many took them all."""
+                       ttl: int, nodes: list[bytes], enough: int) -> int:
+        """Put every payload on each of ``nodes`` in parallel. Returns how many took them all,
+        once ``enough`` did or every put has ended: the others finish in the background, so a
+        frozen syncnode of the minority does not hold the add up."""
         ok: list[bytes] = []
+        targets = [c for n in nodes if (c := self.doc.clients.get(n)) is not None]
+        if not targets:
+            return 0
+        ended, done = [0], trio.Event()
 
         async def put(client: SyncnodeClient) -> None:
             try:
@@ -294,11 +301,13 @@ class Invites:
                 ok.append(client.node_id)
             except SyncnodeError as exc:
                 log.info("mailbox put failed", node=short_id(client.node_id), error=str(exc))
+            finally:
+                ended[0] += 1
+                if len(ok) >= enough or ended[0] == len(targets):
+                    done.set()
 
-        async with trio.open_nursery() as nursery:
-            for n in nodes:
-                client = self.doc.clients.get(n)
-                if client is not None:
-                    nursery.start_soon(put, client)
+        for client in targets:
+            self.doc.device.spawn(put, client)
+        await done.wait()
         return len(ok)
 

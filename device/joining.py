@@ -198,6 +198,8 @@ async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry],
                     yield clients
                 finally:
                     release.set()
+                    # a dial still pending (a frozen syncnode) must not hold the join up
+                    nursery.cancel_scope.cancel()
             else:
                 nursery.cancel_scope.cancel()
     if not clients:
