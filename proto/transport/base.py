@@ -4,7 +4,9 @@ A transport gives a node an identity-authenticated endpoint: it can ``connect`` 
 node id (plus any known addresses) and ``accept`` connections; a connection multiplexes
 bidirectional streams; a stream carries **frames** (byte strings, length-prefixed on real wires).
 The peer id of a connection is authenticated by the transport (TLS in iroh; by construction in
-memory), so protocol code can trust ``Connection.remote_id``.
+memory), so protocol code can trust ``Connection.remote_id``. ``Stream`` and ``Connection`` are
+declared in :mod:`proto.transport.connection` and re-exported here, so callers import the whole
+interface from this module.
 
 Both transports run the same version handshake (:mod:`proto.transport.handshake`) inside
 ``connect``/``accept``, so a returned connection always has an agreed ``protocol_version``.
@@ -20,64 +22,14 @@ import trio
 from proto import SUPPORTED_VERSIONS
 from proto.errors import ConnectTimeout, HandshakeError, PeerMismatch, TransportError
 from proto.framing import DEFAULT_MAX_FRAME
+from proto.transport.connection import Connection, Stream
 from proto.transport.handshake import client_handshake, server_handshake
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HANDSHAKE_TIMEOUT", "Connection", "Stream",
+           "Transport"]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-
-class Stream(abc.ABC):
-    """A bidirectional, ordered (on real networks) stream of frames."""
-
-    @abc.abstractmethod
-    async def send(self, frame: bytes) -> None:
-        """Send one frame. Raises :class:`proto.errors.TransportError` if the stream broke."""
-
-    async def send_many(self, frames: Sequence[bytes]) -> None:
-        """Send several frames; transports that can, do it in one write (much faster)."""
-        for frame in frames:
-            await self.send(frame)
-
-    @abc.abstractmethod
-    async def receive(self) -> bytes:
-        """The next frame. Raises :class:`proto.errors.StreamClosed` at a clean end of stream.
-
-        Cancelling a ``receive`` loses nothing: the stream stays usable and a later call
-        returns the next frame.
-        """
-
-    def limit_receive(self, max_frame: int) -> None:
-        """Refuse received frames over ``max_frame`` bytes (at most the transport's own limit),
-        from the length header alone: a server keeps a stranger's frames small until it has
-        authenticated, then lifts the limit. Raises nothing; a later oversized frame makes
-        :meth:`receive` raise :class:`proto.errors.FrameError`."""
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    async def send_eof(self) -> None:
-        """Finish our sending half; the peer's ``receive`` raises StreamClosed after the data."""
-
-    @abc.abstractmethod
-    async def aclose(self) -> None:
-        """Abandon both halves of the stream."""
-
-
-class Connection(abc.ABC):
-    """An authenticated connection to one peer."""
-
-    remote_id: bytes
-    protocol_version: int = 0
-    remote_agent: str = ""
-
-    @abc.abstractmethod
-    async def open_stream(self) -> Stream: ...
-
-    @abc.abstractmethod
-    async def accept_stream(self) -> Stream:
-        """The next stream the peer opened. Raises TransportError when the connection ends."""
-
-    @abc.abstractmethod
-    async def aclose(self) -> None: ...
 
 
 class Transport(abc.ABC):

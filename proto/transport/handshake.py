@@ -8,17 +8,13 @@ finished by both sides; application streams follow.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import trio
 
 from proto import SUPPORTED_VERSIONS
 from proto.codec import decode, encode
 from proto.errors import DecodeError, HandshakeError, StreamClosed, TransportError
 from proto.messages import ErrorCode, ErrorReply, Hello, HelloAck
-
-if TYPE_CHECKING:
-    from proto.transport.base import Connection
+from proto.transport.connection import Connection
 
 HANDSHAKE_MAX_FRAME = 4096
 REFUSAL_LINGER = 1.0

@@ -21,7 +21,8 @@ import trio
 from proto.errors import StreamClosed, TransportError
 from proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from proto.identity import SecretKey
-from proto.transport.base import Connection, Stream, Transport
+from proto.transport.base import Transport
+from proto.transport.connection import Connection, Stream
 from proto.transport.uniffi_trio import patch_module
 
 patch_module(iroh.iroh_ffi, async_api=True)
