@@ -12,6 +12,7 @@ venv:
 
 demo: venv
 	$(VENV)/bin/syncnode selfcheck
+	$(VENV)/bin/syncdevice selfcheck
 	$(PY) scripts/demo.py
 
 lint: venv

@@ -487,8 +487,8 @@ def set_address(ctx: Ctx, ticket: str) -> None:
 @cli.command()
 @pass_ctx
 def selfcheck(ctx: Ctx) -> None:
-    """Check that this machine can run a device: MLS, CRDT and iroh bindings."""
-    from syncnode.selfcheck import run
+    """Check that this machine can run a device: MLS, CRDT, codec, SQLite and iroh."""
+    from device.selfcheck import run
 
     say = (lambda line: click.echo(line, err=True)) if ctx.json else click.echo
     say("syncdevice selfcheck")

@@ -50,7 +50,7 @@ def cli() -> None:
 
 @cli.command(epilog=exit_codes("0    every check passed", "1    a check failed (listed above)"))
 def selfcheck() -> None:
-    """Check the installed stack: native bindings (MLS, CRDT) and an iroh loopback exchange."""
+    """Check what a syncnode uses: codec and signatures, SQLite, an iroh loopback exchange."""
     from syncnode.selfcheck import run
 
     click.echo("syncnode selfcheck")
