@@ -215,6 +215,8 @@ def densest(spec: codec.Spec, allocating: bool) -> Any:
 def test_densest_valid_frame_of_every_type_is_bounded(allocating: bool) -> None:
     worst = []
     for tag, cls in sorted(codec.registered_messages().items()):
+        if not cls.__module__.startswith("proto."):
+            continue  # test-only types other test modules registered (one holds a map)
         raw = msgpack.packb([tag, *densest(codec.StructSpec(cls), allocating)],
                             use_bin_type=True)
 
