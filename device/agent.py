@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import contextvars
 import os
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import trio
 
+from device import joining
+from device.config import DeviceConfig
 from device.document import Document
 from device.errors import DocumentError, JoinError
-from device.mls import DEFAULT_EPOCH_RETENTION, MlsClient, SqliteGroupStorage, new_signature_key
+from device.mls import MlsClient, SqliteGroupStorage, new_signature_key
 from device.p2p import PeerServer, Progress
+from device.replica import insert_document
+from device.rules import address_is_news
 from device.store import Store
 from proto import entropy
 from proto.address import AddressRecord
@@ -39,56 +41,6 @@ from proto.transport.base import Transport
 from proto.transport.iroh import IrohTransport
 
 log = get_logger("device.agent")
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    flush_interval: float = 0.0
-    """Extra minimum spacing of two updates of one document (edits in between are coalesced).
-    Usually unnecessary: waiting for the previous update's quorum ack already batches."""
-    coalesce_max: float = 0.25
-    """While our last update waits for its quorum acknowledgement (at most this long), new
-    edits are coalesced into the next update."""
-    epoch_retention: int = DEFAULT_EPOCH_RETENTION
-    """Past MLS epochs whose secrets are kept, so late messages of those epochs decrypt."""
-    snapshot_every: int = 2000
-    publish_state_every: int = 5000
-    """After this many edit updates with no whole-document state seen on the syncnodes, this
-    device stores one there (encrypted), so new devices can load it with no member online."""
-    """Stored CRDT updates are folded into one snapshot after this many."""
-    connect_timeout: float = 10.0
-    reconnect_min: float = 0.2
-    reconnect_max: float = 10.0
-    propose_attempts: int = 12
-    propose_backoff: float = 0.02
-    rebase_attempts: int = 8
-    max_in_flight: int = 256
-    mailbox_interval: float = 10.0
-    """Safety net: how often a device with open invites reads its mailbox even without a
-    notice (syncnodes push one when a join request arrives)."""
-    keepalive_interval: float = 2.0
-    """An idle syncnode link asks for the group's head this often, so that a syncnode that
-    died, froze or restarted is noticed without traffic of our own (see keepalive_timeout)."""
-    keepalive_timeout: float = 3.0
-    """A syncnode link whose requests have waited this long with no reply of any kind counts
-    as down, and is dropped and dialled again at once (a restarted syncnode cannot close its
-    old connection). It also bounds the waits of a commit when no quorum answers; with a
-    quorum, commits and durability acks never wait for the others."""
-    fast_poll_interval: float = 0.02
-    fast_poll_window: float = 120.0
-    """For this long after making an invite (inviter) or starting a join (new device), poll
-    every ``fast_poll_interval`` instead: an interactive join completes in a fraction of a
-    second, without polling the syncnodes that often the rest of the time."""
-    sync_request_interval: float = 3.0
-    backfill_interval: float = 30.0
-    """Safety net: re-ask each syncnode for envelopes past our watermarks this often (covers a
-    push lost on the way; normally finds nothing)."""
-    join_poll_interval: float = 1.0
-    p2p_state_transfer: bool = True
-    """On join, fetch the document directly from the inviter (else only via the syncnodes)."""
-    listen: str = "127.0.0.1:0"
-    relays: tuple[str, ...] = ()
-    """iroh relay URLs; empty for direct connections only."""
 
 
 class Device:
@@ -135,7 +87,7 @@ class Device:
                     device = cls(store, endpoint, config, nursery)
                     await nursery.start(endpoint.serve, PeerServer(device).handle_connection)
                     for (gid,) in store.all("SELECT group_id FROM documents ORDER BY created_at"):
-                        device._start(Document(device, gid))
+                        device.start_document(Document(device, gid))
                     try:
                         yield device
                     finally:
@@ -182,8 +134,8 @@ class Device:
         body = record.body
         row = self.store.one("SELECT addrs, at FROM syncnode_addrs WHERE node_id=?",
                              body.node_id)
-        if row is not None and (row[1] >= body.issued_at
-                                or tuple(msgpack.unpackb(row[0])) == body.addrs):
+        held = (row[1], tuple(msgpack.unpackb(row[0]))) if row is not None else None
+        if not address_is_news(held, body.issued_at, body.addrs):
             return False
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO syncnode_addrs VALUES (?,?,?)",
@@ -201,6 +153,10 @@ class Device:
     def documents(self) -> list[Document]:
         return list(self._docs.values())
 
+    def document_for(self, group_id: bytes) -> Document | None:
+        """The document of this group, if this device has it."""
+        return self._docs.get(group_id)
+
     def document(self, ref: str) -> Document:
         """A document by name or by (a prefix of) its id."""
         ref = ref.lower()
@@ -211,7 +167,8 @@ class Device:
                                 f"{ref!r}")
         return found[0]
 
-    def _start(self, doc: Document) -> None:
+    def start_document(self, doc: Document) -> None:
+        """Run ``doc``'s background work under this device (until it closes)."""
         self._docs[doc.group_id] = doc
         scope = trio.CancelScope()
         self._scopes[doc.group_id] = scope
@@ -272,7 +229,7 @@ class Device:
             insert_document(db, gid, name or gid.hex()[:8], crdt, 0)
             db.execute("INSERT INTO log VALUES (?,?,?,?)", (gid, 0, g.encode(), None))
         doc = Document(self, gid)
-        self._start(doc)
+        self.start_document(doc)
         log.info("document created", doc=short_id(gid), syncnodes=len(entries))
         return doc
 
@@ -288,8 +245,6 @@ class Device:
         at ``timeout`` (saying what it was waiting for). This process must stay up until it
         returns: the KeyPackage's private key lives only in memory.
         """
-        from device import joining
-
         return await joining.join(self, ticket, name=name, timeout=timeout,
                                   say=progress or (lambda _msg: None), on_progress=on_progress)
 
@@ -317,13 +272,6 @@ async def _bind(store: Store, key: SecretKey, config: DeviceConfig) -> Transport
 
 def _open_store(path: str | os.PathLike[str]) -> Store:
     return Store(Path(os.path.expanduser(os.fspath(path))))
-
-
-def insert_document(db: sqlite3.Connection, gid: bytes, name: str, crdt: str,
-                     epoch: int) -> None:
-    db.execute("INSERT INTO documents VALUES (?,?,?,?,?,?,?,?,?,?)",
-               (gid, name, crdt, entropy.randbits(63), epoch, epoch, 1, msgpack.packb({}),
-                "active", entropy.wall()))
 
 
 def init_identity(store: Store) -> SecretKey:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from device.errors import Offline
+from device.links import Links
+from device.membership import Membership
 from device.mls import MlsError
+from device.outbox import Outbox
+from device.replica import Replica
 from proto import entropy
 from proto.errors import DecodeError, SyncnodeError
 from proto.handoff import (
@@ -40,14 +43,10 @@ from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import MAX_NAME, InviteTicket, JoinRequest, secret_hash
 from proto.logs import get_logger
 from proto.manifest import ManifestError, genesis_hash
-from proto.p2p import SnapshotBody, SnapshotOffer, snapshot_digest
-from proto.payload import vector_deps
+from proto.p2p import SnapshotOffer
 from proto.rpc import SyncnodeClient
 from proto.service import MailboxKind
 from proto.wakeup import Signal
-
-if TYPE_CHECKING:
-    from device.document import Document
 
 log = get_logger("device.invites")
 
@@ -78,8 +77,13 @@ class Added:
 class Invites:
     """Open invites of one document and the join requests for them (one per document)."""
 
-    def __init__(self, doc: Document) -> None:
-        self.doc = doc
+    def __init__(self, replica: Replica, outbox: Outbox, links: Links,
+                 membership: Membership) -> None:
+        self.replica = replica
+        self.host = replica.host
+        self.outbox = outbox
+        self.links = links
+        self.membership = membership
         self.changed = Signal()
         """Fires when a request arrives, a device is added, or a direct transfer finished."""
         self.added: dict[bytes, Added] = {}
@@ -98,17 +102,17 @@ class Invites:
         """A one-time ticket valid for ``ttl`` seconds."""
         if not ttl > 0:
             raise InviteError(f"an invite needs a positive lifetime in seconds, not {ttl:g}")
-        doc = self.doc
+        r, host = self.replica, self.host
         secret = entropy.token_bytes(16)
         expires = entropy.wall() + ttl
-        with doc.store.transaction() as db:
+        with r.store.transaction() as db:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
-                       (secret_hash(secret), doc.group_id, expires))
+                       (secret_hash(secret), r.group_id, expires))
         self.notify()  # the request usually follows at once: read the mailbox now
-        return str(InviteTicket(doc.group_id, genesis_hash(doc.values[0].encode()),
-                                doc.device.key.public, doc.device.endpoint_id,
-                                doc.device.addresses(), doc.manifest.syncnodes, secret,
-                                int(expires), doc.name[:MAX_NAME]))
+        return str(InviteTicket(r.group_id, genesis_hash(r.values[0].encode()),
+                                host.key.public, host.endpoint_id,
+                                host.addresses(), r.manifest.syncnodes, secret,
+                                int(expires), r.name[:MAX_NAME]))
 
     def notify(self) -> None:
         """Something may be waiting in our mailbox (a syncnode's notice, or a new invite)."""
@@ -157,15 +161,14 @@ class Invites:
     def _boxes(self) -> list[tuple[bytes, SecretKey]]:
         """The invites whose box we read, by secret hash: every one that could still be asked
         for (used ones too: a request for a spent ticket is answered with a refusal)."""
-        return [(h, invite_box_from_hash(h)) for (h,) in self.doc.store.all(
+        return [(h, invite_box_from_hash(h)) for (h,) in self.replica.store.all(
             "SELECT secret_hash FROM invites WHERE group_id=? AND expires_at>?",
-            self.doc.group_id, entropy.wall() - EXPIRY_GRACE)]
+            self.replica.group_id, entropy.wall() - EXPIRY_GRACE)]
 
     async def run(self, client: SyncnodeClient) -> None:
         """Per syncnode link: read join requests when notified (safety-net poll otherwise)."""
-        doc = self.doc
         authenticated: set[bytes] = set()
-        while doc.status == "active":
+        while self.replica.status == "active":
             mark = self._notices
             if trio.current_time() >= self._retry_at:
                 for hashed, box in self._boxes():
@@ -174,7 +177,7 @@ class Invites:
                         authenticated.add(box.public)
                     await self._read(client, hashed, box)
             if self._notices == mark:  # nothing arrived while we read
-                with trio.move_on_after(doc.device.config.mailbox_interval):
+                with trio.move_on_after(self.host.config.mailbox_interval):
                     await self._wanted.wait()
 
     async def _read(self, client: SyncnodeClient, hashed: bytes, box: SecretKey) -> None:
@@ -197,25 +200,25 @@ class Invites:
     async def _request(self, sealed: bytes, hashed: bytes) -> bool:
         """Handle one join request found in the box of the invite with secret hash ``hashed``;
         False if it should stay in the mailbox (retry later)."""
-        doc = self.doc
+        r = self.replica
         try:
-            req = JoinRequest.open(doc.device.key, sealed)
+            req = JoinRequest.open(self.host.key, sealed)
         except DecodeError as exc:
             log.warning("unreadable join request", error=str(exc))
             return True
-        if req.group_id != doc.group_id or secret_hash(req.secret) != hashed:
+        if req.group_id != r.group_id or secret_hash(req.secret) != hashed:
             # Only a holder of this ticket could put it here, and it names something else:
             # nobody wants it.
             log.warning("join request for another invite in an invite's box",
-                        doc=short_id(doc.group_id))
+                        doc=short_id(r.group_id))
             return True
         async with self._lock:
             key = hashed
             joiner = short_id(fingerprint(req.sig_pub))
-            row = doc.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
-                                "group_id=?", key, doc.group_id)
+            row = r.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
+                              "group_id=?", key, r.group_id)
             if row is not None and row[1]:
-                if doc.manifest.device(fingerprint(req.sig_pub)) is None:
+                if r.manifest.device(fingerprint(req.sig_pub)) is None:
                     await self._refuse(req, "this invite was already used by another device")
                 return True  # else a copy of the request that was granted, from another node
             if row is None:
@@ -229,10 +232,10 @@ class Invites:
             self.changed.fire()
             try:
                 staged = await self._stage(req)
-                slot = await doc.add_device(req.key_package, req.sig_pub, req.endpoint_id,
-                                            addrs=req.addrs)
+                slot = await self.membership.add_device(req.key_package, req.sig_pub,
+                                                        req.endpoint_id, addrs=req.addrs)
             except (ManifestError, MlsError) as exc:
-                log.warning("join request refused", doc=short_id(doc.group_id), error=str(exc))
+                log.warning("join request refused", doc=short_id(r.group_id), error=str(exc))
                 await self._refuse(req, f"the join request is invalid: {exc}"[:200])
                 return True
             except SyncnodeError as exc:
@@ -240,35 +243,34 @@ class Invites:
                 # only burns CPU (found by the simulator).
                 self._retry_at = trio.current_time() + self._backoff
                 self._backoff = min(self._backoff * 2, 30.0)
-                log.info("cannot add the invited device yet", doc=short_id(doc.group_id),
+                log.info("cannot add the invited device yet", doc=short_id(r.group_id),
                          error=str(exc), retry_in=self._backoff / 2)
                 return False
             self._backoff = 0.5
-            with doc.store.transaction() as db:
+            with r.store.transaction() as db:
                 db.execute("UPDATE invites SET used=1 WHERE secret_hash=?", (key,))
             self.added[key] = Added(joiner, req.endpoint_id, slot, staged)
             self.changed.fire()
-            log.info("device added from an invite", doc=short_id(doc.group_id), device=joiner,
+            log.info("device added from an invite", doc=short_id(r.group_id), device=joiner,
                      slot=slot, staged_on=staged)
             return True
 
     async def _stage(self, req: JoinRequest) -> int:
         """Store the whole document for the joiner on a quorum of syncnodes (before the add is
         proposed). Returns on how many it was stored; raises if fewer than a quorum."""
-        doc = self.doc
-        doc.flush()  # our own edits are then covered by the vector, not only by the bytes
-        data = doc.crdt.snapshot()
+        r = self.replica
+        self.outbox.flush()  # our own edits are then covered by the vector, not only the bytes
+        data = r.crdt.snapshot()
         if len(data) > MAX_HANDOFF:
             log.warning("document too large to stage on the syncnodes; the new device needs a "
-                        "member online", doc=short_id(doc.group_id), bytes=len(data))
+                        "member online", doc=short_id(r.group_id), bytes=len(data))
             return 0
-        body = SnapshotBody(doc.group_id, doc.epoch, len(data), snapshot_digest(data),
-                            vector_deps(doc.buffer.delivered), doc.crdt.backend_id)
-        parts = seal_parts(req.secret, SnapshotOffer.sign(doc.device.key, body, 0),
+        body = r.snapshot_body(data)
+        parts = seal_parts(req.secret, SnapshotOffer.sign(self.host.key, body, 0),
                            req.sig_pub, data)
-        acceptors = doc.manifest.acceptors()
+        acceptors = r.manifest.acceptors()
         stored = await self._put_all(req.sig_pub, MailboxKind.STATE_HANDOFF, parts,
-                                     HANDOFF_TTL, [n for n in doc.clients if n in acceptors],
+                                     HANDOFF_TTL, [n for n in self.links.clients if n in acceptors],
                                      acceptors.quorum)
         if stored < acceptors.quorum:
             raise Offline(f"the document reached {stored} of {len(acceptors)} syncnodes; "
@@ -276,11 +278,11 @@ class Invites:
         return stored
 
     async def _refuse(self, req: JoinRequest, reason: str) -> None:
-        doc = self.doc
-        sealed = seal_refusal(req.secret, JoinRefusal(doc.group_id, req.sig_pub, reason))
+        r = self.replica
+        sealed = seal_refusal(req.secret, JoinRefusal(r.group_id, req.sig_pub, reason))
         n = await self._put_all(req.sig_pub, MailboxKind.JOIN_REFUSED, [sealed], REFUSAL_TTL,
-                                list(doc.clients), doc.manifest.acceptors().quorum)
-        log.info("join request refused", doc=short_id(doc.group_id),
+                                list(self.links.clients), r.manifest.acceptors().quorum)
+        log.info("join request refused", doc=short_id(r.group_id),
                  device=short_id(fingerprint(req.sig_pub)), reason=reason, told=n)
 
     async def _put_all(self, recipient: bytes, kind: MailboxKind, payloads: list[bytes],
@@ -289,7 +291,7 @@ class Invites:
         once ``enough`` did or every put has ended: the others finish in the background, so a
         frozen syncnode of the minority does not hold the add up."""
         ok: list[bytes] = []
-        targets = [c for n in nodes if (c := self.doc.clients.get(n)) is not None]
+        targets = [c for n in nodes if (c := self.links.clients.get(n)) is not None]
         if not targets:
             return 0
         ended, done = [0], trio.Event()
@@ -297,7 +299,8 @@ class Invites:
         async def put(client: SyncnodeClient) -> None:
             try:
                 for p in payloads:
-                    await client.mailbox_put(recipient, kind, p, ttl, group_id=self.doc.group_id)
+                    await client.mailbox_put(recipient, kind, p, ttl,
+                                             group_id=self.replica.group_id)
                 ok.append(client.node_id)
             except SyncnodeError as exc:
                 log.info("mailbox put failed", node=short_id(client.node_id), error=str(exc))
@@ -307,7 +310,7 @@ class Invites:
                     done.set()
 
         for client in targets:
-            self.doc.device.spawn(put, client)
+            self.host.spawn(put, client)
         await done.wait()
         return len(ok)
 

@@ -9,8 +9,8 @@
    is read once we are one.
 3. Get the document from whichever source answers first, all tried at once: the inviter and the
    other members directly (peer to peer), and the copy the inviter stored for us on the
-   syncnodes before it proposed the add. If none has it, members answer a state request through
-   the syncnodes.
+   syncnodes before it proposed the add (:mod:`device.state_fetch`). If none has it, members
+   answer a state request through the syncnodes.
 4. Return only once the document's content is here; at the timeout, raise :class:`JoinError`
    saying what was still missing.
 """
@@ -20,18 +20,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from device.document import Document
 from device.errors import JoinError
-from device.p2p import Progress, TransferError, fetch_snapshot
+from device.host import Host
+from device.p2p import Progress
+from device.replica import insert_document, mark_needs_state
+from device.state_fetch import Say, fetch_first_state, read_mailbox
 from proto import entropy
 from proto.codec import encode
-from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
 from proto.groups import single_errors
-from proto.handoff import HandoffPart, assemble, invite_box, open_part, open_refusal
+from proto.handoff import HandoffPart, invite_box
 from proto.identity import fingerprint, short_id
 from proto.invite import InviteTicket, JoinRequest
 from proto.logs import get_logger
@@ -45,25 +48,27 @@ from proto.manifest import (
     validate_genesis,
     verify_decided,
 )
-from proto.p2p import SnapshotBody
 from proto.paxos.messages import Decided
 from proto.paxos.quorum import CertificateError
 from proto.rpc import RemoteError, SyncnodeClient, UnexpectedReply
-from proto.service import MailboxItem, MailboxKind, put_proof
+from proto.service import MailboxKind, put_proof
 from proto.ticket import NodeTicket
-
-if TYPE_CHECKING:
-    from device.agent import Device
-    from device.document import Document
 
 log = get_logger("device.joining")
 
-MAILBOX_PAGE = 64
 REQUEST_TTL = 7 * 24 * 3600
 """Longest a join request waits on a syncnode (their default ``max_mailbox_ttl``), whatever the
 ticket's lifetime."""
 
-Say = Callable[[str], None]
+
+class Joiner(Host, Protocol):
+    """What a join needs from the device beyond what its documents need."""
+
+    def free_name(self, wanted: str, group_id: bytes) -> str: ...
+
+    def document_for(self, group_id: bytes) -> Document | None: ...
+
+    def start_document(self, doc: Document) -> None: ...
 
 
 class _Phase:
@@ -73,7 +78,7 @@ class _Phase:
         self.what = "reaching the document's syncnodes"
 
 
-async def join(device: Device, ticket: str, *, name: str, timeout: float, say: Say,
+async def join(device: Joiner, ticket: str, *, name: str, timeout: float, say: Say,
                on_progress: Callable[[Progress], None] | None) -> Document:
     try:
         t = InviteTicket.parse(ticket)
@@ -81,7 +86,7 @@ async def join(device: Device, ticket: str, *, name: str, timeout: float, say: S
         raise JoinError(f"bad invite ticket: {exc}") from None
     if t.expires_at < entropy.wall():
         raise JoinError("the invite ticket has expired; ask the inviter for a new one")
-    if t.group_id in device._docs:
+    if device.document_for(t.group_id) is not None:
         raise JoinError("this device is already a member of that document")
     phase = _Phase()
     with trio.move_on_after(timeout) as scope:
@@ -90,11 +95,8 @@ async def join(device: Device, ticket: str, *, name: str, timeout: float, say: S
     raise JoinError(f"no success after {timeout:g} s while {phase.what}")
 
 
-async def _join(device: Device, t: InviteTicket, name: str, say: Say,
+async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
                 on_progress: Callable[[Progress], None] | None, phase: _Phase) -> Document:
-    from device.agent import insert_document
-    from device.document import Document, mark_needs_state
-
     key_package = device.mls.key_package()
     request = JoinRequest(t.group_id, t.secret, key_package, device.key.public,
                           device.endpoint_id, device.addresses()).seal(t.inviter)
@@ -141,8 +143,8 @@ async def _join(device: Device, t: InviteTicket, name: str, say: Say,
         doc = Document(device, t.group_id)
         phase.what = "fetching the document (from the inviter, other members or the syncnodes)"
         say(f"added at epoch {slot}; fetching the document")
-        loaded = await _first_state(device, doc, t, clients, parts, say, on_progress)
-    device._start(doc)
+        loaded = await fetch_first_state(device, doc, t, clients, parts, say, on_progress)
+    device.start_document(doc)
     if not loaded:
         phase.what = ("waiting for a member to send the document through the syncnodes "
                       "(this device is a member now; it keeps asking whenever it runs)")
@@ -158,7 +160,7 @@ async def _wait_for_state(doc: Document) -> None:
 
 
 @asynccontextmanager
-async def _connect_all(device: Device, entries: Sequence[SyncnodeEntry],
+async def _connect_all(device: Host, entries: Sequence[SyncnodeEntry],
                        ready: Callable[[SyncnodeClient], Awaitable[bool]]
                        ) -> AsyncIterator[list[SyncnodeClient]]:
     """Authenticated connections to the reachable syncnodes, dialled in parallel; ``ready``
@@ -242,7 +244,7 @@ def _check_inviter(t: InviteTicket, manifest: Manifest) -> None:
                         "ask a member for a new ticket")
 
 
-async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: InviteTicket,
+async def _await_welcome(device: Host, clients: list[SyncnodeClient], t: InviteTicket,
                          parts: dict[int, HandoffPart]
                          ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
     """Poll until a syncnode proves a slot that adds this device (its Welcome), and our mailbox
@@ -262,7 +264,7 @@ async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: Invit
         for c in list(clients):
             known = _log_of(logs, c.node_id)
             try:
-                await _read_mailbox(device, c, t, parts)
+                await read_mailbox(device, c, t, parts)
                 found = await _scan_log(device, c, t, known)
             except TransportError as exc:  # gone: stop asking it
                 log.info("lost a syncnode while waiting", node=short_id(c.node_id),
@@ -286,32 +288,7 @@ async def _await_welcome(device: Device, clients: list[SyncnodeClient], t: Invit
         await trio.sleep(cfg.fast_poll_interval if fast else cfg.join_poll_interval)
 
 
-async def _read_mailbox(device: Device, c: SyncnodeClient, t: InviteTicket,
-                        parts: dict[int, HandoffPart], *, refusals: bool = True) -> None:
-    """Our mailbox on one syncnode: a refusal ends the join (until we are added); handoff
-    parts are collected."""
-    me = device.key.public
-    after = 0
-    while True:
-        page = await c.mailbox_fetch(me, after, MAILBOX_PAGE)
-        for item in page.items:
-            after = max(after, item.item_id)
-            try:
-                if item.kind == MailboxKind.JOIN_REFUSED and refusals:
-                    refusal = open_refusal(t.secret, t.group_id, me, item.payload)
-                    raise JoinError(f"the inviter refused this ticket: {refusal.reason}")
-                if item.kind == MailboxKind.STATE_HANDOFF:
-                    part = open_part(t.secret, t.group_id, me, item.payload)
-                    if parts and next(iter(parts.values())).digest != part.digest:
-                        parts.clear()  # a newer staging (the inviter retried the add)
-                    parts[part.index] = part
-            except DecodeError:
-                continue  # another join's, or junk
-        if not page.more:
-            return
-
-
-async def _scan_log(device: Device, c: SyncnodeClient, t: InviteTicket, known: _Log
+async def _scan_log(device: Host, c: SyncnodeClient, t: InviteTicket, known: _Log
                     ) -> int | None:
     """Extend ``known`` (``c``'s verified log) from ``c``; the slot that adds this device, once
     there is one. Until ``c`` shows us the group's head (it does once we are a member there),
@@ -341,177 +318,3 @@ async def _scan_log(device: Device, c: SyncnodeClient, t: InviteTicket, known: _
             slot += 1
         if not page.decided or slot > page.top:
             return None
-
-
-STAGGER = 1.0
-STAGED_AFTER = 2.0
-"""Direct transfers get this head start over the copy on the syncnodes: theirs is fresher (taken
-after the add). A transfer already receiving bytes is left to finish."""
-
-
-async def _first_state(device: Device, doc: Document, t: InviteTicket,
-                       clients: list[SyncnodeClient], parts: dict[int, HandoffPart], say: Say,
-                       on_progress: Callable[[Progress], None] | None) -> bool:
-    """Get the document from the first source that verifies: the members directly, or the
-    copy the inviter stored on the syncnodes. False if none had it (members then answer a
-    state request through the syncnodes)."""
-    got: list[tuple[bytes, SnapshotBody, str]] = []
-    done, direct_over, direct_started = trio.Event(), trio.Event(), trio.Event()
-
-    async def direct(endpoint: bytes, addrs: tuple[str, ...], receiving: trio.Event,
-                     failed: trio.Event) -> None:
-        def progress(p: Progress) -> None:
-            receiving.set()
-            direct_started.set()
-            if on_progress is not None:
-                on_progress(p)
-
-        result = await _fetch_from(device, doc, endpoint, addrs, progress)
-        if result is not None and not got:
-            member = next((d for d in doc.manifest.devices if d.endpoint_id == endpoint), None)
-            who = short_id(member.fingerprint if member is not None else endpoint)
-            got.append((*result, f"peer to peer from {who}"))
-            done.set()
-        failed.set()
-
-    async def all_direct() -> None:
-        """The inviter first, then the other members, staggered like "happy eyeballs": the
-        next one starts when the last failed or said nothing for STAGGER seconds; a transfer
-        that is receiving bytes is not doubled by another."""
-        if device.config.p2p_state_transfer:
-            sources = [(t.inviter_endpoint, t.inviter_addrs)] + [
-                (d.endpoint_id, d.addrs) for d in doc.manifest.devices
-                if d.fingerprint != device.fingerprint and d.endpoint_id != t.inviter_endpoint]
-            async with trio.open_nursery() as nursery:
-                for endpoint, addrs in sources:
-                    receiving, failed = trio.Event(), trio.Event()
-                    nursery.start_soon(direct, endpoint, addrs, receiving, failed)
-                    with trio.move_on_after(STAGGER):
-                        await failed.wait()
-                    if receiving.is_set():
-                        await failed.wait()
-        direct_over.set()
-
-    async def staged() -> None:
-        with trio.move_on_after(STAGED_AFTER):
-            await direct_over.wait()
-        if direct_started.is_set():
-            await direct_over.wait()
-        for attempt in range(3):  # stored before the add; a slow syncnode may lag a little
-            for c in clients:
-                found = await _staged_from(device, doc, c, t, parts)
-                if found is not None:
-                    if not got:
-                        got.append((*found, "from the copy stored on the syncnodes"))
-                        done.set()
-                    return
-            await trio.sleep(0.2 * (attempt + 1))
-
-    async def both() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(all_direct)
-            nursery.start_soon(staged)
-        done.set()  # every source tried
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(both)
-        await done.wait()
-        nursery.cancel_scope.cancel()
-    if not got:
-        return False
-    data, body, how = got[0]
-    try:
-        async with doc._apply_lock:
-            doc.load_state(data, {d.sender: d.seq for d in body.covers})
-    except CrdtError as exc:
-        log.warning("the document state does not load", error=str(exc))
-        return False
-    say(f"received the document {how} ({len(data):,} bytes)")
-    await _ack_handoff(device, clients, t)
-    return True
-
-
-async def _staged_from(device: Device, doc: Document, c: SyncnodeClient, t: InviteTicket,
-                       parts: dict[int, HandoffPart]) -> tuple[bytes, SnapshotBody] | None:
-    """The copy the inviter stored for us, read from one syncnode, if complete and signed by
-    a member."""
-    try:
-        await _read_mailbox(device, c, t, parts, refusals=False)
-        found = assemble(parts)
-    except (TransportError, RemoteError, UnexpectedReply, DecodeError) as exc:
-        # a bad syncnode's answer spoils only what came from it
-        log.info("cannot read the staged state", node=short_id(c.node_id), error=str(exc))
-        parts.clear()
-        return None
-    if found is None:
-        return None
-    offer, data = found
-    inviter = doc.manifest.device(offer.signer)
-    if inviter is None or not offer.verify(inviter.sig_pub) \
-            or offer.body.backend != doc.crdt.backend_id \
-            or offer.body.group_id != doc.group_id:
-        log.warning("staged state not signed by a member", node=short_id(c.node_id))
-        parts.clear()
-        return None
-    return data, offer.body
-
-
-def _ours(t: InviteTicket, me: bytes, item: MailboxItem) -> bool:
-    """Whether ``item`` is something the inviter of ``t`` left for us (it opens with the
-    ticket's secret). Items of another join of ours stay for that join."""
-    try:
-        if item.kind == MailboxKind.STATE_HANDOFF:
-            open_part(t.secret, t.group_id, me, item.payload)
-        elif item.kind == MailboxKind.JOIN_REFUSED:
-            open_refusal(t.secret, t.group_id, me, item.payload)
-        else:
-            return False
-    except DecodeError:
-        return False
-    return True
-
-
-async def _ack_handoff(device: Device, clients: list[SyncnodeClient], t: InviteTicket) -> None:
-    """Delete what the inviter left for us (best effort: it also expires)."""
-    me = device.key.public
-
-    async def one(c: SyncnodeClient) -> None:
-        try:
-            after = 0
-            while True:
-                page = await c.mailbox_fetch(me, after, MAILBOX_PAGE)
-                if page.items:
-                    after = page.items[-1].item_id
-                ids = [i.item_id for i in page.items if _ours(t, me, i)]
-                if ids:
-                    await c.mailbox_ack(me, ids)
-                if not page.more:
-                    break
-        except SyncnodeError as exc:
-            log.info("could not clear the mailbox", node=short_id(c.node_id), error=str(exc))
-
-    with trio.move_on_after(device.config.connect_timeout):
-        async with trio.open_nursery() as nursery:
-            for c in clients:
-                nursery.start_soon(one, c)
-
-
-async def _fetch_from(device: Device, doc: Document, endpoint: bytes, addrs: tuple[str, ...],
-                      on_progress: Callable[[Progress], None] | None
-                      ) -> tuple[bytes, SnapshotBody] | None:
-    """One member as the source; an interrupted transfer is resumed once."""
-    partial: dict[bytes, bytearray] = {}
-    for attempt in range(2):
-        try:
-            data, body = await fetch_snapshot(device.transport, endpoint, addrs, doc.manifest,
-                                              progress=on_progress, partial=partial,
-                                              timeout=device.config.connect_timeout)
-            if body.backend != doc.crdt.backend_id:
-                raise TransferError(f"snapshot of backend {body.backend!r}")
-            return data, body
-        except TransferError as exc:
-            log.info("peer-to-peer state transfer failed", source=short_id(endpoint),
-                     attempt=attempt + 1, error=str(exc))
-            if not partial:
-                break
-    return None

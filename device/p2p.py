@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from device.document import Document
 from proto.codec import decode, encode
 from proto.errors import DecodeError, SyncnodeError, TransportError
-from proto.identity import short_id
+from proto.identity import SecretKey, short_id
 from proto.logs import get_logger
 from proto.manifest import DeviceEntry, Manifest
 from proto.messages import ErrorCode, ErrorReply
@@ -34,11 +35,7 @@ from proto.p2p import (
     SnapshotRequest,
     snapshot_digest,
 )
-from proto.payload import vector_deps
 from proto.transport.base import Connection, Stream, Transport
-
-if TYPE_CHECKING:
-    from device.agent import Device
 
 log = get_logger("device.p2p")
 
@@ -66,10 +63,18 @@ class Progress:
     total: int
 
 
+class Peers(Protocol):
+    """What the serving side needs from the device: its key and its documents."""
+
+    key: SecretKey
+
+    def document_for(self, group_id: bytes) -> Document | None: ...
+
+
 class PeerServer:
     """Answers snapshot requests from other member devices."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Peers) -> None:
         self.device = device
         self._cache: dict[bytes, _Served] = {}
 
@@ -101,15 +106,15 @@ class PeerServer:
                 await stream.aclose()
 
     async def _serve(self, peer: bytes, stream: Stream, req: SnapshotRequest) -> None:
-        doc = self.device._docs.get(req.group_id)
+        doc = self.device.document_for(req.group_id)
         if doc is None or doc.status != "active":
             await stream.send(encode(ErrorReply(ErrorCode.NOT_FOUND, "no such document here")))
             return
         # The requester was just added; we may not have learned that decision yet.
         with trio.move_on_after(MEMBER_WAIT):
             while not any(d.endpoint_id == peer for d in doc.manifest.devices):
-                doc._learn_wanted.fire()
-                await doc._epoch_changed.wait()
+                doc.replica.learn_wanted.fire()
+                await doc.replica.epoch_changed.wait()
         if not any(d.endpoint_id == peer for d in doc.manifest.devices):
             await stream.send(encode(ErrorReply(ErrorCode.UNAUTHORIZED,
                                                 "your endpoint is not a member's")))
@@ -118,8 +123,7 @@ class PeerServer:
         now = trio.current_time()
         if served is None or req.resume != served.body.digest or now - served.at > CACHE_SECONDS:
             data = doc.crdt.snapshot()  # taken together with the vector it covers
-            body = SnapshotBody(req.group_id, doc.epoch, len(data), snapshot_digest(data),
-                                vector_deps(doc.buffer.delivered), doc.crdt.backend_id)
+            body = doc.replica.snapshot_body(data)
             served = _Served(data, body, now)
             self._cache[req.group_id] = served
         offset = req.offset if req.resume == served.body.digest else 0

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import device.document
+import device.membership
 from proto.manifest import LogValue
 from proto.paxos.acceptor import Acceptor, Step
 from proto.paxos.messages import Accept, Nack, Prepare
@@ -67,7 +67,7 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
     if variant != "early-apply":
         yield
         return
-    honest_propose = device.document.propose
+    honest_propose = device.membership.propose
 
     async def propose_after_applying(key: Any, clients: Any, group_id: bytes, slot: int,
                                      value: bytes, *args: Any, **kwargs: Any) -> Any:
@@ -75,11 +75,11 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         _apply_undecided(dev, slot, value)
         return await honest_propose(key, clients, group_id, slot, value, *args, **kwargs)
 
-    device.document.propose = propose_after_applying
+    device.membership.propose = propose_after_applying
     try:
         yield
     finally:
-        device.document.propose = honest_propose
+        device.membership.propose = honest_propose
 
 
 def _apply_undecided(dev: SimDevice, slot: int, value_bytes: bytes) -> None:
@@ -95,7 +95,7 @@ def _apply_undecided(dev: SimDevice, slot: int, value_bytes: bytes) -> None:
         db.execute("INSERT INTO log VALUES (?,?,?,?)", (doc.group_id, slot, value_bytes, None))
         db.execute("UPDATE documents SET epoch=? WHERE group_id=?", (slot, doc.group_id))
     doc.values[slot] = value
-    doc.epoch = slot
+    doc.replica.epoch = slot
 
 
 @contextmanager
@@ -105,7 +105,7 @@ def _joins_return_early() -> Iterator[None]:
     takes the document from wherever it may come later."""
     import device.joining
 
-    honest_first_state = device.joining._first_state
+    honest_first_state = device.joining.fetch_first_state
     honest_wait = device.joining._wait_for_state
 
     async def nothing(*args: Any, **kwargs: Any) -> bool:
@@ -114,12 +114,12 @@ def _joins_return_early() -> Iterator[None]:
     async def no_wait(*args: Any, **kwargs: Any) -> None:
         return None
 
-    device.joining._first_state = nothing  # type: ignore[assignment]
+    device.joining.fetch_first_state = nothing  # type: ignore[assignment]
     device.joining._wait_for_state = no_wait  # type: ignore[assignment]
     try:
         yield
     finally:
-        device.joining._first_state = honest_first_state  # type: ignore[assignment]
+        device.joining.fetch_first_state = honest_first_state  # type: ignore[assignment]
         device.joining._wait_for_state = honest_wait  # type: ignore[assignment]
 
 

@@ -109,7 +109,7 @@ async def test_bad_updates_from_a_member_and_bad_envelopes_change_nothing(tmp_pa
 
             # A member (b) sends a well-encrypted update whose CRDT bytes are garbage.
             with b.store.transaction():
-                db_._seal(PayloadKind.UPDATE, pack_updates([b"\x00garbage"]), exclude_self=True)
+                db_.outbox.seal(PayloadKind.UPDATE, pack_updates([b"\x00garbage"]))
             await eventually(lambda: any(al.kind == "bad-update" for al in alarms),
                              what="a raises a bad-update alarm")
             assert da.crdt.snapshot() == before
@@ -131,18 +131,18 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 
-    from device.document import Document
+    from device.outbox import Outbox
     from proto.payload import PayloadKind
     from tests.device_kit import FAST
 
     sealed: list[tuple[str, PayloadKind]] = []
-    orig = Document._seal
+    orig = Outbox.seal
 
-    def spy(self: Document, kind: PayloadKind, body: bytes, *, exclude_self: bool) -> None:
-        sealed.append((self.device.id, kind))
-        orig(self, kind, body, exclude_self=exclude_self)
+    def spy(self: Outbox, kind: PayloadKind, body: bytes) -> None:
+        sealed.append((self.host.id, kind))
+        orig(self, kind, body)
 
-    monkeypatch.setattr(Document, "_seal", spy)
+    monkeypatch.setattr(Outbox, "seal", spy)
     config = replace(FAST, publish_state_every=10)
     async with memory_cluster(tmp_path, 6) as (net, _, nodes):
         async with memory_device(net, tmp_path / "a", config) as a, \
@@ -174,7 +174,7 @@ async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> 
             db_ = await b.join(da.invite())
             await converged([da, db_])
             dropped: list[int] = []
-            real = db_._inbox_send
+            real = db_.session._queue_send
 
             class Lossy:
                 async def send(self, item: tuple[object, object]) -> None:
@@ -183,7 +183,7 @@ async def test_a_lost_push_is_recovered_by_periodic_backfill(tmp_path: Path) -> 
                         return
                     await real.send(item)  # type: ignore[arg-type]
 
-            db_._inbox_send = Lossy()  # type: ignore[assignment]
+            db_.session._queue_send = Lossy()  # type: ignore[assignment]
             with trio.fail_after(10):
                 await db_.wait_connected(1)  # b's live feed is up: the update comes as a push
             da.change(lambda e: e.map("m").insert("k", "lost push"))

@@ -276,11 +276,11 @@ async def test_no_member_online_joiner_uses_the_state_stored_on_syncnodes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 
-    from device.document import Document
+    from device.inbox import Inbox
     from tests.device_kit import FAST
 
     # Members never answer state requests here: only what is stored on the syncnodes counts.
-    monkeypatch.setattr(Document, "_answer_later", lambda self, request: None)
+    monkeypatch.setattr(Inbox, "_answer_later", lambda self, request: None)
 
     patches, _ = editing_trace()
     async with memory_cluster(tmp_path, 15) as (net, _, nodes):

@@ -1,0 +1,59 @@
+"""What a document tells the app: :class:`Change` and :class:`Alarm` events, and the plain records
+:meth:`Document.members` and :meth:`Document.sync_status` return.
+
+Plain frozen dataclasses with no behaviour, in a module of their own so that every part of the
+engine can produce them without importing the :class:`~device.document.Document` facade (which
+re-exports them: ``from device.document import Alarm, Change`` keeps working).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to the document. ``origin`` is ``"local"`` or ``"remote"``; ``senders`` are the
+    short ids of the devices whose updates were applied; ``updates`` counts edit updates and
+    ``states`` whole-document states (a member's snapshot, which may repeat known edits)."""
+
+    origin: str
+    senders: tuple[str, ...]
+    updates: int
+    states: int = 0
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Something the app must show the user: ``equivocation`` (syncnodes signed two different
+    decisions for one slot — evidence is kept), ``invalid-decision``, ``bad-update``,
+    ``removed``."""
+
+    kind: str
+    detail: str
+
+
+Event = Change | Alarm
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    fingerprint: bytes
+    role: str
+    endpoint_id: bytes
+    is_self: bool
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    epoch: int
+    durable: int
+    """Our updates a quorum of syncnodes has stored."""
+    unsent: int
+    """Local edits not yet sealed into an update (sealed within the flush interval)."""
+    outbox: int
+    """Sealed updates still waiting for a quorum of acknowledgements."""
+    connected: tuple[str, ...]
+    syncnodes: int
+    status: str

@@ -1,0 +1,226 @@
+"""Our updates, from a local edit to durable: edit, flush, seal, send, acknowledgements.
+
+* **edit** (:meth:`Outbox.edit`): store a local CRDT update as local state and as "not yet
+  sent" (``local_pending``). Nothing else; works offline.
+* **flush** (:meth:`Outbox.flusher`): coalesce unsent edits into one payload
+  (:func:`device.rules.take_batch`), and **seal** it: encrypt it in the current epoch, sign it
+  in an envelope with our next seq, put it in the outbox (one transaction, which also saves
+  the MLS ratchet state before the ciphertext can leave).
+* **send** (:meth:`Outbox.push`, one task per syncnode link): every envelope goes to every
+  syncnode of the group; an envelope leaves the outbox once a quorum stored it (then it is
+  **durable**, :func:`device.rules.is_durable`). Acknowledgements are not kept across
+  restarts: the outbox is sent again, which is harmless.
+
+Whole-document states (``STATE`` payloads, for devices that cannot read older epochs) and state
+requests are sealed here too; when to send them is decided by :mod:`device.inbox` and
+:mod:`device.membership`, and periodically here (:meth:`Outbox.maybe_publish_state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.lowlevel
+
+from device.replica import Replica
+from device.rules import (
+    Outgoing,
+    PendingAcks,
+    durable_count,
+    fits_one_message,
+    payload_deps,
+    publish_due,
+    take_batch,
+)
+from proto import entropy
+from proto.codec import decode_as, encode
+from proto.envelope import Envelope
+from proto.identity import short_id
+from proto.logs import get_logger
+from proto.messages import ErrorCode
+from proto.payload import Payload, PayloadKind, pack_updates
+from proto.rpc import RemoteError, SyncnodeClient
+from proto.wakeup import Signal
+
+log = get_logger("device.document")
+
+
+class Outbox:
+    """One document's outgoing updates (see the module doc)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.host = replica.host
+        self.store = replica.store
+        gid = replica.group_id
+        self.next_seq: int = self.store.one("SELECT next_seq FROM documents WHERE group_id=?",
+                                            gid)[0]
+        self.pending = PendingAcks(
+            (seq, decode_as(env, Envelope))
+            for seq, env in self.store.all("SELECT seq, envelope FROM outbox WHERE group_id=?",
+                                           gid))
+        self.edits_since_state = 0
+        """Edit updates since a whole-document state went to the syncnodes."""
+        self.changed = Signal()
+        """Fires when an envelope is sealed."""
+        self.durable_changed = Signal()
+        """Fires when an envelope became durable (or the document stopped being active)."""
+        self._dirty = trio.Event()
+        if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", gid):
+            self._dirty.set()
+
+    # -- local edits -------------------------------------------------------------------------
+
+    def edit(self, update: bytes) -> None:
+        """Save a local CRDT update (applied already) and schedule its sending."""
+        r = self.replica
+        with self.store.transaction(durable=False) as db:
+            db.execute("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
+                       (r.group_id, update))
+            db.execute("INSERT INTO local_pending (group_id, data) VALUES (?,?)",
+                       (r.group_id, update))
+        r.updates_since_snapshot += 1
+        self.edits_since_state += 1
+        self.maybe_publish_state()
+        self._dirty.set()
+
+    def unsent(self) -> int:
+        """Local edits not yet sealed into an update."""
+        return int(self.store.one("SELECT count(*) FROM local_pending WHERE group_id=?",
+                                  self.replica.group_id)[0])
+
+    def durable(self) -> int:
+        return durable_count(self.next_seq, len(self.pending))
+
+    # -- flush: local edits -> outbox ----------------------------------------------------------
+
+    async def flusher(self) -> None:
+        """Self-clocked coalescing, like Nagle's algorithm: the first edit after a quiet spell
+        goes out at once (low latency); while that update is not yet acknowledged by a quorum
+        (at most ``coalesce_max`` s), further edits accumulate and then leave together. Under
+        load the batch grows with the round trip, so the per-message cost (MLS, signatures,
+        fsyncs on every device) is paid for many edits at once."""
+        cfg = self.host.config
+        r = self.replica
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            if r.status != "active":
+                return
+            while self.flush_once():
+                await trio.lowlevel.checkpoint()
+            with trio.move_on_after(cfg.coalesce_max):
+                while self.pending and r.status == "active":
+                    await self.durable_changed.wait()
+            await trio.sleep(cfg.flush_interval)
+
+    def flush(self) -> None:
+        """Seal every pending local edit now."""
+        if self.replica.status == "active":
+            while self.flush_once():
+                pass
+
+    def flush_once(self) -> bool:
+        """Seal the oldest unsent edits into one update; True if more remain."""
+        rows = self.store.all("SELECT id, data FROM local_pending WHERE group_id=? ORDER BY id",
+                              self.replica.group_id)
+        if not rows:
+            return False
+        take = take_batch(rows)
+        body = pack_updates([d for _, d in take])
+        with self.store.transaction() as db:
+            self.seal(PayloadKind.UPDATE, body)
+            db.executemany("DELETE FROM local_pending WHERE id=?", [(r,) for r, _ in take])
+        return len(take) < len(rows)
+
+    def seal(self, kind: PayloadKind, body: bytes) -> None:
+        """Encrypt a payload as our next seq and put it in the outbox (inside a transaction)."""
+        r = self.replica
+        seq = self.next_seq
+        deps = payload_deps(kind, r.buffer.delivered, r.me)
+        payload = Payload(kind, r.me, seq, deps, r.crdt.backend_id, body)
+        ciphertext = r.mls.encrypt(payload.encode())
+        env = Envelope.seal(self.host.key, r.group_id, seq, r.epoch, ciphertext)
+        with self.store.transaction() as db:
+            r.mls.persist()  # before the ciphertext can leave
+            db.execute("INSERT INTO outbox VALUES (?,?,?)", (r.group_id, seq, encode(env)))
+            r.buffer.mark_delivered(r.me, seq)
+            db.execute("UPDATE documents SET next_seq=?, delivered=? WHERE group_id=?",
+                       (seq + 1, r.delivered_blob(), r.group_id))
+        self.next_seq = seq + 1
+        self.pending.add(env)
+        self.changed.fire()
+
+    # -- whole-document states -----------------------------------------------------------------
+
+    def maybe_publish_state(self) -> None:
+        """Periodic state upload. Whoever crosses the threshold first publishes; everyone who
+        sees that state resets, so members rarely publish twice for the same stretch."""
+        if publish_due(self.edits_since_state, self.host.config.publish_state_every):
+            self.publish_state()
+
+    def publish_state(self) -> None:
+        """Store the whole document, encrypted in the current epoch, on the syncnodes (a STATE
+        update covering everything we delivered). A device added in this epoch can read it, so
+        it gets the document even when no member is online to send it directly."""
+        r = self.replica
+        self.edits_since_state = 0
+        body = pack_updates([r.crdt.snapshot()])
+        if not fits_one_message(body):
+            log.warning("document too large for one state message; not published",
+                        doc=short_id(r.group_id), bytes=len(body))
+            return
+        with self.store.transaction():
+            self.seal(PayloadKind.STATE, body)
+
+    # -- send: outbox -> syncnodes ---------------------------------------------------------------
+
+    async def push(self, client: SyncnodeClient,
+                   resync: Callable[[SyncnodeClient], Awaitable[object]]) -> None:
+        """Send the outbox to one syncnode for as long as its link is up. ``resync`` brings a
+        syncnode that lags behind our epoch up to date (it refuses our envelopes until then)."""
+        node = client.node_id
+        limiter = trio.Semaphore(self.host.config.max_in_flight)
+        while self.replica.status == "active":
+            todo = self.pending.unacked_by(node)
+            if not todo:
+                await self.changed.wait()
+                continue
+            async with trio.open_nursery() as nursery:
+                for out in todo:
+                    await limiter.acquire()
+                    nursery.start_soon(self._send_one, client, out, limiter, resync)
+
+    async def _send_one(self, client: SyncnodeClient, out: Outgoing, limiter: trio.Semaphore,
+                        resync: Callable[[SyncnodeClient], Awaitable[object]]) -> None:
+        try:
+            delay = 0.05
+            while True:
+                try:
+                    await client.store(out.envelope)
+                    break
+                except RemoteError as exc:
+                    if exc.code == ErrorCode.RATE_LIMITED:
+                        # Over the syncnode's budget: the envelope waits, the link stays up
+                        # (it used to be dropped and resent only after a reconnect).
+                        await trio.sleep(delay * entropy.uniform(0.5, 1.0))
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAUTHORIZED):
+                        raise
+                    await resync(client)  # it lags behind our epoch; tell it, retry
+                    await client.store(out.envelope)
+                    break
+            self._acked(out, client.node_id)
+        finally:
+            limiter.release()
+
+    def _acked(self, out: Outgoing, node: bytes) -> None:
+        r = self.replica
+        if self.pending.ack(out, node, r.manifest.acceptors()):
+            seq = out.envelope.seq
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM outbox WHERE group_id=? AND seq=?", (r.group_id, seq))
+            self.pending.settle(seq)
+            self.durable_changed.fire()
