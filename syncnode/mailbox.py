@@ -35,7 +35,6 @@ from __future__ import annotations
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -56,10 +55,8 @@ from proto.service import (
 )
 from syncnode.config import Limits
 from syncnode.metrics import Metrics
+from syncnode.session import RequestError, Session
 from syncnode.storage import MAILBOX_ITEM_OVERHEAD, Writer, rows
-
-if TYPE_CHECKING:
-    from syncnode.service import Session
 
 FETCH_BYTES = 4 * 1024 * 1024
 """Soft byte budget of one page of mailbox items (well under a frame)."""
@@ -68,13 +65,6 @@ JOIN_CLASS, OTHER_CLASS = b"j", b"m"
 ENDPOINT_BUCKETS = 16384
 """Endpoints whose put budget is remembered (least recently used forgotten: a forgotten one
 starts afresh, as a new endpoint would; the quotas bound what that gains)."""
-
-
-def _refused(code: ErrorCode, detail: str) -> Exception:
-    # Imported here: syncnode.service builds a Mailbox, so a module-level import would be
-    # circular.
-    from syncnode.service import RequestError
-    return RequestError(code, detail)
 
 
 class ByteBuckets:
@@ -123,9 +113,9 @@ class Mailbox:
                                    limits.mailbox_put_burst_bytes,
                                    monotonic or trio.current_time)
 
-    def _refuse(self, reason: str, code: ErrorCode, detail: str) -> Exception:
+    def _refuse(self, reason: str, code: ErrorCode, detail: str) -> RequestError:
         self.metrics.refuse(reason)
-        return _refused(code, detail)
+        return RequestError(code, detail)
 
     async def put(self, session: Session, msg: MailboxPut) -> MailboxStored:
         lim = self.limits

@@ -30,7 +30,9 @@ from proto.rpc import SyncnodeClient
 from proto.service import MAX_HEADS
 from proto.ticket import NodeTicket, preferred
 from proto.transport.base import Transport
-from syncnode.service import LRU, RequestError, Service, TokenBucket
+from syncnode.budgets import LRU, TokenBucket
+from syncnode.service import Service
+from syncnode.session import RequestError
 from syncnode.storage import rows
 
 log = get_logger("syncnode.peers")

@@ -46,8 +46,10 @@ from proto.service import (
     Subscribe,
 )
 from proto.transport.base import Connection, Stream
+from syncnode.budgets import TokenBucket
 from syncnode.config import Limits
-from syncnode.service import RequestError, Service, Session, TokenBucket
+from syncnode.service import Service
+from syncnode.session import RequestError, Session
 
 log = get_logger("syncnode.server")
 

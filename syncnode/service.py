@@ -15,7 +15,6 @@ eviction can never resurrect an older promise.
 from __future__ import annotations
 
 import sqlite3
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ from proto import entropy
 from proto.address import Addresses, GetAddresses, PutAddress
 from proto.codec import decode_as, decode_struct, encode, encode_struct
 from proto.envelope import Envelope
-from proto.errors import DecodeError, SyncnodeError
-from proto.identity import SecretKey, fingerprint, is_valid_signature, short_id
+from proto.errors import DecodeError
+from proto.identity import SecretKey, short_id
 from proto.logs import get_logger
 from proto.manifest import (
     LogValue,
@@ -38,7 +37,7 @@ from proto.manifest import (
     validate_transition,
     verify_decided,
 )
-from proto.messages import ErrorCode, ErrorReply
+from proto.messages import ErrorCode
 from proto.paxos.acceptor import Acceptor, Reject, RejectReason, SlotState
 from proto.paxos.messages import (
     Accept,
@@ -52,9 +51,7 @@ from proto.paxos.messages import (
 )
 from proto.paxos.quorum import AcceptorSet, CertificateError, verify_certificate
 from proto.service import (
-    AUTH_CTX,
     MAX_PAGE,
-    AuthBody,
     Authenticate,
     Authenticated,
     Backfill,
@@ -80,9 +77,11 @@ from proto.service import (
     Subscribed,
 )
 from syncnode.addresses import AddressBook
+from syncnode.budgets import LRU, KeyedBuckets, TokenBucket
 from syncnode.config import Limits
 from syncnode.mailbox import Mailbox
 from syncnode.metrics import Metrics
+from syncnode.session import RequestError, Session, authenticate, challenge
 from syncnode.storage import Writer, one, open_database, rows, storage_bytes
 
 log = get_logger("syncnode.service")
@@ -90,68 +89,6 @@ log = get_logger("syncnode.service")
 PAGE_BYTES = 4 * 1024 * 1024
 """Soft byte budget of one page of decided values or envelopes (well under a frame)."""
 SUBSCRIBER_QUEUE = 1024
-
-
-class RequestError(SyncnodeError):
-    """A request is refused; becomes an :class:`ErrorReply` and changes nothing."""
-
-    def __init__(self, code: ErrorCode, detail: str) -> None:
-        super().__init__(f"{code.name}: {detail}")
-        self.code = code
-        self.detail = detail
-
-    def reply(self) -> ErrorReply:
-        return ErrorReply(self.code, self.detail[:1024])
-
-
-class TokenBucket:
-    """Per-connection rate limit: ``rate`` requests/s on average, bursts up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = trio.current_time
-                 ) -> None:
-        self.rate, self.burst, self.clock = rate, float(burst), clock
-        self.tokens, self.stamp = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-class KeyedBuckets:
-    """One :class:`TokenBucket` per key (an endpoint id), the least recently used forgotten past
-    ``capacity``: memory stays bounded whatever number of keys a stranger invents (forgetting
-    only lets a key start afresh, which a new key could do anyway; node-wide limits bound that)."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float],
-                 capacity: int = 10_000) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.buckets = LRU(capacity)
-
-    def take(self, key: bytes) -> bool:
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = TokenBucket(self.rate, self.burst, self.clock)
-        self.buckets.put(key, bucket)
-        return bool(bucket.take())
-
-
-@dataclass
-class Session:
-    """What the syncnode knows about one connection."""
-
-    remote_id: bytes
-    bucket: TokenBucket
-    nonce: bytes | None = None
-    keys: dict[bytes, bytes] = field(default_factory=dict)
-    """Authenticated device keys: fingerprint -> signature public key."""
-    groups_created: int = 0
-    counted: set[str] = field(default_factory=set)
-    """Refusal reasons counted once per connection (a legitimate client may repeat them)."""
 
 
 @dataclass
@@ -162,18 +99,6 @@ class GroupState:
     manifest: Manifest
     bytes_used: int
     lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-class LRU(OrderedDict[Any, Any]):
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
 
 
 class SlotCache(MutableMapping[tuple[bytes, int], SlotState]):
@@ -348,19 +273,10 @@ class Service:
             return exc.reply()
 
     async def _challenge(self, session: Session, msg: GetChallenge) -> Challenge:
-        session.nonce = entropy.token_bytes(32)
-        return Challenge(session.nonce)
+        return challenge(session)
 
     async def _authenticate(self, session: Session, msg: Authenticate) -> Authenticated:
-        nonce, session.nonce = session.nonce, None  # single use
-        if nonce is None:
-            raise RequestError(ErrorCode.UNAUTHORIZED, "ask for a challenge first")
-        body = AuthBody(self.node_id, session.remote_id, nonce)
-        if not is_valid_signature(msg.public_key, AUTH_CTX, encode_struct(body), msg.signature):
-            raise RequestError(ErrorCode.UNAUTHORIZED, "challenge signature does not verify")
-        fpr = fingerprint(msg.public_key)
-        session.keys[fpr] = msg.public_key
-        return Authenticated(fpr)
+        return authenticate(self.node_id, session, msg)
 
     def _behind(self, session: Session | None, g: GroupState) -> None:
         """A request showed this node is behind on ``g``: ask the peer sync to catch up, but
