@@ -1,0 +1,166 @@
+"""SQLite schema of a syncnode: tables, migrations, opening a database, its size on disk.
+
+One file (``syncnode.db`` in the data dir) in WAL mode with ``synchronous=FULL``: a commit is
+on disk when it returns. The schema version is checked at open (a database of another version
+is refused, not guessed at) and additive changes are migrated in place
+(:func:`_migrate_mailbox`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (
+    group_id BLOB PRIMARY KEY,
+    creator BLOB NOT NULL,          -- fingerprint of the genesis signer (quota accounting)
+    top_slot INTEGER NOT NULL,      -- highest decided slot (0: only genesis)
+    bytes_used INTEGER NOT NULL,    -- stored log values + envelopes (quota accounting)
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS groups_creator ON groups (creator);
+CREATE TABLE IF NOT EXISTS manifests (   -- manifest of each epoch, from the decided log
+    group_id BLOB NOT NULL, epoch INTEGER NOT NULL, manifest BLOB NOT NULL,
+    PRIMARY KEY (group_id, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decided (     -- slot -> value + certificate (NULL for genesis)
+    group_id BLOB NOT NULL, slot INTEGER NOT NULL, value BLOB NOT NULL, certificate BLOB,
+    PRIMARY KEY (group_id, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS acceptor (    -- Paxos acceptor state per (group, slot)
+    group_id BLOB NOT NULL, slot INTEGER NOT NULL, record BLOB NOT NULL,
+    PRIMARY KEY (group_id, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS envelopes (
+    group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
+    digest BLOB NOT NULL, envelope BLOB NOT NULL,
+    PRIMARY KEY (group_id, sender, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailbox (
+    item_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient BLOB NOT NULL, kind INTEGER NOT NULL, payload BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    sender BLOB NOT NULL DEFAULT X'',  -- member key fingerprint, or a join request's endpoint
+    size INTEGER NOT NULL DEFAULT 0    -- bytes counted against the quotas (MAILBOX_SCHEMA)
+);
+CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, item_id);
+CREATE TABLE IF NOT EXISTS address_records ( -- newest signed address record per syncnode
+    node_id BLOB PRIMARY KEY, issued_at INTEGER NOT NULL, record BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS equivocations (
+    group_id BLOB NOT NULL, slot INTEGER NOT NULL, proof BLOB NOT NULL,
+    PRIMARY KEY (group_id, slot)
+) WITHOUT ROWID;
+"""
+
+MAILBOX_SCHEMA = """
+CREATE INDEX IF NOT EXISTS mailbox_kind ON mailbox (kind, item_id);
+CREATE INDEX IF NOT EXISTS mailbox_expiry ON mailbox (expires_at);
+-- Live mailbox use per sender and per class (X'6a': join requests, X'6d': the rest), kept
+-- exact by the triggers whatever deletes an item (ack, expiry, eviction).
+CREATE TABLE IF NOT EXISTS mailbox_usage (
+    who BLOB PRIMARY KEY, bytes INTEGER NOT NULL, items INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS mailbox_usage_in AFTER INSERT ON mailbox BEGIN
+    INSERT INTO mailbox_usage VALUES (NEW.sender, NEW.size, 1) ON CONFLICT (who)
+        DO UPDATE SET bytes = bytes + excluded.bytes, items = items + 1;
+    INSERT INTO mailbox_usage VALUES (CASE WHEN NEW.kind = 1 THEN X'6a' ELSE X'6d' END,
+                                      NEW.size, 1) ON CONFLICT (who)
+        DO UPDATE SET bytes = bytes + excluded.bytes, items = items + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS mailbox_usage_out AFTER DELETE ON mailbox BEGIN
+    UPDATE mailbox_usage SET bytes = bytes - OLD.size, items = items - 1
+        WHERE who IN (OLD.sender, CASE WHEN OLD.kind = 1 THEN X'6a' ELSE X'6d' END);
+    DELETE FROM mailbox_usage WHERE who = OLD.sender AND items <= 0;
+END;
+"""
+
+
+def _migrate_mailbox(conn: sqlite3.Connection) -> None:
+    """Bring the mailbox of a database made by an older syncnode up to date: sender and size
+    columns, the usage table (filled from the items already there) and its triggers. Additive,
+    so the schema version stays: an older syncnode still runs on the result (what it puts
+    then counts 0 bytes until it expires)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(mailbox)")}
+    fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                         "name='mailbox_usage'").fetchone() is None
+    script = ["BEGIN IMMEDIATE;"]
+    if "sender" not in columns:
+        script.append("ALTER TABLE mailbox ADD COLUMN sender BLOB NOT NULL DEFAULT X'';")
+    if "size" not in columns:
+        script.append("ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;")
+    script.append(MAILBOX_SCHEMA)
+    if fresh:  # items an older syncnode stored count their payload from now on
+        script.append(f"""
+            UPDATE mailbox SET size = length(payload) + {MAILBOX_ITEM_OVERHEAD};
+            DELETE FROM mailbox_usage;
+            INSERT INTO mailbox_usage SELECT sender, sum(size), count(*) FROM mailbox
+                GROUP BY sender;
+            INSERT INTO mailbox_usage SELECT CASE WHEN kind = 1 THEN X'6a' ELSE X'6d' END
+                AS who, sum(size), count(*) FROM mailbox GROUP BY who;""")
+    script.append("COMMIT;")
+    try:
+        conn.executescript("\n".join(script))
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Create or open the database, check its schema version, return a read connection."""
+    conn = connect(path)
+    conn.executescript(SCHEMA)
+    _migrate_mailbox(conn)
+    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) != SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
+                           f"{SCHEMA_VERSION}")
+    check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        raise RuntimeError(f"{path}: database integrity check failed: {check}")
+    return conn
+
+
+def storage_bytes(path: Path) -> int:
+    """Bytes the database occupies on disk (main file + WAL)."""
+    total = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def summary(path: Path) -> dict[str, int]:
+    """Groups, envelopes and decisions held by the database at ``path`` (read-only; works while
+    a syncnode runs on it)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {
+            "groups": conn.execute("SELECT count(*) FROM groups").fetchone()[0],
+            "envelopes": conn.execute("SELECT count(*) FROM envelopes").fetchone()[0],
+            "decisions": conn.execute("SELECT count(*) FROM decided WHERE slot>0").fetchone()[0],
+        }
+    finally:
+        conn.close()

@@ -1,0 +1,46 @@
+"""The SQLite storage: the shared acceptance suite (``tests/storage_acceptance.py``) in both
+writer modes, and what only SQLite has (its schema version, group commit switched off)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncnode.storage import Storage
+from syncnode.storage.sqlite import SqliteStorage
+from tests.storage_acceptance import *  # noqa: F403
+from tests.storage_acceptance import StorageFactory, new_group, opened
+
+
+@pytest.fixture(params=["threads", "inline"])
+def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StorageFactory:
+    """Commits on a worker thread (the daemon) or on the trio thread (the simulator)."""
+    threads = request.param == "threads"
+
+    def make() -> Storage:
+        return SqliteStorage(tmp_path / "syncnode.db", threads=threads)
+
+    return make
+
+
+async def test_without_group_commit_every_write_commits_alone(tmp_path: Path) -> None:
+    batches: list[int] = []
+    store = SqliteStorage(tmp_path / "syncnode.db", batching=False)
+    store.on_batch = lambda size, seconds: batches.append(size)
+    async with opened(lambda: store) as s:
+        await new_group(s)
+        for seq in range(1, 6):
+            await s.store_envelope(b"\x01" * 16, b"a" * 32, seq, b"d", b"e")
+    assert batches == [1] * 6
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "syncnode.db"
+    SqliteStorage(path).db.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        SqliteStorage(path)
