@@ -18,7 +18,6 @@ from proto.paxos.acceptor import EMPTY, SlotState
 from proto.paxos.messages import Accept, Decided, Prepare
 from proto.service import Backfill, BackfillPage, DecidedPage, FetchDecided, FetchHeads, Head, Heads
 from syncnode.service import GroupState, Service, Session
-from syncnode.storage import one
 
 
 class WithholdingService(Service):
@@ -26,7 +25,7 @@ class WithholdingService(Service):
     and decided logs that stop at genesis. Devices must get all of it from the others."""
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
-        self._require_member(session, self.require_group(msg.group_id))
+        self._require_member(session, await self.require_group(msg.group_id))
         return BackfillPage((), False)
 
     async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
@@ -70,7 +69,8 @@ class EquivocatingService(Service):
         self.forks: dict[tuple[bytes, int, bytes], SlotState] = {}
 
     async def _paxos(self, session: Session, msg: Prepare | Accept) -> Any:
-        self.require_group(msg.group_id)
+        await self.require_group(msg.group_id)
+        await self.paxos.load(msg.group_id, msg.slot)  # what the acceptor reads, into memory
         key = (msg.group_id, msg.slot)
         fork = (msg.group_id, msg.slot, msg.ballot.proposer)
         real = self.acceptor.slots
@@ -96,20 +96,19 @@ class ForgedGenesisService(Service):
     """Forged geneses served (tests check the attack happened)."""
 
     async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
-        g = self.require_group(msg.group_id)
+        g = await self.require_group(msg.group_id)
         if msg.from_slot != 0:
             return await super()._fetch_decided(session, msg)
         self.forgeries += 1
-        return DecidedPage(g.group_id, self.forged_genesis(g.group_id).encode(), (), g.top)
+        forged = await self.forged_genesis(g.group_id)
+        return DecidedPage(g.group_id, forged.encode(), (), g.top)
 
     async def _fetch_heads(self, session: Session, msg: FetchHeads) -> Heads:
-        return Heads(tuple(Head(gid, g.top) for gid in msg.group_ids
-                           if (g := self.group(gid)) is not None))
+        return Heads(tuple([Head(gid, g.top) for gid in msg.group_ids
+                            if (g := await self.group(gid)) is not None]))
 
-    def forged_genesis(self, group_id: bytes) -> LogValue:
-        row = one(self.db, "SELECT value FROM decided WHERE group_id=? AND slot=0", group_id)
-        assert row is not None
-        real = LogValue.decode(row[0]).manifest
+    async def forged_genesis(self, group_id: bytes) -> LogValue:
+        real = await self.manifest_at(group_id, 0)
         key = SecretKey(hashlib.blake2b(self.key.seed + group_id, digest_size=32,
                                         person=b"forged-genesis").digest())
         return genesis(key, group_id, key.public, real.syncnodes, real.crdt_type)

@@ -198,7 +198,7 @@ class World:
         await node.stopped.wait()
         assert service is not None and transport is not None
         await transport.aclose()
-        service.db.close()
+        await service.store.aclose()  # its writer stopped with the node: nothing is drained
 
     # -- devices ---------------------------------------------------------------------------------
 

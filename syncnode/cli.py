@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from functools import partial
 from pathlib import Path
@@ -188,7 +187,7 @@ def info(data_dir: Path, as_json: bool) -> None:
     """Show node id, address ticket, groups hosted and storage use (works while running)."""
     from proto.identity import node_id_hex, read_key_file
     from syncnode.config import DB_NAME, KEY_NAME, STATE_NAME
-    from syncnode.storage import storage_bytes
+    from syncnode.storage.sqlite_schema import storage_bytes, summary
 
     try:
         key = read_key_file(data_dir / KEY_NAME)
@@ -201,15 +200,8 @@ def info(data_dir: Path, as_json: bool) -> None:
         out.update(ticket=state.get("ticket"), http=state.get("http"),
                    last_pid=state.get("pid"))
     db = data_dir / DB_NAME
-    groups = messages = decisions = 0
-    if db.exists():
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            groups = conn.execute("SELECT count(*) FROM groups").fetchone()[0]
-            messages = conn.execute("SELECT count(*) FROM envelopes").fetchone()[0]
-            decisions = conn.execute("SELECT count(*) FROM decided WHERE slot>0").fetchone()[0]
-        finally:
-            conn.close()
+    held = summary(db) if db.exists() else {"groups": 0, "envelopes": 0, "decisions": 0}
+    groups, messages, decisions = held["groups"], held["envelopes"], held["decisions"]
     out.update(groups=groups, envelopes=messages, decisions=decisions,
                storage_bytes=storage_bytes(db))
     if as_json:

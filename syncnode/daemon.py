@@ -110,7 +110,7 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
             serving.start_soon(_mailbox_sweeper, service)
 
             ticket = NodeTicket(key.public, tuple(addrs))
-            groups = service.group_count()
+            groups = await service.group_count()
             _write_state(config, ticket, http_host, http_port)
             echo(f"node id:   {node_id_hex(key.public)}")
             echo(f"ticket:    {ticket}")

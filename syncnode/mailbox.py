@@ -1,8 +1,10 @@
 """The syncnode's mailbox: small sealed items kept for a recipient key until it acks them or
 they expire (join requests for an inviter, state handoffs and refusals for a joiner).
 
-:class:`Mailbox` holds what it needs of the node (read connection, group-commit writer, limits,
-metrics, clock); :class:`~syncnode.service.Service` keeps thin handlers that delegate here.
+:class:`Mailbox` holds what it needs of the node (storage, limits, metrics, clock);
+:class:`~syncnode.service.Service` keeps thin handlers that delegate here. The quotas are judged
+here and enforced by the storage in the put's own transaction
+(:meth:`~syncnode.storage.Storage.mailbox_put`).
 
 Who may put what (issue 14, findings 1 and 6; the wire side is :class:`proto.service.MailboxPut`):
 
@@ -19,22 +21,22 @@ Who may put what (issue 14, findings 1 and 6; the wire side is :class:`proto.ser
   current member of the group it names (``group_id``), hosted on this node.
 
 Disk is bounded by quotas on the live items, each counted as payload +
-:data:`~syncnode.storage.MAILBOX_ITEM_OVERHEAD` bytes (kept exact by SQLite triggers, see
-:data:`syncnode.storage.MAILBOX_SCHEMA`): ``max_mailbox_bytes`` node-wide, of which join requests
-(which anyone who invents a box key can send) may take ``max_join_request_bytes`` (when that share
-is full the **oldest** join requests make room, so a flood cannot lock out fresh requests, which
-an online inviter reads within a second); ``max_mailbox_bytes_per_sender`` per member key or
-join-request endpoint; and every put spends a per-endpoint token bucket of bytes
-(``mailbox_put_bytes_per_second``, ``mailbox_put_burst_bytes``). The defaults fit the largest
-handoff (:data:`proto.handoff.MAX_HANDOFF`, 32 MiB, about 32.05 MiB counted) several times per
-sender and within one burst.
+:data:`~syncnode.storage.MAILBOX_ITEM_OVERHEAD` bytes (kept exact by the storage whatever
+deletes an item, :class:`~syncnode.storage.MailboxUsage`): ``max_mailbox_bytes`` node-wide, of
+which join requests (which anyone who invents a box key can send) may take
+``max_join_request_bytes`` (when that share is full the **oldest** join requests make room, so
+a flood cannot lock out fresh requests, which an online inviter reads within a second);
+``max_mailbox_bytes_per_sender`` per member key or join-request endpoint; and every put spends
+a per-endpoint token bucket of bytes (``mailbox_put_bytes_per_second``,
+``mailbox_put_burst_bytes``). The defaults fit the largest handoff
+(:data:`proto.handoff.MAX_HANDOFF`, 32 MiB, about 32.05 MiB counted) several times per sender
+and within one burst.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -56,12 +58,16 @@ from proto.service import (
 from syncnode.config import Limits
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
-from syncnode.storage import MAILBOX_ITEM_OVERHEAD, Writer, rows
+from syncnode.storage import (
+    MAILBOX_ITEM_OVERHEAD,
+    MailboxQuota,
+    MailboxRefusal,
+    MailboxUsage,
+    Storage,
+)
 
 FETCH_BYTES = 4 * 1024 * 1024
 """Soft byte budget of one page of mailbox items (well under a frame)."""
-JOIN_CLASS, OTHER_CLASS = b"j", b"m"
-"""``mailbox_usage`` rows of the two classes (never a sender: those are 32 bytes)."""
 ENDPOINT_BUCKETS = 16384
 """Endpoints whose put budget is remembered (least recently used forgotten: a forgotten one
 starts afresh, as a new endpoint would; the quotas bound what that gains)."""
@@ -97,12 +103,12 @@ class Mailbox:
     ``member_key(session, group_id)`` is the fingerprint under which the session acts as a
     current member of a hosted group, or None."""
 
-    def __init__(self, db: sqlite3.Connection, writer: Writer, limits: Limits, metrics: Metrics,
+    def __init__(self, store: Storage, limits: Limits, metrics: Metrics,
                  clock: Callable[[], float], notify: Callable[[bytes], None], *,
-                 node_id: bytes, member_key: Callable[[Session, bytes], bytes | None],
+                 node_id: bytes,
+                 member_key: Callable[[Session, bytes], Awaitable[bytes | None]],
                  monotonic: Callable[[], float] | None = None) -> None:
-        self.db = db
-        self.writer = writer
+        self.store = store
         self.limits = limits
         self.metrics = metrics
         self.clock = clock
@@ -135,7 +141,8 @@ class Mailbox:
                     "syncnode")
             sender = session.remote_id
         else:
-            sender = None if msg.group_id is None else self.member_key(session, msg.group_id)
+            sender = None if msg.group_id is None else \
+                await self.member_key(session, msg.group_id)
             if sender is None:
                 raise self._refuse(
                     "mailbox_not_member", ErrorCode.UNAUTHORIZED,
@@ -147,66 +154,32 @@ class Mailbox:
                                "mailbox puts from this endpoint are over "
                                f"{lim.mailbox_put_bytes_per_second:g} bytes/s; retry later")
         now = int(self.clock())
-        refusal: tuple[str, ErrorCode, str] | None = None
-        evicted = 0
-
-        def write(c: sqlite3.Connection) -> int:
-            nonlocal refusal, evicted
-            c.execute("DELETE FROM mailbox WHERE recipient=? AND expires_at<=?",
-                      (msg.recipient, now))
-            (count,) = c.execute("SELECT count(*) FROM mailbox WHERE recipient=?",
-                                 (msg.recipient,)).fetchone()
-            cap = lim.max_join_requests_per_box if join else lim.max_mailbox_items_per_recipient
-            if count >= cap:
-                refusal = ("mailbox_recipient_full", ErrorCode.QUOTA_EXCEEDED,
-                           f"recipient mailbox is full ({cap} items)")
-                return 0
-            cls = JOIN_CLASS if join else OTHER_CLASS
-            usage = {who: (b, n) for who, b, n in c.execute(
-                "SELECT who, bytes, items FROM mailbox_usage WHERE who IN (?,?)", (sender, cls))}
-            sent, items = usage.get(sender, (0, 0))
-            if sent + size > lim.max_mailbox_bytes_per_sender or (
-                    join and items >= lim.max_join_requests_per_sender):
-                refusal = ("mailbox_sender_quota", ErrorCode.QUOTA_EXCEEDED,
-                           "this sender has too much waiting in mailboxes here "
-                           f"({sent} bytes, {items} items)")
-                return 0
-            share = lim.max_join_request_bytes if join else \
-                max(0, lim.max_mailbox_bytes - lim.max_join_request_bytes)
-            share = min(share, lim.max_mailbox_bytes)
-            over = usage.get(cls, (0, 0))[0] + size - share
-            if over > 0 and (not join or size > share):
-                refusal = ("mailbox_node_quota", ErrorCode.QUOTA_EXCEEDED,
-                           "this syncnode's mailbox is full")
-                return 0
-            while over > 0:  # join requests: the oldest make room
-                batch = c.execute("SELECT item_id, size FROM mailbox WHERE kind=? "
-                                  "ORDER BY item_id LIMIT 64",
-                                  (int(MailboxKind.KEY_PACKAGE),)).fetchall()
-                if not batch:
-                    break
-                gone = []
-                for item_id, item_size in batch:
-                    gone.append((item_id,))
-                    over -= item_size
-                    if over <= 0:
-                        break
-                c.executemany("DELETE FROM mailbox WHERE item_id=?", gone)
-                evicted += len(gone)
-            cur = c.execute("INSERT INTO mailbox (recipient, kind, payload, expires_at, sender, "
-                            "size) VALUES (?,?,?,?,?,?)",
-                            (msg.recipient, int(msg.kind), msg.payload, now + msg.ttl, sender,
-                             size))
-            return int(cur.lastrowid or 0)
-
-        item_id = await self.writer.execute(write)
-        if evicted:
+        share = lim.max_join_request_bytes if join else \
+            max(0, lim.max_mailbox_bytes - lim.max_join_request_bytes)
+        quota = MailboxQuota(
+            items_per_recipient=lim.max_join_requests_per_box if join
+            else lim.max_mailbox_items_per_recipient,
+            bytes_per_sender=lim.max_mailbox_bytes_per_sender,
+            items_per_sender=lim.max_join_requests_per_sender if join else None,
+            class_bytes=min(share, lim.max_mailbox_bytes),
+            make_room=join)  # join requests: the oldest make room
+        result = await self.store.mailbox_put(msg.recipient, int(msg.kind), msg.payload,
+                                              sender=sender, size=size, now=now,
+                                              expires_at=now + msg.ttl, quota=quota)
+        if result.evicted:
             self.metrics.refuse("mailbox_join_evicted")
-        if refusal is not None:
-            reason, code, detail = refusal
-            raise self._refuse(reason, code, detail)
+        if result.refused is MailboxRefusal.RECIPIENT_FULL:
+            raise self._refuse("mailbox_recipient_full", ErrorCode.QUOTA_EXCEEDED,
+                               f"recipient mailbox is full ({result.limit} items)")
+        if result.refused is MailboxRefusal.SENDER_QUOTA:
+            raise self._refuse("mailbox_sender_quota", ErrorCode.QUOTA_EXCEEDED,
+                               "this sender has too much waiting in mailboxes here "
+                               f"({result.sender_bytes} bytes, {result.sender_items} items)")
+        if result.refused is MailboxRefusal.NODE_QUOTA:
+            raise self._refuse("mailbox_node_quota", ErrorCode.QUOTA_EXCEEDED,
+                               "this syncnode's mailbox is full")
         self.notify(msg.recipient)
-        return MailboxStored(item_id)
+        return MailboxStored(result.item_id)
 
     def require_key(self, session: Session, key: bytes) -> None:
         if session.keys.get(fingerprint(key)) != key:
@@ -217,38 +190,19 @@ class Mailbox:
         self.require_key(session, msg.recipient)
         now = int(self.clock())
         limit = max(1, min(msg.limit, MAX_PAGE))
-        items: list[MailboxItem] = []
-        budget = FETCH_BYTES
-        more = False
-        for i, k, p, e in rows(
-                self.db, "SELECT item_id, kind, payload, expires_at FROM mailbox WHERE "
-                "recipient=? AND item_id>? AND expires_at>? ORDER BY item_id LIMIT ?",
-                msg.recipient, msg.after, now, limit + 1):
-            if len(items) == limit or (items and len(p) > budget):
-                more = True
-                break
-            items.append(MailboxItem(i, k, p, e))
-            budget -= len(p)
-        return MailboxItems(tuple(items), more)
+        records, more = await self.store.mailbox_items(msg.recipient, after=msg.after, now=now,
+                                                       limit=limit, max_bytes=FETCH_BYTES)
+        return MailboxItems(tuple(MailboxItem(r.item_id, MailboxKind(r.kind), r.payload,
+                                              r.expires_at) for r in records), more)
 
     async def ack(self, session: Session, msg: MailboxAck) -> Done:
         self.require_key(session, msg.recipient)
-        ids = [(msg.recipient, i) for i in msg.item_ids]
-
-        def write(c: sqlite3.Connection) -> int:
-            return c.executemany("DELETE FROM mailbox WHERE recipient=? AND item_id=?",
-                                 ids).rowcount
-
-        return Done(await self.writer.execute(write))
+        return Done(await self.store.mailbox_ack(msg.recipient, msg.item_ids))
 
     async def expire(self) -> None:
-        now = int(self.clock())
-        await self.writer.execute(lambda c: c.execute(
-            "DELETE FROM mailbox WHERE expires_at<=?", (now,)))
+        await self.store.mailbox_expire(int(self.clock()))
 
-    def usage(self) -> dict[str, int]:
+    async def usage(self) -> dict[str, int]:
         """Live bytes of join requests and of everything else (for tests and operators)."""
-        got = dict(rows(self.db, "SELECT who, bytes FROM mailbox_usage WHERE who IN (?,?)",
-                        JOIN_CLASS, OTHER_CLASS))
-        return {"join_requests": int(got.get(JOIN_CLASS, 0)),
-                "other": int(got.get(OTHER_CLASS, 0))}
+        got: MailboxUsage = await self.store.mailbox_usage()
+        return {"join_requests": got.join_requests, "other": got.other}

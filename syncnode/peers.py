@@ -33,7 +33,6 @@ from proto.transport.base import Transport
 from syncnode.budgets import LRU, TokenBucket
 from syncnode.service import Service
 from syncnode.session import RequestError
-from syncnode.storage import rows
 
 log = get_logger("syncnode.peers")
 
@@ -86,12 +85,12 @@ class PeerSync:
         self._wanted.add(group_id)
         self._wake.set()
 
-    def _ticket(self, entry: SyncnodeEntry) -> NodeTicket:
+    async def _ticket(self, entry: SyncnodeEntry) -> NodeTicket:
         """Where to dial a peer: the operator's override, else its newest signed address
         record (it may have moved since the manifest was written) before the manifest's."""
         if entry.node_id in self.overrides:
             return NodeTicket(entry.node_id, tuple(self.overrides[entry.node_id]))
-        learned = self.service.addresses.lookup([entry.node_id])
+        learned = await self.service.addresses.lookup([entry.node_id])
         return NodeTicket(entry.node_id,
                           preferred(learned[0].body.addrs if learned else (), entry.addrs))
 
@@ -148,7 +147,7 @@ class PeerSync:
             client: SyncnodeClient | None = None
             try:
                 client = await stack.enter_async_context(SyncnodeClient.connect(
-                    self.transport, self._ticket(entry), timeout=CONNECT_TIMEOUT))
+                    self.transport, await self._ticket(entry), timeout=CONNECT_TIMEOUT))
             except (SyncnodeError, trio.TooSlowError) as exc:
                 failures += 1
                 wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
@@ -162,7 +161,7 @@ class PeerSync:
 
     async def catch_up(self, group_id: bytes) -> int:
         """Fetch decisions of one group from its other syncnodes (several at once)."""
-        g = self.service.group(group_id)
+        g = await self.service.group(group_id)
         if g is None:
             return 0
         learned = [0]
@@ -192,7 +191,7 @@ class PeerSync:
 
     async def _from_peer(self, client: SyncnodeClient, group_id: bytes,
                          entry: SyncnodeEntry) -> int:
-        g = self.service.group(group_id)
+        g = await self.service.group(group_id)
         assert g is not None
         learned = 0
         while True:
@@ -216,8 +215,8 @@ class PeerSync:
         """Compare heads with every peer of every hosted group; catch up where behind."""
         by_peer: dict[bytes, list[bytes]] = defaultdict(list)
         entries: dict[bytes, SyncnodeEntry] = {}
-        for (group_id,) in list(rows(self.service.db, "SELECT group_id FROM groups")):
-            g = self.service.group(group_id)
+        for group_id in await self._hosted():
+            g = await self.service.group(group_id)
             if g is None:
                 continue
             for entry in g.manifest.syncnodes:
@@ -245,6 +244,15 @@ class PeerSync:
                 self._running.add(group_id)
                 nursery.start_soon(self._catch_up_task, group_id)
 
+    async def _hosted(self) -> list[bytes]:
+        """Ids of every group this node hosts."""
+        out: list[bytes] = []
+        while True:
+            page = await self.service.store.group_ids(out[-1] if out else b"", 1000)
+            out += page
+            if len(page) < 1000:
+                return out
+
     async def _compare(self, client: SyncnodeClient, node_id: bytes, group_ids: list[bytes],
                        behind: set[bytes]) -> None:
         own = self.service.addresses.own
@@ -255,6 +263,6 @@ class PeerSync:
         for i in range(0, len(group_ids), MAX_HEADS):
             heads = await client.heads(group_ids[i:i + MAX_HEADS])
             for head in heads.heads:
-                g = self.service.group(head.group_id)
+                g = await self.service.group(head.group_id)
                 if g is not None and head.top > g.top:
                     behind.add(head.group_id)

@@ -111,7 +111,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.per_endpoint: Counter[bytes] = Counter()
         self.decode_limiter = trio.CapacityLimiter(1)
-        self.threads = service.writer.threads
+        self.threads = service.threads
         self.requests = frozenset((*service._handlers, Subscribe))
         """The only message types a client may send: anything else is refused from its tag,
         before its body is read (a stranger cannot make the node decode a large reply type)."""
@@ -316,7 +316,7 @@ class Server:
                             msg: Subscribe) -> None:
         svc = self.service
         try:
-            subscribed, sub = svc.subscribe(session, msg)
+            subscribed, sub = await svc.subscribe(session, msg)
         except RequestError as exc:
             await stream.send(encode(exc.reply()))
             return

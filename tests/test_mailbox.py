@@ -105,10 +105,12 @@ async def test_join_request_limits(tmp_path: Path) -> None:
         await b.authenticate(box1)
         left = [i.item_id for i in (await b.mailbox_fetch(box1.public)).items]
         assert left == ids[1:3]  # the first request went
-        assert service.mailbox.usage()["join_requests"] == 8 * (1000 + MAILBOX_ITEM_OVERHEAD)
+        usage = await service.mailbox.usage()
+        assert usage["join_requests"] == 8 * (1000 + MAILBOX_ITEM_OVERHEAD)
         # Acking frees the sender's count and the share.
         assert await b.mailbox_ack(box1.public, left) == 2
-        assert service.mailbox.usage()["join_requests"] == 6 * (1000 + MAILBOX_ITEM_OVERHEAD)
+        usage = await service.mailbox.usage()
+        assert usage["join_requests"] == 6 * (1000 + MAILBOX_ITEM_OVERHEAD)
         await put_join(a, box1, b"7" * 1000)
         assert len(later) == 4
 
@@ -145,7 +147,7 @@ async def test_member_puts_are_bounded_per_sender_per_endpoint_and_node_wide(
                                      group_id=gb.group_id)
             assert err.value.code == ErrorCode.QUOTA_EXCEEDED
             assert refused(service, "mailbox_node_quota") == 1
-            assert service.mailbox.usage()["other"] == 10 * counted
+            assert (await service.mailbox.usage())["other"] == 10 * counted
             # Alice's endpoint spent 7 parts of its 8-part burst (one was refused later):
             # room is made, but her endpoint's budget is what stops her now.
             async with cluster.clients(joiner) as (j,):
@@ -226,11 +228,11 @@ async def test_an_older_database_keeps_its_mailbox(tmp_path: Path) -> None:
         await nursery.start(net.run)
         cluster = MemoryCluster(net, nursery, tmp_path, Limits())
         node = await cluster.start_node(key)
-        assert node.service.mailbox.usage() == {"join_requests": 0,
-                                                "other": 1000 + MAILBOX_ITEM_OVERHEAD}
+        assert await node.service.mailbox.usage() == {"join_requests": 0,
+                                                      "other": 1000 + MAILBOX_ITEM_OVERHEAD}
         async with cluster.clients(joiner) as (j,):
             items = (await j.mailbox_fetch(joiner.key.public)).items
             assert [i.payload for i in items] == [b"p" * 1000]
             await j.mailbox_ack(joiner.key.public, [items[0].item_id])
-        assert node.service.mailbox.usage() == {"join_requests": 0, "other": 0}
+        assert await node.service.mailbox.usage() == {"join_requests": 0, "other": 0}
         nursery.cancel_scope.cancel()

@@ -1,0 +1,194 @@
+"""The Paxos acceptor of a syncnode: the driver around the sans-IO
+:class:`proto.paxos.acceptor.Acceptor`.
+
+For a Prepare or Accept of a group's next slot it loads what the acceptor reads (the slot's
+state, the manifest that names the slot's acceptors and proposers), takes the acceptor's step,
+makes the step's records durable **before** the reply leaves, and answers. A slot already
+decided is answered with its decision; a slot beyond the next one with a rejection (and a
+catch-up from peers).
+
+Slot state lives in a bounded LRU over the storage's acceptor records (:class:`SlotCache`).
+State changed in memory but not yet durable is pinned until its write commits, so eviction can
+never resurrect an older promise; a load that raced a change of the same slot is read again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+from proto.codec import decode_as, encode
+from proto.errors import DecodeError
+from proto.identity import SecretKey
+from proto.manifest import LogValue, Manifest, ManifestError, validate_transition
+from proto.messages import ErrorCode
+from proto.paxos.acceptor import EMPTY, Acceptor, Reject, RejectReason, SlotState
+from proto.paxos.messages import Accept, AcceptorRecord, Decided, PaxosRejected, Prepare
+from proto.paxos.quorum import AcceptorSet
+from syncnode.budgets import LRU
+from syncnode.groups import Groups
+from syncnode.metrics import Metrics
+from syncnode.session import RequestError, Session
+from syncnode.storage import Storage
+
+SlotKey = tuple[bytes, int]
+
+
+class SlotCache(MutableMapping[SlotKey, SlotState]):
+    """The acceptor's slot map: an LRU over the stored acceptor records. A slot must be
+    :meth:`load`-ed before the acceptor reads it (reads are async; the acceptor is not).
+    Entries written in memory stay pinned in ``dirty`` until :meth:`flushed` says their record
+    is durable."""
+
+    def __init__(self, store: Storage, capacity: int) -> None:
+        self.store = store
+        self.lru = LRU(capacity)
+        self.dirty: dict[SlotKey, SlotState] = {}
+        self._loading: dict[SlotKey, int] = {}
+        """Slot -> loads in flight (only while some are)."""
+        self._changed: dict[SlotKey, int] = {}
+        """Slot -> changes made while loads of it were in flight."""
+
+    def loaded(self, key: SlotKey) -> bool:
+        return key in self.dirty or key in self.lru
+
+    async def load(self, key: SlotKey) -> None:
+        """Bring the slot's state into memory (a no-op when it is)."""
+        while not self.loaded(key):
+            changes = self._changed.get(key, 0)
+            self._loading[key] = self._loading.get(key, 0) + 1
+            try:
+                blob = await self.store.acceptor_record(*key)
+            finally:
+                changed = self._changed.get(key, 0) != changes
+                self._loading[key] -= 1
+                if not self._loading[key]:
+                    del self._loading[key]
+                    self._changed.pop(key, None)
+            if self.loaded(key) or changed:
+                continue  # someone else's load or change is newer than what we read
+            if blob is None:
+                self.lru.put(key, EMPTY)
+            else:
+                rec = decode_as(blob, AcceptorRecord)
+                self.lru.put(key, SlotState(rec.promised, rec.accepted))
+
+    def __getitem__(self, key: SlotKey) -> SlotState:
+        if key in self.dirty:
+            return self.dirty[key]
+        if key in self.lru:
+            self.lru.move_to_end(key)
+            state: SlotState = self.lru[key]  # EMPTY: loaded, never written
+            return state
+        raise RuntimeError(f"acceptor state of slot {key[1]} read before it was loaded")
+
+    def __setitem__(self, key: SlotKey, value: SlotState) -> None:
+        if key in self._loading:
+            self._changed[key] = self._changed.get(key, 0) + 1
+        self.dirty[key] = value
+        self.lru.put(key, value)
+
+    def __delitem__(self, key: SlotKey) -> None:
+        raise NotImplementedError("acceptor state is never deleted")
+
+    def __iter__(self) -> Iterator[SlotKey]:
+        return iter(self.lru)
+
+    def __len__(self) -> int:
+        return len(self.lru)
+
+    def flushed(self, key: SlotKey, value: SlotState) -> None:
+        if self.dirty.get(key) == value:
+            del self.dirty[key]
+
+
+class AcceptorDriver:
+    """Prepare and Accept requests of every hosted group."""
+
+    def __init__(self, key: SecretKey, store: Storage, groups: Groups, metrics: Metrics,
+                 capacity: int, *, decided_at: Callable[[bytes, int], Awaitable[Decided]]
+                 ) -> None:
+        self.store = store
+        self.groups = groups
+        self.metrics = metrics
+        self.decided_at = decided_at
+        self.slots = SlotCache(store, capacity)
+        self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for, self.slots,
+                                 validate_value=self._validate_value)
+        self._inputs: tuple[bytes, int, Manifest | None] | None = None
+        """(group, slot, manifest of slot - 1) of the step about to be taken."""
+
+    async def handle(self, session: Session, msg: Prepare | Accept) -> Any:
+        self.metrics.paxos.labels(type(msg).__name__).inc()
+        g = await self.groups.require(msg.group_id)
+        if msg.slot == 0:
+            raise RequestError(ErrorCode.INVALID, "slot 0 is the genesis, not decided by Paxos")
+        while True:
+            if msg.slot <= g.top:
+                return await self.decided_at(g.group_id, msg.slot)  # tell the proposer
+            if msg.slot > g.top + 1:
+                self.groups.behind(session, g)
+                return PaxosRejected(msg.group_id, msg.slot, RejectReason.UNKNOWN_SLOT, 0,
+                                     f"this syncnode has decided up to slot {g.top} only; "
+                                     "catching up from peers, retry shortly")
+            top = g.top
+            await self.load(msg.group_id, msg.slot)
+            if g.top == top:  # nothing was decided while we loaded
+                break
+        step = self.acceptor.handle(msg)
+        if step.persist:
+            await self.store.put_acceptor_records(
+                [(r.group_id, r.slot, encode(r)) for r in step.persist])
+            for r in step.persist:
+                self.slots.flushed((r.group_id, r.slot), SlotState(r.promised, r.accepted))
+        else:
+            await self.store.barrier()  # the state this reply reports is durable
+        return self.reply(msg, step.reply)
+
+    async def load(self, group_id: bytes, slot: int) -> None:
+        """Load what the acceptor reads for ``slot``. Take the step right after, with no await
+        in between (the loaded state is only pinned until then)."""
+        try:
+            manifest: Manifest | None = await self.groups.manifest_at(group_id, slot - 1)
+        except KeyError:
+            manifest = None
+        await self.slots.load((group_id, slot))
+        self._inputs = (group_id, slot, manifest)
+
+    def reply(self, msg: Prepare | Accept, reply: Any) -> Any:
+        if isinstance(reply, Reject):
+            self.metrics.paxos.labels("Rejected").inc()
+            return PaxosRejected(msg.group_id, msg.slot, int(reply.reason), reply.rule,
+                                 reply.detail[:512])
+        self.metrics.paxos.labels(type(reply).__name__).inc()
+        return reply
+
+    # -- what the sans-IO acceptor asks (answered from what load() brought in) -----------------
+
+    def _manifest_before(self, group_id: bytes, slot: int) -> Manifest | None:
+        if self._inputs is None or self._inputs[:2] != (group_id, slot):
+            raise RuntimeError(f"acceptor inputs of slot {slot} read before they were loaded")
+        return self._inputs[2]
+
+    def _acceptors_for(self, group_id: bytes, slot: int) -> AcceptorSet | None:
+        if slot < 1:
+            return None
+        m = self._manifest_before(group_id, slot)
+        return None if m is None else m.acceptors()
+
+    def _proposer_key_for(self, group_id: bytes, slot: int, fpr: bytes) -> bytes | None:
+        m = self._manifest_before(group_id, slot)
+        device = None if m is None else m.device(fpr)
+        return device.sig_pub if device else None
+
+    def _validate_value(self, group_id: bytes, slot: int, value: bytes) -> tuple[int, str] | None:
+        m = self._manifest_before(group_id, slot)
+        if m is None:
+            return 1, "no manifest known for the previous slot"
+        try:
+            validate_transition(m, LogValue.decode(value))
+        except ManifestError as exc:
+            return int(exc.rule), exc.detail
+        except DecodeError as exc:
+            return 1, f"value does not decode: {exc}"
+        return None

@@ -1,0 +1,75 @@
+"""The envelope store: a group's application messages (encrypted CRDT updates), kept by
+``(sender, seq)`` and served by per-sender watermark.
+
+A syncnode checks what it can without the group's keys: the sender is a current member, the
+envelope's signature verifies under the sender's key, the epoch is not ahead of this node's log,
+and the group stays under its byte quota. Storing is idempotent (the same envelope again is
+acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT. A new
+envelope is pushed to the group's subscribers once it is durable.
+"""
+
+from __future__ import annotations
+
+from proto.codec import decode_as, encode
+from proto.envelope import Envelope
+from proto.messages import ErrorCode
+from proto.service import MAX_PAGE, Backfill, BackfillPage, Stored
+from syncnode.config import Limits
+from syncnode.decisions import PAGE_BYTES
+from syncnode.fanout import Publish
+from syncnode.groups import Groups, require_member
+from syncnode.metrics import Metrics
+from syncnode.session import RequestError, Session
+from syncnode.storage import Storage, StorageConflict
+
+
+class Envelopes:
+    def __init__(self, store: Storage, groups: Groups, limits: Limits, metrics: Metrics, *,
+                 publish: Publish) -> None:
+        self.store = store
+        self.groups = groups
+        self.limits = limits
+        self.metrics = metrics
+        self.publish = publish
+
+    async def store_envelope(self, session: Session, msg: Envelope) -> Stored:
+        g = await self.groups.require(msg.group_id)
+        require_member(session, g)
+        if msg.epoch > g.top:
+            self.groups.behind(session, g)
+            raise RequestError(ErrorCode.NOT_FOUND,
+                               f"envelope epoch {msg.epoch} is ahead of this syncnode's "
+                               f"{g.top}; send the decision first or retry")
+        sender = g.manifest.device(msg.sender)
+        if sender is None:
+            raise RequestError(ErrorCode.UNAUTHORIZED, "sender is not a current member")
+        if msg.seq < 1:
+            raise RequestError(ErrorCode.INVALID, "seq counts from 1")
+        if not msg.verify(sender.sig_pub):
+            raise RequestError(ErrorCode.UNAUTHORIZED, "envelope signature does not verify")
+        raw = encode(msg)
+        if g.bytes_used + len(raw) > self.limits.max_bytes_per_group:
+            raise RequestError(ErrorCode.QUOTA_EXCEEDED,
+                               f"group is over its {self.limits.max_bytes_per_group} byte quota")
+        try:
+            new = await self.store.store_envelope(msg.group_id, msg.sender, msg.seq,
+                                                  msg.digest(), raw)
+        except StorageConflict:
+            raise RequestError(ErrorCode.CONFLICT,
+                               f"sender already stored a different seq {msg.seq}") from None
+        if new:
+            g.bytes_used += len(raw)
+            self.metrics.messages_stored.inc()
+            self.publish(g, msg)
+        return Stored(msg.group_id, msg.sender, msg.seq)
+
+    async def backfill(self, session: Session, msg: Backfill) -> BackfillPage:
+        g = await self.groups.require(msg.group_id)
+        require_member(session, g)
+        marks = {w.sender: w.seq for w in msg.watermarks}
+        limit = max(1, min(msg.limit, MAX_PAGE))
+        raws, more = await self.store.envelopes_after(g.group_id, marks, limit=limit,
+                                                      max_bytes=PAGE_BYTES)
+        out = tuple(decode_as(raw, Envelope) for raw in raws)
+        self.metrics.messages_served.inc(len(out))
+        return BackfillPage(out, more)
