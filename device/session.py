@@ -159,10 +159,11 @@ class Session:
         r = self.replica
         more = True
         while more and r.status == "active":
-            page = await client.backfill(r.group_id, r.buffer.watermarks())
+            before = r.buffer.watermarks()
+            page = await client.backfill(r.group_id, before)
             async with r.apply_lock:
                 self.inbox.receive(page.envelopes)
-            more = backfill_again(page.more, len(page.envelopes))
+            more = backfill_again(page.more, before, r.buffer.watermarks())
             await trio.lowlevel.checkpoint()
         self.inbox.ask_if_missing()
 

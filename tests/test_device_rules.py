@@ -234,9 +234,11 @@ def test_what_to_ask_a_syncnode_for_next() -> None:
     assert learn_after_sync(hidden=False, top=7, epoch=5)
     assert learn_after_sync(hidden=True, top=0, epoch=5)
     assert not learn_after_sync(hidden=False, top=5, epoch=5)
-    assert backfill_again(more=True, got=10)
-    assert not backfill_again(more=True, got=0)  # a syncnode that claims more but sends none
-    assert not backfill_again(more=False, got=10)
+    assert backfill_again(more=True, before={N1: 3}, after={N1: 9})
+    assert backfill_again(more=True, before={}, after={N2: 1})
+    # a syncnode that claims more but sends none, or only what cannot be delivered yet
+    assert not backfill_again(more=True, before={N1: 3}, after={N1: 3})
+    assert not backfill_again(more=False, before={N1: 3}, after={N1: 9})
 
 
 def test_address_records_are_asked_for_while_a_syncnode_is_unlinked() -> None:
