@@ -2,7 +2,7 @@
 #   make demo   install everything into .venv and run the main job
 #   make test   install what is missing and run the whole test suite (+ ruff, mypy on proto/ and device/,
 #               and a 110-seed deterministic simulation sweep over every scenario)
-.PHONY: demo test venv lint bench clean sweep-nightly
+.PHONY: demo test venv lint bench clean sweep-nightly nightly
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,6 +26,12 @@ test: lint
 # The nightly sweep: ten times the seeds, longer runs.
 sweep-nightly: venv
 	$(PY) -m simulations sweep --seeds 0..999 --steps 120
+
+# Nightly: the exhaustive 3-round Paxos model check (the default suite explores 2 rounds), then
+# the long sweep. Both exit non-zero on any violation.
+nightly: venv
+	$(PY) -m simulations.paxos_explorer --require-complete
+	$(MAKE) sweep-nightly
 
 bench: venv
 	$(PY) scripts/bench_transport.py

@@ -586,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float)
     ap.add_argument("--expect-forks", action="store_true",
                     help="allow two chosen values if the learner detects them (Byzantine runs)")
+    ap.add_argument("--require-complete", action="store_true",
+                    help="fail (exit 1) unless the whole state space was explored (nightly)")
     args = ap.parse_args(argv)
     cfg = Config(args.proposers, tuple(args.acceptors.split(",")), args.rounds,
                  not args.no_crashes, args.max_states, args.max_seconds, args.expect_forks)
@@ -600,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"VIOLATION {v.invariant}: {v.detail}")
         for i, step in enumerate(v.trace):
             print(f"  {i:3d}. {step}")
+    if args.require_complete and not result.complete:
+        print("INCOMPLETE: the exploration stopped before covering the whole state space")
+        return 1
     return 1 if result.violations else 0
 
 

@@ -1,6 +1,9 @@
 """Exhaustive model checking of the real Paxos core (see simulations/paxos_explorer.py).
 
 The state counts are printed (run pytest with ``-s`` to see them) and quoted in the issue notes.
+The default suite explores 2 proposers x 3 acceptors over 2 rounds exhaustively (about 9,300
+states, 5 s); the 3-round space (several minutes) runs in ``make nightly``, which fails on a
+violation or an incomplete exploration the same way.
 """
 
 from __future__ import annotations
@@ -8,21 +11,23 @@ from __future__ import annotations
 from simulations.paxos_explorer import Config, Explorer
 
 
-def test_two_proposers_three_acceptors_three_rounds_exhaustive() -> None:
-    r = Explorer(Config(proposers=2, acceptors=("correct",) * 3, max_rounds=3)).run()
+def test_two_proposers_three_acceptors_two_rounds_exhaustive() -> None:
+    r = Explorer(Config(proposers=2, acceptors=("correct",) * 3, max_rounds=2)).run()
     print("\n" + r.summary())
     assert r.complete, "the exploration must cover the whole state space"
     assert not r.violations, r.violations[0].trace
-    assert r.states > 100_000  # sanity: the explored space is not trivially small
+    assert r.states > 5_000  # sanity: the explored space is not trivially small
     assert r.decided_states > 0  # and decisions are reached in it
 
 
 def test_three_proposers_five_acceptors_bounded() -> None:
+    # A fixed amount of work (not of time: the same prefix on any machine); the README's
+    # --max-seconds 600 run goes much further.
     r = Explorer(Config(proposers=3, acceptors=("correct",) * 5, max_rounds=3,
-                        max_seconds=60)).run()
+                        max_states=10_000)).run()
     print("\n" + r.summary())
     assert not r.violations, r.violations[0].trace
-    assert r.states > 10_000
+    assert r.states >= 10_000
 
 
 def test_negative_control_forgetful_acceptor_breaks_agreement() -> None:
