@@ -196,7 +196,10 @@ def _check(name: str, value: Any, default: Any) -> Any:
     else:
         ok = True
     if not ok:
-        raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
+        kind = ("a list of strings" if isinstance(default, tuple)
+                else "a whole number >= 0" if type(default) is int
+                else type(default).__name__)
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}")
     return value
 
 
@@ -219,7 +222,7 @@ def _apply(obj: Any, table: dict[str, Any], where: str) -> Any:
                 raise ConfigError("[peers]: each entry is node-id-hex = [\"host:port\", ...]")
             changes[key] = value
         else:
-            changes[key] = _check(f"{where}{key}", value, current)
+            changes[key] = _check(f"{where} {key}" if where else key, value, current)
     return replace(obj, **changes)
 
 

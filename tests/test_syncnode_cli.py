@@ -37,7 +37,7 @@ def test_default_config_file_equals_builtin_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, needle", [
     ("listn = '1.2.3.4:5'\n", "unknown setting 'listn'"),
     ("group_commit = 'yes'\n", "group_commit: expected bool"),
-    ("[limits]\nmax_frame = -1\n", "[limits]max_frame"),
+    ("[limits]\nmax_frame = -1\n", "[limits] max_frame"),
     ("[limits]\nbogus = 1\n", "unknown setting 'bogus'"),
     ("log_level = 'loud'\n", "log_level"),
     ("listen = \n", "syncnode.toml"),
