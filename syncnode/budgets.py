@@ -29,19 +29,23 @@ class LRU(OrderedDict[Any, Any]):
 
 
 class TokenBucket:
-    """Per-connection rate limit: ``rate`` requests/s on average, bursts up to ``burst``."""
+    """A rate limit: ``rate`` units/s on average, bursts up to ``burst``. Units are requests
+    (take one at a time) or bytes (take a message's size). With ``debt``, a take larger than the
+    whole burst (a small configured byte burst) is allowed from a full bucket and leaves the
+    bucket negative, so a large message is slowed, never refused forever."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = trio.current_time
-                 ) -> None:
-        self.rate, self.burst, self.clock = rate, float(burst), clock
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = trio.current_time,
+                 *, debt: bool = False) -> None:
+        self.rate, self.burst, self.clock, self.debt = rate, float(burst), clock, debt
         self.tokens, self.stamp = float(burst), clock()
 
-    def take(self) -> bool:
+    def take(self, n: float = 1.0) -> bool:
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # a clock that steps back (the wall clock admission uses) refills nothing
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= (min(n, self.burst) if self.debt else n):
+            self.tokens -= n
             return True
         return False
 
@@ -52,13 +56,13 @@ class KeyedBuckets:
     only lets a key start afresh, which a new key could do anyway; node-wide limits bound that)."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float],
-                 capacity: int = 10_000) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
+                 capacity: int = 10_000, *, debt: bool = False) -> None:
+        self.rate, self.burst, self.clock, self.debt = rate, burst, clock, debt
         self.buckets = LRU(capacity)
 
-    def take(self, key: bytes) -> bool:
+    def take(self, key: bytes, n: float = 1.0) -> bool:
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = TokenBucket(self.rate, self.burst, self.clock)
+            bucket = TokenBucket(self.rate, self.burst, self.clock, debt=self.debt)
         self.buckets.put(key, bucket)
-        return bool(bucket.take())
+        return bool(bucket.take(n))

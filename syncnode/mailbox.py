@@ -35,7 +35,6 @@ and within one burst.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -55,6 +54,7 @@ from proto.service import (
     MailboxStored,
     put_proof_valid,
 )
+from syncnode.budgets import KeyedBuckets
 from syncnode.config import Limits
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
@@ -71,29 +71,6 @@ FETCH_BYTES = 4 * 1024 * 1024
 ENDPOINT_BUCKETS = 16384
 """Endpoints whose put budget is remembered (least recently used forgotten: a forgotten one
 starts afresh, as a new endpoint would; the quotas bound what that gains)."""
-
-
-class ByteBuckets:
-    """A token bucket of bytes per key (an endpoint id), bounded in number."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float],
-                 capacity: int = ENDPOINT_BUCKETS) -> None:
-        self.rate, self.burst, self.clock, self.capacity = rate, float(burst), clock, capacity
-        self.buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
-
-    def take(self, key: bytes, n: int) -> bool:
-        now = self.clock()
-        tokens, stamp = self.buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - stamp) * self.rate)
-        # More than the whole burst at once (a small configured burst): allowed from a full
-        # bucket, leaving a debt.
-        ok = tokens >= min(float(n), self.burst)
-        if ok:
-            tokens -= n
-        self.buckets[key] = (tokens, now)
-        if len(self.buckets) > self.capacity:
-            self.buckets.popitem(last=False)
-        return ok
 
 
 class Mailbox:
@@ -115,9 +92,9 @@ class Mailbox:
         self.notify = notify
         self.node_id = node_id
         self.member_key = member_key
-        self.budgets = ByteBuckets(limits.mailbox_put_bytes_per_second,
-                                   limits.mailbox_put_burst_bytes,
-                                   monotonic or trio.current_time)
+        self.budgets = KeyedBuckets(limits.mailbox_put_bytes_per_second,
+                                    limits.mailbox_put_burst_bytes,
+                                    monotonic or trio.current_time, ENDPOINT_BUCKETS, debt=True)
 
     def _refuse(self, reason: str, code: ErrorCode, detail: str) -> RequestError:
         self.metrics.refuse(reason)
