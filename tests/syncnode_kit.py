@@ -180,11 +180,13 @@ class MemoryCluster:
         self.nodes: list[Node] = []
 
     async def start_node(self, key: SecretKey | None = None, *, cache_groups: int = 1024,
-                         cache_slots: int = 4096) -> Node:
+                         cache_slots: int = 4096, service_class: type[Service] = Service
+                         ) -> Node:
+        """Start a node (``service_class``: a Byzantine :class:`Service` subclass, say)."""
         key = key or SecretKey.generate()
         path = self.tmp / f"{key.public.hex()[:8]}.db"
-        service = Service(key, path, limits=self.limits, cache_groups=cache_groups,
-                          cache_slots=cache_slots)
+        service = service_class(key, path, limits=self.limits, cache_groups=cache_groups,
+                                cache_slots=cache_slots)
         transport = self.net.endpoint(key.public)
         scope = trio.CancelScope()
         peers = PeerSync(service, transport, interval=3600)

@@ -25,8 +25,6 @@ from proto.manifest import ManifestError, Rule, genesis_hash
 from proto.transport.memory import Faults, MemoryNetwork
 from simulations.broken import planted
 from simulations.byzantine import ForgedGenesisService
-from syncnode.peers import PeerSync
-from syncnode.server import Server
 from tests.device_kit import converged, memory_device
 from tests.syncnode_kit import MemoryCluster, Node
 
@@ -34,25 +32,10 @@ SLOWER = Faults(min_delay=0.02, max_delay=0.04, ordered=True)
 
 
 async def _forging_node(cluster: MemoryCluster) -> tuple[Node, ForgedGenesisService]:
-    """A node of ``cluster`` running the forging service (what ``start_node`` does)."""
-    key = SecretKey.generate()
-    service = ForgedGenesisService(key, cluster.tmp / "forger.db")
-    transport = cluster.net.endpoint(key.public)
-    scope = trio.CancelScope()
-
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            async with trio.open_nursery() as n:
-                await n.start(service.run)
-                await n.start(transport.serve, Server(service).handle_connection)
-                task_status.started()
-        await transport.aclose()
-
-    await cluster.nursery.start(run)
-    node = Node(key, cluster.tmp / "forger.db", service, transport, scope,
-                PeerSync(service, transport, interval=3600))
-    cluster.nodes.append(node)
-    return node, service
+    """A node of ``cluster`` running the forging service."""
+    node = await cluster.start_node(service_class=ForgedGenesisService)
+    assert isinstance(node.service, ForgedGenesisService)
+    return node, node.service
 
 
 async def _cluster(tmp_path: Path, nursery: trio.Nursery, net: MemoryNetwork
