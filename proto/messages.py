@@ -24,6 +24,9 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 7
     CONFLICT = 8
     INVALID = 9
+    GONE = 10
+    """This syncnode no longer serves the group (a later manifest dropped it): ask the
+    syncnodes of the group's newest manifest."""
 
 
 @message(0x01)

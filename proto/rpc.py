@@ -26,6 +26,7 @@ from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.messages import Decided
 from proto.service import (
     AUTH_CTX,
+    AdoptGroup,
     AuthBody,
     Authenticate,
     Authenticated,
@@ -35,9 +36,11 @@ from proto.service import (
     DecidedPage,
     Done,
     FetchDecided,
+    FetchGroupStatus,
     FetchHeads,
     GetChallenge,
     GroupRegistered,
+    GroupStatus,
     Heads,
     MailboxAck,
     MailboxFetch,
@@ -202,6 +205,14 @@ class SyncnodeClient:
 
     async def register_group(self, genesis: LogValue) -> GroupRegistered:
         return await self.call(RegisterGroup(genesis.encode()), GroupRegistered)
+
+    async def adopt_group(self, genesis: LogValue, named: Decided) -> GroupRegistered:
+        """Ask this syncnode to host a group whose decided slot ``named`` first names it; it
+        then fetches the group's history from the other syncnodes (:meth:`group_status`)."""
+        return await self.call(AdoptGroup(genesis.encode(), named), GroupRegistered)
+
+    async def group_status(self, group_id: bytes) -> GroupStatus:
+        return await self.call(FetchGroupStatus(group_id), GroupStatus)
 
     async def learn(self, decided: Decided) -> int:
         return (await self.call(decided, Done)).count

@@ -312,3 +312,45 @@ class Done:
     """Success with nothing else to say (learned decision stored, mailbox items deleted)."""
 
     count: U32
+
+
+# -- changing a group's syncnodes (issue 16) ----------------------------------------------------
+
+
+@message(0x5A)
+@dataclass(frozen=True)
+class AdoptGroup:
+    """Host a group this syncnode was added to after its genesis, and fetch its history.
+
+    ``named`` is the decision (with its certificate) of the slot whose manifest first names this
+    syncnode. The syncnode cannot verify it yet (it lacks the manifests in between): it only
+    takes the syncnodes ``named`` lists as dial targets, and verifies everything it then learns
+    from the genesis forward. Idempotent; sending it again with another ``named`` replaces the
+    hints while the adoption is still pending. Answered with :class:`GroupRegistered`."""
+
+    genesis: Annotated[bytes, MaxLen(256 * 1024)]
+    named: Decided
+
+
+@message(0x5B)
+@dataclass(frozen=True)
+class FetchGroupStatus:
+    """How far this syncnode is with a group (for those who may read its log)."""
+
+    group_id: GroupId
+
+
+@message(0x5C)
+@dataclass(frozen=True)
+class GroupStatus:
+    """``serving``: this syncnode's newest manifest of the group names it (an adopted group:
+    once its log reached the slot that named it). ``history_complete``: it also holds every
+    envelope a quorum acknowledged before it was named (a group hosted from its genesis always
+    has). ``removed_slot``: the slot whose manifest dropped this syncnode, if one did."""
+
+    group_id: GroupId
+    top: U64
+    serving: bool
+    history_complete: bool
+    envelopes: U64
+    removed_slot: U64 | None = None

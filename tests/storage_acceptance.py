@@ -24,6 +24,7 @@ from syncnode.storage import (
     JOIN_REQUEST_KIND,
     DecidedRecord,
     GroupRecord,
+    HostingRecord,
     MailboxQuota,
     MailboxRefusal,
     MailboxUsage,
@@ -36,10 +37,13 @@ __all__ = [
     "test_acceptor_records_replace",
     "test_acknowledged_writes_survive_a_crash",
     "test_address_records_keep_the_newest_within_capacity",
+    "test_adopted_groups_keep_a_hosting_record",
     "test_barrier_waits_for_earlier_writes",
     "test_concurrent_writes_share_commits_and_fail_alone",
     "test_decided_log_appends_only_the_next_slot",
     "test_decided_range_orders_and_pages",
+    "test_delete_group_removes_everything_of_it",
+    "test_envelope_marks_stop_at_the_first_gap",
     "test_envelopes_after_orders_by_sender_and_pages",
     "test_envelopes_are_idempotent_and_conflicts_refused",
     "test_equivocation_keeps_the_first_proof",
@@ -130,6 +134,59 @@ async def test_groups_are_created_once(storage_factory: StorageFactory) -> None:
         assert await s.group_count_by_creator(CREATOR) == 2
         assert await s.group_count_by_creator(OTHER) == 1
         assert await s.group_count_by_creator(b"x" * 32) == 0
+
+
+async def test_adopted_groups_keep_a_hosting_record(storage_factory: StorageFactory) -> None:
+    async with opened(storage_factory) as s:
+        assert await s.adopt_group(G1, CREATOR, GENESIS, 1.0, named_slot=4, adoption=b"n4")
+        assert await s.group(G1) == GroupRecord(CREATOR, 0, len(GENESIS))
+        assert await s.decided(G1, 0) == DecidedRecord(GENESIS, None)
+        pending = HostingRecord(4, b"n4", False, False)
+        assert await s.hosting(G1) == pending
+        # Again, with another claim: the newest is kept while it is not serving.
+        assert not await s.adopt_group(G1, CREATOR, GENESIS, 2.0, named_slot=6, adoption=b"n6")
+        assert await s.hosting(G1) == HostingRecord(6, b"n6", False, False)
+        with pytest.raises(StorageConflict):
+            await s.adopt_group(G1, OTHER, b"another genesis", 3.0, named_slot=1, adoption=b"x")
+        serving = HostingRecord(6, b"n6", True, True)
+        await s.put_hosting(G1, serving)
+        assert not await s.adopt_group(G1, CREATOR, GENESIS, 4.0, named_slot=9, adoption=b"n9")
+        assert await s.hosting(G1) == serving  # serving: a new claim changes nothing
+        # A group created from its genesis has no record, and adopting it changes nothing.
+        await new_group(s, G2)
+        assert not await s.adopt_group(G2, CREATOR, GENESIS, 5.0, named_slot=2, adoption=b"a")
+        assert await s.hosting(G2) is None
+        removed = HostingRecord(None, None, False, True, 8, 123.5)
+        await s.put_hosting(G2, removed)
+        with pytest.raises(StorageConflict):  # only hosted groups have a record
+            await s.put_hosting(G3, removed)
+        assert await s.hosting(G3) is None
+        assert await s.hosting_records() == [(G1, serving), (G2, removed)]
+        assert await s.hosting_records(G1) == [(G2, removed)]
+        assert await s.hosting_records(limit=1) == [(G1, serving)]
+        assert await s.group_count() == 2
+    async with opened(storage_factory) as s:
+        assert await s.hosting_records() == [(G1, serving), (G2, removed)]
+
+
+async def test_delete_group_removes_everything_of_it(storage_factory: StorageFactory) -> None:
+    async with opened(storage_factory) as s:
+        await write_one_of_everything(s)
+        await s.put_hosting(G1, HostingRecord(None, None, False, True, 1, 9.0))
+        await new_group(s, G2)
+        await s.store_envelope(G2, A, 1, b"d", b"kept")
+        assert await s.delete_group(G1)
+        assert not await s.delete_group(G1)
+        assert await s.group(G1) is None and await s.group_ids() == [G2]
+        assert await s.decided(G1, 0) is None and await s.decided(G1, 1) is None
+        assert await s.manifest(G1, 1) is None and await s.acceptor_record(G1, 2) is None
+        assert await s.envelopes_after(G1, {}, limit=10, max_bytes=BIG) == ([], False)
+        assert await s.envelope_count(G1) == 0
+        assert await s.equivocation(G1, 1) is None and await s.hosting(G1) is None
+        assert await s.envelopes_after(G2, {}, limit=10, max_bytes=BIG) == ([b"kept"], False)
+        assert await s.address_record(b"n" * 32) == b"record"  # node-wide data stays
+        # The id is free again: a new group may take it.
+        assert await s.create_group(G1, OTHER, b"another genesis", 2.0)
 
 
 async def test_group_ids_page_in_order(storage_factory: StorageFactory) -> None:
@@ -259,6 +316,22 @@ async def test_envelopes_after_orders_by_sender_and_pages(storage_factory: Stora
 
 
 # -- equivocation evidence ------------------------------------------------------------------------
+
+
+async def test_envelope_marks_stop_at_the_first_gap(storage_factory: StorageFactory) -> None:
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        assert await s.envelope_marks(G1) == {} and await s.envelope_count(G1) == 0
+        for sender, seqs in ((A, (1, 2, 3, 5, 6)), (B, (2, 3)), (R1, (1,))):
+            for seq in seqs:
+                await s.store_envelope(G1, sender, seq, b"d%d" % seq, b"e%d" % seq)
+        await s.store_envelope(G2, R2, 1, b"d", b"e")
+        # A: 1..3 then a gap; B: no seq 1 (nothing to resume from); R1: just 1.
+        assert await s.envelope_marks(G1) == {A: 3, R1: 1}
+        assert await s.envelope_count(G1) == 8 and await s.envelope_count(G2) == 1
+        await s.store_envelope(G1, A, 4, b"d4", b"e4")
+        assert (await s.envelope_marks(G1))[A] == 6
 
 
 async def test_equivocation_keeps_the_first_proof(storage_factory: StorageFactory) -> None:

@@ -7,7 +7,9 @@ meant to be another, tested by the same acceptance suite (``tests/storage_accept
 What is kept, per group: a row (creator, highest decided slot, bytes used against the quota),
 the decided log (slot 0 the genesis value; slot ``s`` a value with its decision certificate),
 the manifest of every epoch ``s >= 1`` (the genesis manifest is read from slot 0), the Paxos
-acceptor record of each slot, envelopes by ``(sender, seq)`` and proofs of equivocation.
+acceptor record of each slot, envelopes by ``(sender, seq)``, proofs of equivocation, and how
+this node hosts the group when that is more than "named by the genesis, serving"
+(:class:`HostingRecord`: adopted later, or removed).
 Node-wide: mailbox items with their quota accounting, and signed address records of other
 syncnodes. Values are opaque bytes here (encoded by the service); only the keys and sizes the
 contracts speak of are read by a backend.
@@ -75,6 +77,24 @@ class DecidedRecord(NamedTuple):
     value: bytes
     certificate: bytes | None
     """The encoded decision certificate; None for the genesis (slot 0)."""
+
+
+class HostingRecord(NamedTuple):
+    """How this node hosts a group that it was not simply named in at the genesis (a group
+    without one is hosted from its genesis: serving, its history complete, not removed)."""
+
+    named_slot: int | None
+    """The slot whose manifest first names this node (an adopted group); None: the genesis."""
+    adoption: bytes | None
+    """Opaque: what the service keeps of an adoption (its encoded naming decision)."""
+    serving: bool
+    """The verified log reached ``named_slot`` and its manifest names this node."""
+    history_complete: bool
+    """Every envelope stored before this node was named has been pulled from its peers."""
+    removed_slot: int | None = None
+    """The slot whose manifest dropped this node, once one did."""
+    removed_at: float | None = None
+    """When this node learned it was removed (the retention of its data counts from then)."""
 
 
 class MailboxRecord(NamedTuple):
@@ -173,6 +193,33 @@ class Storage(Protocol):
     async def group_ids(self, after: bytes = b"", limit: int = 1000) -> list[bytes]:
         """Ids of hosted groups greater than ``after``, ascending, at most ``limit``."""
 
+    async def delete_group(self, group_id: bytes) -> bool:
+        """Delete everything kept for the group (its row, log, manifests, acceptor records,
+        envelopes, evidence, hosting record). Whether it was hosted."""
+
+    # -- hosting: adopted and removed groups ----------------------------------------------------
+
+    async def adopt_group(self, group_id: bytes, creator: bytes, genesis: bytes,
+                          created_at: float, *, named_slot: int, adoption: bytes) -> bool:
+        """Store a new group like :meth:`create_group` together with its hosting record
+        (adopted at ``named_slot``, not serving, history incomplete), all at once. False if the
+        group exists with this very genesis: then, if it is an adoption not yet serving, its
+        ``named_slot`` and ``adoption`` are replaced (the newest claim is tried), else nothing
+        changes. :class:`StorageConflict` if the group exists with another genesis."""
+
+    async def hosting(self, group_id: bytes) -> HostingRecord | None:
+        """The group's hosting record; None when it has none (hosted from its genesis, or not
+        hosted)."""
+
+    async def put_hosting(self, group_id: bytes, record: HostingRecord) -> None:
+        """Replace the hosting record of a hosted group (:class:`StorageConflict` if it is not
+        hosted)."""
+
+    async def hosting_records(self, after: bytes = b"", limit: int = 1000
+                              ) -> list[tuple[bytes, HostingRecord]]:
+        """Hosting records of groups with ids greater than ``after``, ascending by id, at most
+        ``limit``."""
+
     # -- decided log and manifests --------------------------------------------------------------
 
     async def append_decided(self, group_id: bytes, slot: int, value: bytes, certificate: bytes,
@@ -217,6 +264,14 @@ class Storage(Protocol):
         ordered by sender then seq: at most ``limit``, and no more once they would exceed
         ``max_bytes`` together (the first is always given). The bool says whether more were
         left."""
+
+    async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
+        """Per sender, the highest ``seq`` such that ``1..seq`` are all stored (senders whose
+        seq 1 is missing are left out): the watermarks a backfill resumes from, whatever
+        arrived out of order."""
+
+    async def envelope_count(self, group_id: bytes) -> int:
+        """Envelopes stored for the group."""
 
     # -- equivocation evidence ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from syncnode.storage.base import (
     BatchHook,
     DecidedRecord,
     GroupRecord,
+    HostingRecord,
     MailboxPutResult,
     MailboxQuota,
     MailboxRecord,
@@ -114,6 +115,60 @@ class SqliteStorage:
             "SELECT group_id FROM groups WHERE group_id>? ORDER BY group_id LIMIT ?",
             (after, limit))]
 
+    async def delete_group(self, group_id: bytes) -> bool:
+        def write(c: sqlite3.Connection) -> bool:
+            for table in ("decided", "manifests", "acceptor", "envelopes", "equivocations",
+                          "hosting"):
+                c.execute(f"DELETE FROM {table} WHERE group_id=?", (group_id,))
+            return c.execute("DELETE FROM groups WHERE group_id=?", (group_id,)).rowcount == 1
+
+        return bool(await self.writer.execute(write))
+
+    # -- hosting: adopted and removed groups ----------------------------------------------------
+
+    async def adopt_group(self, group_id: bytes, creator: bytes, genesis: bytes,
+                          created_at: float, *, named_slot: int, adoption: bytes) -> bool:
+        def write(c: sqlite3.Connection) -> bool:
+            prior = c.execute("SELECT value FROM decided WHERE group_id=? AND slot=0",
+                              (group_id,)).fetchone()
+            if prior is not None:
+                if prior[0] != genesis:
+                    raise StorageConflict("a different group has this id")
+                c.execute("UPDATE hosting SET named_slot=?, adoption=? WHERE group_id=? AND "
+                          "named_slot IS NOT NULL AND serving=0",
+                          (named_slot, adoption, group_id))
+                return False
+            c.execute("INSERT INTO groups VALUES (?,?,0,?,?)",
+                      (group_id, creator, len(genesis), created_at))
+            c.execute("INSERT INTO decided VALUES (?,0,?,NULL)", (group_id, genesis))
+            c.execute("INSERT OR REPLACE INTO hosting VALUES (?,?,?,0,0,NULL,NULL)",
+                      (group_id, named_slot, adoption))
+            return True
+
+        return bool(await self.writer.execute(write))
+
+    async def hosting(self, group_id: bytes) -> HostingRecord | None:
+        row = self._one("SELECT named_slot, adoption, serving, history_complete, removed_slot, "
+                        "removed_at FROM hosting WHERE group_id=?", group_id)
+        return None if row is None else _hosting(row)
+
+    async def put_hosting(self, group_id: bytes, record: HostingRecord) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            if c.execute("SELECT 1 FROM groups WHERE group_id=?", (group_id,)).fetchone() is None:
+                raise StorageConflict("the group is not hosted")
+            c.execute("INSERT OR REPLACE INTO hosting VALUES (?,?,?,?,?,?,?)",
+                      (group_id, record.named_slot, record.adoption, int(record.serving),
+                       int(record.history_complete), record.removed_slot, record.removed_at))
+
+        await self.writer.execute(write)
+
+    async def hosting_records(self, after: bytes = b"", limit: int = 1000
+                              ) -> list[tuple[bytes, HostingRecord]]:
+        return [(row[0], _hosting(row[1:])) for row in self.db.execute(
+            "SELECT group_id, named_slot, adoption, serving, history_complete, removed_slot, "
+            "removed_at FROM hosting WHERE group_id>? ORDER BY group_id LIMIT ?",
+            (after, limit))]
+
     # -- decided log and manifests --------------------------------------------------------------
 
     async def append_decided(self, group_id: bytes, slot: int, value: bytes, certificate: bytes,
@@ -204,6 +259,20 @@ class SqliteStorage:
                 budget -= len(raw)
                 out.append(raw)
         return out, False
+
+    async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
+        # Per sender: the first stored seq whose successor is missing, if the run starts at 1
+        # (primary-key lookups only).
+        return dict(self.db.execute(
+            "SELECT sender, min(seq) FROM envelopes e WHERE group_id=? AND NOT EXISTS ("
+            "SELECT 1 FROM envelopes n WHERE n.group_id=e.group_id AND n.sender=e.sender AND "
+            "n.seq=e.seq+1) AND EXISTS (SELECT 1 FROM envelopes f WHERE "
+            "f.group_id=e.group_id AND f.sender=e.sender AND f.seq=1) GROUP BY sender",
+            (group_id,)))
+
+    async def envelope_count(self, group_id: bytes) -> int:
+        row = self._one("SELECT count(*) FROM envelopes WHERE group_id=?", group_id)
+        return int(row[0]) if row else 0
 
     # -- equivocation evidence ------------------------------------------------------------------
 
@@ -319,3 +388,9 @@ class SqliteStorage:
             return True
 
         return bool(await self.writer.execute(write))
+
+
+def _hosting(row: Sequence[Any]) -> HostingRecord:
+    named_slot, adoption, serving, complete, removed_slot, removed_at = row
+    return HostingRecord(named_slot, adoption, bool(serving), bool(complete), removed_slot,
+                         removed_at)

@@ -52,6 +52,15 @@ CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox (recipient, item_id);
 CREATE TABLE IF NOT EXISTS address_records ( -- newest signed address record per syncnode
     node_id BLOB PRIMARY KEY, issued_at INTEGER NOT NULL, record BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hosting (    -- groups adopted after their genesis, or removed
+    group_id BLOB PRIMARY KEY,
+    named_slot INTEGER,             -- slot whose manifest first names this node (NULL: genesis)
+    adoption BLOB,                  -- the service's encoded naming decision
+    serving INTEGER NOT NULL,
+    history_complete INTEGER NOT NULL,
+    removed_slot INTEGER,
+    removed_at REAL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS equivocations (
     group_id BLOB NOT NULL, slot INTEGER NOT NULL, proof BLOB NOT NULL,
     PRIMARY KEY (group_id, slot)
