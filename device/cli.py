@@ -40,6 +40,7 @@ from device.cli_support import (
     progress,
     run_device,
 )
+from device.cli_syncnodes import syncnode
 from proto import PROTOCOL_VERSION
 
 DEFAULT_HOME = Path(os.environ.get("SYNCDEVICE_HOME", "~/.local/share/syncdevice"))
@@ -218,8 +219,10 @@ def selfcheck(ctx: Ctx) -> None:
 for _command in (show, set_, edit, watch, members, invite, join, remove, rotate, export,
                  import_):
     cli.add_command(_command)
-for _command in cli.commands.values():
-    JSON_OPTION(_command)
+cli.add_command(syncnode)
+for _command in [*cli.commands.values(), *syncnode.commands.values()]:
+    if not isinstance(_command, click.Group):
+        JSON_OPTION(_command)
     _command.epilog = EXIT_CODES
 
 

@@ -41,6 +41,7 @@ import trio
 from device.crdt_loro import Editor
 from device.errors import DocumentError
 from device.events import Alarm, Change, Event, Member, SyncStatus
+from device.federation import HISTORY_WAIT, Federation, Say
 from device.host import Host
 from device.inbox import Inbox
 from device.invites import Added, Invites
@@ -75,6 +76,7 @@ class Document:
         self.links = Links(self.replica)
         self.membership = Membership(self.replica, self.outbox, self.inbox, self.links)
         self.invites = Invites(self.replica, self.outbox, self.links, self.membership)
+        self.federation = Federation(self.replica, self.membership, self.links)
         self.session = Session(self.replica, self.links, self.outbox, self.inbox,
                                self.membership, self.invites)
 
@@ -289,6 +291,24 @@ class Document:
         """Commit a key update (new epoch secrets, fresh leaf key); returns its slot."""
         return await self.membership.rotate_keys()
 
+    # -- the document's syncnodes (admins; see :mod:`device.federation`) -------------------------
+
+    async def add_syncnode(self, ticket: str | NodeTicket, *, wait: float = HISTORY_WAIT,
+                           say: Say | None = None) -> int:
+        """Add a syncnode (its ticket); returns the slot, once it holds the history."""
+        return await self.federation.add(_ticket(ticket), wait=wait, say=say or _quiet)
+
+    async def remove_syncnode(self, node_id: str, *, say: Say | None = None) -> int:
+        """Remove a syncnode (by node id prefix) once the others hold the history."""
+        return await self.federation.remove(node_id, say=say or _quiet)
+
+    async def replace_syncnode(self, old: str, new: str | NodeTicket, *,
+                               wait: float = HISTORY_WAIT, say: Say | None = None
+                               ) -> tuple[int, int]:
+        """Replace syncnode ``old`` (id prefix) by ``new`` (ticket): add, wait for its history,
+        remove; returns both slots."""
+        return await self.federation.replace(old, _ticket(new), wait=wait, say=say or _quiet)
+
     # -- the engine's entry points (the device, joins, tests) --------------------------------
 
     async def run(self) -> None:
@@ -296,9 +316,7 @@ class Document:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.outbox.flusher)
             nursery.start_soon(self.session.processor)
-            for entry in self.manifest.syncnodes:
-                nursery.start_soon(self.links.keep, NodeTicket(entry.node_id, entry.addrs),
-                                   self.session.serve)
+            nursery.start_soon(self.links.run, self.session.serve)
 
     def receive(self, envelopes: Sequence[Envelope]) -> int:
         """Process envelopes from a syncnode; returns how many payloads were delivered."""
@@ -321,3 +339,11 @@ class Document:
     def relink(self, node_id: bytes) -> None:
         """Drop the link to ``node_id`` (or its pending dial) and dial again at once."""
         self.links.relink(node_id)
+
+
+def _ticket(ticket: str | NodeTicket) -> NodeTicket:
+    return ticket if isinstance(ticket, NodeTicket) else NodeTicket.parse(ticket)
+
+
+def _quiet(_message: str) -> None:
+    pass

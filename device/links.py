@@ -50,6 +50,34 @@ class Links:
         self._attempts: dict[bytes, trio.CancelScope] = {}
         self._pauses: dict[bytes, trio.CancelScope] = {}
 
+    async def run(self, serve: Serve) -> None:
+        """Keep a link to every syncnode of the current manifest, for as long as the document
+        is active. The set follows the group's syncnodes: when an admin's commit adds one, a link
+        to it starts as the commit is applied; when one is removed, its link closes (a removed
+        syncnode refuses the group's new requests, and its acks no longer count)."""
+        r = self.replica
+        keeping: dict[bytes, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            while r.status == "active":
+                wanted = {e.node_id: e for e in r.manifest.syncnodes}
+                for node, scope in list(keeping.items()):
+                    if node not in wanted:
+                        scope.cancel()
+                        del keeping[node]
+                        log.info("syncnode no longer serves the document; link closed",
+                                 doc=short_id(r.group_id), node=short_id(node))
+                for node, entry in wanted.items():
+                    if node not in keeping:
+                        scope = keeping[node] = trio.CancelScope()
+                        nursery.start_soon(self._keep_within, scope,
+                                           NodeTicket(node, entry.addrs), serve)
+                await r.epoch_changed.wait()
+
+    async def _keep_within(self, scope: trio.CancelScope, ticket: NodeTicket, serve: Serve
+                           ) -> None:
+        with scope:
+            await self.keep(ticket, serve)
+
     async def keep(self, ticket: NodeTicket, serve: Serve) -> None:
         """Keep the link to ``ticket``'s syncnode up, running ``serve`` over each connection."""
         cfg = self.host.config

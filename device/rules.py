@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from proto.envelope import Envelope
 from proto.errors import DecodeError
+from proto.manifest import Manifest, SyncnodeEntry
+from proto.paxos.messages import MAX_ACCEPTORS
 from proto.paxos.quorum import AcceptorSet
 from proto.payload import MAX_BODY, Dep, Payload, PayloadKind, vector_deps
 
@@ -288,3 +290,49 @@ def address_is_news(held: tuple[float, tuple[str, ...]] | None, issued_at: float
     """Whether a verified address record (``issued_at``, ``addrs``) replaces what this device
     holds for that syncnode (``held``: when it was set and the addresses, or None)."""
     return held is None or not (held[0] >= issued_at or held[1] == addrs)
+
+
+# -- the document's syncnodes (device.federation) ------------------------------------------------
+
+
+def named_since(manifests: Sequence[Manifest], node_id: bytes) -> int | None:
+    """The slot from which every manifest up to the current one (``manifests[-1]``; index =
+    slot) names ``node_id``: the decision an adopting syncnode is given (it verifies the log
+    from the genesis up to there, then serves the group). None: the current one does not."""
+    slot = None
+    for s in range(len(manifests) - 1, -1, -1):
+        if node_id not in manifests[s].acceptors():
+            break
+        slot = s
+    return slot
+
+
+def syncnodes_with(current: Sequence[SyncnodeEntry], entry: SyncnodeEntry
+                   ) -> tuple[SyncnodeEntry, ...]:
+    """The syncnode set after adding ``entry`` (ValueError says why it cannot be added)."""
+    if any(e.node_id == entry.node_id for e in current):
+        raise ValueError("that syncnode already serves this document")
+    if len(current) >= MAX_ACCEPTORS:
+        raise ValueError(f"a document has at most {MAX_ACCEPTORS} syncnodes")
+    return (*current, entry)
+
+
+def syncnodes_without(current: Sequence[SyncnodeEntry], node_id: bytes
+                      ) -> tuple[SyncnodeEntry, ...]:
+    """The syncnode set after removing ``node_id`` (ValueError says why it cannot be)."""
+    kept = tuple(e for e in current if e.node_id != node_id)
+    if len(kept) == len(current):
+        raise ValueError("that syncnode does not serve this document")
+    if not kept:
+        raise ValueError("a document needs at least one syncnode; add another one first")
+    return kept
+
+
+def removal_safe(complete: Mapping[bytes, bool], remaining: Collection[bytes]) -> bool:
+    """May a syncnode be removed now? ``complete`` holds the answers of the remaining
+    syncnodes that were asked whether they hold the group's whole history. Every one must
+    have answered yes: a syncnode added shortly before may still lack older updates that are
+    on a bare quorum of the old set, the removed one included, and one that cannot be asked
+    may be that one. (Conservative: a second dead syncnode blocks removing the first; add a
+    new one first.)"""
+    return all(complete.get(n, False) for n in remaining)

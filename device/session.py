@@ -33,7 +33,7 @@ from device.links import Links
 from device.membership import Membership
 from device.outbox import Outbox
 from device.replica import Replica
-from device.rules import backfill_again, learn_after_sync, slots_to_tell
+from device.rules import backfill_again, learn_after_sync, named_since, slots_to_tell
 from proto.envelope import Envelope
 from proto.errors import TransportError
 from proto.identity import short_id
@@ -112,7 +112,7 @@ class Session:
             # Not hosted there, or not shown to us: a syncnode shows a group's head only to
             # its current members and syncnodes, so a device removed meanwhile sees none. It
             # may still read on from its own epoch, up to its removal (learn, below).
-            await client.register_group(r.values[0])
+            await self._host_group(client)
             top = 0
         epoch = r.epoch
         for slot in slots_to_tell(top, epoch):
@@ -120,6 +120,20 @@ class Session:
         if learn_after_sync(hidden, top, r.epoch):
             await self.membership.learn(client)
         return max(top, epoch)
+
+    async def _host_group(self, client: SyncnodeClient) -> None:
+        """Hand the syncnode our group: a founding syncnode registers the genesis; one that an
+        admin added later adopts it, given the decision that named it (it verifies the log up to
+        there, from us below or from its peers, then pulls the envelopes from them)."""
+        r = self.replica
+        named = named_since([r.values[s].manifest for s in range(r.epoch + 1)], client.node_id)
+        if named is None:
+            # Not one of the current syncnodes (a link closing after a removal): leave it be.
+            return
+        if named == 0 or client.node_id in r.values[0].manifest.acceptors():
+            await client.register_group(r.values[0])
+        else:
+            await client.adopt_group(r.values[0], r.decided[named])
 
     async def _announce(self, client: SyncnodeClient, known: int) -> None:
         """Tell the syncnode each decision we apply from now on that it may lack. A decision

@@ -1,0 +1,110 @@
+"""Live migration between operators, with real ``syncnode run`` processes on loopback.
+
+A document served by syncnodes {A, B, C} moves to {D, E, F}, one replacement at a time, while
+two devices keep editing. Then A, B and C are stopped and their data deleted: every
+acknowledged edit is on both devices and on each of D, E and F, and a new device joins through
+D, E and F alone (issue 16)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import trio
+
+from device.agent import Device
+from device.document import Document
+from proto.identity import short_id
+from proto.rpc import SyncnodeClient
+from proto.ticket import NodeTicket
+from syncnode.procs import NodeProcess, start_cluster
+from tests.device_kit import FAST, converged, eventually
+
+
+async def held(doc: Document, ticket: NodeTicket) -> dict[bytes, set[int]]:
+    """Every (sender, seq) the syncnode of ``ticket`` stores for ``doc``, read as a member."""
+    host = doc.replica.host
+    out: dict[bytes, set[int]] = {}
+    async with SyncnodeClient.connect(host.transport, ticket, timeout=10) as client:
+        await client.authenticate(host.key)
+        marks: dict[bytes, int] = {}
+        while True:
+            page = await client.backfill(doc.group_id, marks)
+            for env in page.envelopes:
+                out.setdefault(env.sender, set()).add(env.seq)
+                marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
+            if not page.more:
+                return out
+
+
+async def edit_until(doc: Document, who: str, stop: trio.Event, made: list[str]) -> None:
+    i = 0
+    while not stop.is_set():
+        key = f"{who}-{i}"
+        doc.change(lambda e, key=key: e.map("m").insert(key, 1))
+        made.append(key)
+        i += 1
+        await trio.sleep(0.03)
+
+
+async def test_document_moves_to_new_operators_while_devices_edit(tmp_path: Path) -> None:
+    cluster = start_cluster(tmp_path / "nodes", 6)
+    old, new = cluster[:3], cluster[3:]
+    try:
+        await _migrate(tmp_path, old, new)
+    finally:
+        for n in cluster:
+            n.stop()
+
+
+async def _migrate(tmp_path: Path, old: list[NodeProcess], new: list[NodeProcess]) -> None:
+    old_t = [n.ticket for n in old if n.ticket is not None]
+    new_t = [n.ticket for n in new if n.ticket is not None]
+    async with Device.open(tmp_path / "a", config=FAST) as a, \
+            Device.open(tmp_path / "b", config=FAST) as b:
+        doc_a = await a.create_document(old_t)
+        with trio.fail_after(60):
+            doc_b = await b.join(doc_a.invite())
+        made: dict[str, list[str]] = {"a": [], "b": []}
+        stop = trio.Event()
+        slots = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(edit_until, doc_a, "a", stop, made["a"])
+            nursery.start_soon(edit_until, doc_b, "b", stop, made["b"])
+            with trio.fail_after(240):
+                for before, after in zip(old_t, new_t, strict=True):
+                    slots.append(await doc_a.replace_syncnode(before.node_id.hex(), after,
+                                                              wait=120))
+                    await trio.sleep(0.3)  # edits keep flowing between replacements
+            stop.set()
+        assert {e.node_id for e in doc_a.manifest.syncnodes} == {t.node_id for t in new_t}
+        assert [s for pair in slots for s in pair] == list(range(2, 8))  # 1 was b's add
+        with trio.fail_after(60):
+            await doc_a.wait_durable()
+            await doc_b.wait_durable()
+            want = {t.node_id for t in new_t}
+            await eventually(lambda: {e.node_id for e in doc_b.manifest.syncnodes} == want
+                             and want <= set(doc_b.clients), 60,
+                             "the other device to follow the document to its new syncnodes")
+
+        for n in old:  # the old operators leave for good
+            n.stop()
+            shutil.rmtree(n.data_dir)
+
+        expected = {k for keys in made.values() for k in keys}
+        value = await converged([doc_a, doc_b], timeout=60)
+        assert set(value["m"]) == expected, "an acknowledged edit is missing"
+        sent = {doc.me: doc.next_seq - 1 for doc in (doc_a, doc_b)}
+        for t in new_t:
+            stored = await held(doc_a, t)
+            for sender, top in sent.items():
+                missing = set(range(1, top + 1)) - stored.get(sender, set())
+                assert not missing, (f"{short_id(t.node_id)} lacks {len(missing)} of "
+                                     f"{short_id(sender)}'s updates")
+
+        async with Device.open(tmp_path / "c", config=FAST) as c:
+            with trio.fail_after(60):
+                doc_c = await c.join(doc_a.invite())
+            assert {e.node_id for e in doc_c.manifest.syncnodes} == {t.node_id for t in new_t}
+            assert await converged([doc_a, doc_c], timeout=60) == value
+
