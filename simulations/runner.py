@@ -38,6 +38,7 @@ from proto.identity import short_id
 from proto.logs import configure_logging
 from proto.transport.memory import MemoryNetwork
 from simulations import broken
+from simulations.governance import GovernanceSteps
 from simulations.invariants import Checker, Violation, markers
 from simulations.scenarios import QUIET, SCENARIOS, Scenario, Step, plan
 from simulations.world import SimDevice, SimNode, World
@@ -69,7 +70,7 @@ class Stuck(Exception):
     """A run used up its real-time budget: something spins without letting time pass."""
 
 
-class Run:
+class Run(GovernanceSteps):
     def __init__(self, seed: int, scenario: Scenario, faults: frozenset[str], steps: int,
                  root: Path, variant: str | None) -> None:
         self.seed = seed
@@ -140,6 +141,8 @@ class Run:
                 [n.ticket for n in self.world.nodes], name="sim")
         founder.joined = True
         self.world.group_id = founder.doc.group_id
+        for _ in range(self.scenario.spares):
+            await self.world.start_node(self.world.add_node(spare=True))
         self.event(f"setup: nodes {' '.join(n.behaviour for n in self.world.nodes)}; "
                    f"{founder.name} created the document")
         for _ in range(2):
@@ -350,7 +353,8 @@ class Run:
         return f"{node.name} crashed"
 
     async def do_node_restart(self, step: Step) -> str | None:
-        node = self.pick([n for n in self.world.nodes if not n.up], step.pick[0])
+        node = self.pick([n for n in self.world.nodes if not n.up and not n.retired],
+                         step.pick[0])
         if node is None:
             return None
         await self.world.start_node(node)
@@ -417,7 +421,7 @@ class Run:
         self.net.faults = QUIET
         self.net._link_faults.clear()
         for node in self.world.nodes:
-            if not node.up:
+            if not node.up and not node.retired:
                 await self.world.start_node(node)
         for dev in self.world.devices:
             if dev.joined and not dev.up:

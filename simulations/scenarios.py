@@ -41,6 +41,8 @@ class Scenario:
     colluding: bool = False
     """A Byzantine majority: devices may split, and must then detect it."""
     extra: dict[str, int] = field(default_factory=dict)
+    spares: int = 0
+    """Syncnodes started besides ``nodes``, not named by the genesis (for replacements)."""
     joins_complete: bool = False
     """Nothing here may stop a join (no network or crash faults, an honest majority): a device
     that was added must complete its join (invariant ``join-done``)."""
@@ -84,6 +86,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("equivocate", "two colluding syncnodes (a majority) accept two values per slot",
              frozenset({"contention"}), nodes=("equivocate", "equivocate", "honest"),
              colluding=True, extra={"rotate-race": 10}),
+    Scenario("migrate", "the document moves to spare syncnodes one replacement at a time "
+             "while devices edit; syncnodes crash, old and new sets are partitioned, and "
+             "replaced syncnodes retire (stopped, data deleted)",
+             frozenset({"crash", "partition"}), spares=3,
+             extra={"replace": 8, "retire": 4, "partition-sets": 2}),
     Scenario("chaos", "every fault class at once, one withholding syncnode",
              frozenset({"partition", "lossy", "crash", "clock", "contention"}),
              nodes=("honest", "withhold", "honest")),

@@ -78,6 +78,12 @@ class SimNode:
     key: SecretKey
     path: Path
     behaviour: str = "honest"
+    spare: bool = False
+    """Not named by the genesis: a syncnode a replacement may move the document to."""
+    used: bool = True
+    """Named by some manifest (a spare once a replacement picked it)."""
+    retired: bool = False
+    """Stopped for good, its database deleted (after the document moved away from it)."""
     clock: SimClock = field(default_factory=SimClock)
     service: Service | None = None
     transport: MemoryTransport | None = None
@@ -157,9 +163,10 @@ class World:
 
     # -- syncnodes -------------------------------------------------------------------------------
 
-    def add_node(self, behaviour: str = "honest") -> SimNode:
+    def add_node(self, behaviour: str = "honest", *, spare: bool = False) -> SimNode:
         i = len(self.nodes)
-        node = SimNode(i, SecretKey.generate(), self.root / f"n{i}.db", behaviour)
+        node = SimNode(i, SecretKey.generate(), self.root / f"n{i}.db", behaviour,
+                       spare=spare, used=not spare)
         self.nodes.append(node)
         return node
 
@@ -199,6 +206,14 @@ class World:
         assert service is not None and transport is not None
         await transport.aclose()
         await service.store.aclose()  # its writer stopped with the node: nothing is drained
+
+    async def retire_node(self, node: SimNode) -> None:
+        """Stop the node for good and delete its database (an operator who left)."""
+        if node.up:
+            await self.crash_node(node)
+        node.retired = True
+        for p in _db_files(node.path.parent, node.path.name):
+            p.unlink()
 
     # -- devices ---------------------------------------------------------------------------------
 
@@ -276,11 +291,15 @@ class World:
 
     def node_log(self, node: SimNode) -> dict[int, tuple[bytes, bytes | None]]:
         """Slot -> (value, certificate) stored by the node (read from its database)."""
+        if node.retired:
+            return {}
         with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
             return {s: (v, c) for s, v, c in
                     db.execute("SELECT slot, value, certificate FROM decided")}
 
     def node_envelopes(self, node: SimNode) -> list[Envelope]:
+        if node.retired:
+            return []
         with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
             return [decode_as(raw, Envelope) for (raw,) in db.execute(
                 "SELECT envelope FROM envelopes WHERE group_id=?", (self.group_id,))]
