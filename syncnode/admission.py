@@ -1,7 +1,8 @@
 """Group admission: whether this syncnode takes a new group (``RegisterGroup``), and storing
 its genesis.
 
-Anyone may ask a syncnode to host a group, so every new group is checked against the
+Anyone may ask a syncnode to host a group (by ``RegisterGroup``, or ``AdoptGroup``:
+:mod:`syncnode.hosting`), so every new group is checked against the
 operator's allow-list and bounded (SECURITY.md): the node-wide count and creation rate,
 per-endpoint, per-connection and per-creator counts, and the number of syncnodes a genesis may
 name (each one a peer that catch-up would dial). Registering the same genesis again is
@@ -46,11 +47,7 @@ class Admission:
         self.allowed_creators = {bytes.fromhex(h) for h in limits.accept_groups_from}
 
     async def register(self, session: Session, msg: RegisterGroup) -> GroupRegistered:
-        try:
-            value = LogValue.decode(msg.value)
-            validate_genesis(value.manifest.group_id, value)
-        except (DecodeError, ManifestError) as exc:
-            raise RequestError(ErrorCode.INVALID, f"bad genesis: {exc}") from None
+        value = check_genesis(msg.value)
         m = value.manifest
         if self.node_id not in m.acceptors():
             raise RequestError(ErrorCode.INVALID, "the genesis does not name this syncnode")
@@ -60,7 +57,7 @@ class Admission:
             if stored is not None and stored.value == msg.value:
                 return GroupRegistered(m.group_id, False)
             raise RequestError(ErrorCode.CONFLICT, "a different group has this id")
-        await self._admit(session, value)
+        await self.admit(session, value)
         try:
             created = await self.store.create_group(m.group_id, value.signer, msg.value,
                                                     self.now())
@@ -73,7 +70,7 @@ class Admission:
                      syncnodes=len(m.syncnodes), peer=short_id(session.remote_id))
         return GroupRegistered(m.group_id, created)
 
-    async def _admit(self, session: Session, value: LogValue) -> None:
+    async def admit(self, session: Session, value: LogValue) -> None:
         """Raise unless this node takes one more group from this creator and connection: the
         operator's allow-list, the node-wide count and creation rate, per-endpoint, -connection
         and -creator counts, and a bound on the peers catch-up would dial (SECURITY.md)."""
@@ -105,3 +102,13 @@ class Admission:
             refuse("endpoint_group_creation_rate", ErrorCode.RATE_LIMITED,
                    f"at most {lim.endpoint_group_creations_per_hour} new groups per hour "
                    "from one endpoint")
+
+
+def check_genesis(raw: bytes) -> LogValue:
+    """The decoded genesis, or INVALID unless it is a well-formed, signed genesis."""
+    try:
+        value = LogValue.decode(raw)
+        validate_genesis(value.manifest.group_id, value)
+    except (DecodeError, ManifestError) as exc:
+        raise RequestError(ErrorCode.INVALID, f"bad genesis: {exc}") from None
+    return value

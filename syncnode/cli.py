@@ -184,10 +184,14 @@ def dev_cluster(count: int, root: Path, base_port: int | None) -> None:
 @DATA_DIR
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(data_dir: Path, as_json: bool) -> None:
-    """Show node id, address ticket, groups hosted and storage use (works while running)."""
+    """Show node id, address ticket, groups hosted and storage use (works while running).
+
+    Groups this node was added to after their genesis are "catching up" until its log reaches
+    the slot that named it, then "pulling history" until it holds the envelopes stored before;
+    groups it was removed from are counted until their data is deleted."""
     from proto.identity import node_id_hex, read_key_file
     from syncnode.config import DB_NAME, KEY_NAME, STATE_NAME
-    from syncnode.storage.sqlite_schema import storage_bytes, summary
+    from syncnode.storage.sqlite_schema import groups_in_progress, storage_bytes, summary
 
     try:
         key = read_key_file(data_dir / KEY_NAME)
@@ -200,16 +204,28 @@ def info(data_dir: Path, as_json: bool) -> None:
         out.update(ticket=state.get("ticket"), http=state.get("http"),
                    last_pid=state.get("pid"))
     db = data_dir / DB_NAME
-    held = summary(db) if db.exists() else {"groups": 0, "envelopes": 0, "decisions": 0}
+    held = summary(db) if db.exists() else {"groups": 0, "envelopes": 0, "decisions": 0,
+                                            "catching_up": 0, "pulling": 0, "removed": 0}
     groups, messages, decisions = held["groups"], held["envelopes"], held["decisions"]
+    behind = held["catching_up"] + held["pulling"]
+    in_progress = groups_in_progress(db) if behind else []
     out.update(groups=groups, envelopes=messages, decisions=decisions,
-               storage_bytes=storage_bytes(db))
+               storage_bytes=storage_bytes(db), caught_up=groups - behind - held["removed"],
+               catching_up=held["catching_up"], pulling_history=held["pulling"],
+               removed=held["removed"], not_caught_up=in_progress)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"node id:   {out['node_id']}")
     click.echo(f"ticket:    {out.get('ticket') or '(not run yet: start it to learn its address)'}")
     click.echo(f"groups:    {groups}  (decisions {decisions}, envelopes {messages})")
+    click.echo(f"hosting:   {out['caught_up']} caught up, {held['catching_up']} catching up "
+               f"the log, {held['pulling']} pulling history, {held['removed']} removed "
+               "(kept until their retention ends)")
+    for gid in in_progress:
+        click.echo(f"  not caught up: {gid}")
+    if behind > len(in_progress):
+        click.echo(f"  ... and {behind - len(in_progress)} more")
     click.echo(f"storage:   {storage_bytes(db) / 1e6:.1f} MB in {db}")
 
 

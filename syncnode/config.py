@@ -56,6 +56,8 @@ class Limits:
     endpoint_group_creations_per_hour: int = 120
     max_group_syncnodes: int = 9
     accept_groups_from: tuple[str, ...] = ()
+    removed_group_retention: float = 7 * 24 * 3600.0
+    """Seconds a group's data is kept after this node was removed from it (0: forever)."""
     # catch-up from peer syncnodes (syncnode/peers.py)
     peer_dials_per_second: float = 2.0
     peer_dial_burst: int = 20
@@ -165,7 +167,12 @@ endpoint_group_creations_per_hour = 120
 # Syncnodes a group may name (each is dialled for catch-up).
 max_group_syncnodes = 9
 # Creator key fingerprints (hex) allowed to register new groups; empty: anyone.
+# (Also applies to AdoptGroup: a group this node is added to after its genesis.)
 accept_groups_from = []
+# Seconds to keep a group's data after a commit removed this node from it (it answers GONE to
+# new writes meanwhile, and still serves the log so devices learn where the group went).
+# 0: keep it forever.
+removed_group_retention = 604800.0
 
 # -- catch-up: dialling the peer syncnodes a group names --
 # Outbound dials per second (token bucket with this burst); a peer that failed backs off.

@@ -25,6 +25,7 @@ from proto.logs import get_logger
 from proto.ticket import NodeTicket
 from proto.transport.iroh import IrohTransport
 from syncnode.config import STATE_NAME, Config
+from syncnode.history import HistoryPull
 from syncnode.http import HealthServer
 from syncnode.peers import PeerSync
 from syncnode.server import Server
@@ -35,6 +36,8 @@ log = get_logger("syncnode.daemon")
 
 SHUTDOWN_GRACE = 5.0
 MAILBOX_SWEEP = 300.0
+RETENTION_SWEEP = 3600.0
+"""Seconds between looks for removed groups whose retention is over."""
 
 
 SERVED = False
@@ -96,6 +99,7 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
     server = Server(service)
     overrides = {parse_node_id(k): v for k, v in config.peers.items()}
     peers = PeerSync(service, transport, overrides=overrides, interval=config.catchup_interval)
+    history = HistoryPull(service, peers)
     ready = False
     health = HealthServer(service.metrics.exposition, lambda: ready)
     http_host = parse_http(config.http_listen)[0]
@@ -107,6 +111,8 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
             http_port = await serving.start(health.serve, listeners)
             service.addresses.set_own(addrs)  # the peer sweep hands it to our peers
             serving.start_soon(peers.run)
+            serving.start_soon(history.run)
+            serving.start_soon(service.hosting.retention, RETENTION_SWEEP)
             serving.start_soon(_mailbox_sweeper, service)
 
             ticket = NodeTicket(key.public, tuple(addrs))

@@ -59,6 +59,8 @@ class DecidedLog:
         if cert.slot == 0:
             raise RequestError(ErrorCode.INVALID, "slot 0 is the genesis")
         async with g.lock:
+            if g.deleted:  # by syncnode.hosting while we waited
+                raise RequestError(ErrorCode.NOT_FOUND, "this syncnode does not host that group")
             if cert.slot <= g.top:
                 return await self._known(g, msg)
             if cert.slot > g.top + 1:

@@ -31,6 +31,8 @@ class GroupState:
     manifest: Manifest
     bytes_used: int
     lock: trio.Lock = field(default_factory=trio.Lock)
+    deleted: bool = False
+    """Set (under ``lock``) when the group's data was deleted: holders of this state stop."""
 
 
 class Groups:

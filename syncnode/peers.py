@@ -31,6 +31,7 @@ from proto.service import MAX_HEADS
 from proto.ticket import NodeTicket, preferred
 from proto.transport.base import Transport
 from syncnode.budgets import LRU, TokenBucket
+from syncnode.groups import GroupState
 from syncnode.service import Service
 from syncnode.session import RequestError
 
@@ -127,7 +128,7 @@ class PeerSync:
                 self._wake.set()
 
     @asynccontextmanager
-    async def _dial(self, entry: SyncnodeEntry) -> AsyncIterator[SyncnodeClient | None]:
+    async def dial(self, entry: SyncnodeEntry) -> AsyncIterator[SyncnodeClient | None]:
         """A client for ``entry``, or None when the peer is backing off or the dial budget is
         spent. Records the outcome (known / backoff)."""
         now = trio.current_time()
@@ -169,7 +170,7 @@ class PeerSync:
         peers = trio.CapacityLimiter(PEERS_AT_ONCE)
 
         async def one(entry: SyncnodeEntry) -> None:
-            async with peers, self._dial(entry) as client:
+            async with peers, self.dial(entry) as client:
                 if client is None:
                     return
                 try:
@@ -179,15 +180,23 @@ class PeerSync:
                                 group=short_id(group_id), error=str(exc))
 
         async with trio.open_nursery() as nursery:
-            for entry in g.manifest.syncnodes:
-                if entry.node_id == self.service.node_id:
-                    continue
+            for entry in await self.peers_of(g):
                 if self._refused.get((group_id, entry.node_id), -1.0) > now:
                     continue  # it served a decision we refuse; ask again at a later sweep
                 nursery.start_soon(one, entry)
         if learned[0]:
             log.info("caught up", group=short_id(group_id), decisions=learned[0], top=g.top)
         return learned[0]
+
+    async def peers_of(self, g: GroupState) -> list[SyncnodeEntry]:
+        """The other syncnodes of the group's newest manifest, and while an adoption is pending
+        those its claim names (after a migration the genesis' syncnodes may all be gone; the
+        claim is unverified, so they are dial targets only, at most ``max_group_syncnodes``)."""
+        out = {e.node_id: e for e in g.manifest.syncnodes}
+        for e in await self.service.hosting.hints(g.group_id):
+            out.setdefault(e.node_id, e)
+        out.pop(self.service.node_id, None)
+        return list(out.values())
 
     async def _from_peer(self, client: SyncnodeClient, group_id: bytes,
                          entry: SyncnodeEntry) -> int:
@@ -219,15 +228,14 @@ class PeerSync:
             g = await self.service.group(group_id)
             if g is None:
                 continue
-            for entry in g.manifest.syncnodes:
-                if entry.node_id != self.service.node_id:
-                    by_peer[entry.node_id].append(group_id)
-                    entries[entry.node_id] = entry
+            for entry in await self.peers_of(g):
+                by_peer[entry.node_id].append(group_id)
+                entries[entry.node_id] = entry
         behind: set[bytes] = set()
         at_once = trio.CapacityLimiter(max(1, self.service.limits.catchup_concurrency))
 
         async def one(node_id: bytes, group_ids: list[bytes]) -> None:
-            async with at_once, self._dial(entries[node_id]) as client:
+            async with at_once, self.dial(entries[node_id]) as client:
                 if client is None:
                     return
                 try:

@@ -6,6 +6,8 @@ The parts, one concept each (their modules say more):
 * :mod:`syncnode.session` -- a connection's session, proving a key, :class:`RequestError`;
 * :mod:`syncnode.groups` -- hosted groups' state and manifests, membership and read rights;
 * :mod:`syncnode.admission` -- whether a new group is taken (``RegisterGroup``);
+* :mod:`syncnode.hosting` -- groups adopted after their genesis (``AdoptGroup``), removed ones
+  (GONE, retention), and each group's status (``FetchGroupStatus``);
 * :mod:`syncnode.acceptor` -- the Paxos acceptor driver (Prepare, Accept);
 * :mod:`syncnode.decisions` -- the decided log: learning, equivocation evidence, log and heads;
 * :mod:`syncnode.envelopes` -- the envelope store and backfill;
@@ -42,6 +44,7 @@ from proto.messages import ErrorCode
 from proto.paxos.acceptor import Acceptor
 from proto.paxos.messages import Accept, Decided, Prepare
 from proto.service import (
+    AdoptGroup,
     Authenticate,
     Authenticated,
     Backfill,
@@ -50,9 +53,11 @@ from proto.service import (
     DecidedPage,
     Done,
     FetchDecided,
+    FetchGroupStatus,
     FetchHeads,
     GetChallenge,
     GroupRegistered,
+    GroupStatus,
     Heads,
     MailboxAck,
     MailboxFetch,
@@ -73,6 +78,7 @@ from syncnode.decisions import PAGE_BYTES, DecidedLog
 from syncnode.envelopes import Envelopes
 from syncnode.fanout import SUBSCRIBER_QUEUE, Fanout, Subscriber
 from syncnode.groups import Groups, GroupState, may_read, require_member
+from syncnode.hosting import Hosting
 from syncnode.mailbox import Mailbox
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session, authenticate, challenge
@@ -115,6 +121,9 @@ class Service:
                                    self.metrics, clock=clock, now=lambda: self.clock())
         self.decisions = DecidedLog(self.store, self.groups, self.metrics,
                                     publish=self._publish, fire=self._fire)
+        self.hosting = Hosting(self.node_id, self.store, self.groups, self.admission,
+                               self.limits, self.metrics, now=lambda: self.clock(),
+                               capacity=cache_groups)
         self.paxos = AcceptorDriver(key, self.store, self.groups, self.metrics, cache_slots,
                                     decided_at=self.decisions.decided_at)
         self.envelopes = Envelopes(self.store, self.groups, self.limits, self.metrics,
@@ -195,7 +204,10 @@ class Service:
     async def learn(self, msg: Decided, *, source: str, session: Session | None = None) -> int:
         """Verify and store a decision (from a device or a peer syncnode). Returns 1 when it was
         new, 0 when already known; raises RequestError otherwise."""
-        return await self.decisions.learn(msg, source=source, session=session)
+        learned = await self.decisions.learn(msg, source=source, session=session)
+        if learned:  # serving now, or removed?
+            await self.hosting.decided(msg.certificate.group_id)
+        return learned
 
     def _publish(self, g: GroupState, item: Envelope | Decided, *,
                  new_manifest: bool = False) -> None:
@@ -227,7 +239,16 @@ class Service:
     async def _register(self, session: Session, msg: RegisterGroup) -> GroupRegistered:
         return await self.admission.register(session, msg)
 
+    async def _adopt(self, session: Session, msg: AdoptGroup) -> GroupRegistered:
+        return await self.hosting.adopt(session, msg)
+
+    async def _group_status(self, session: Session, msg: FetchGroupStatus) -> GroupStatus:
+        return await self.hosting.status(session, msg.group_id)
+
     async def _paxos(self, session: Session, msg: Prepare | Accept) -> Any:
+        g = await self.groups.require(msg.group_id)
+        if msg.slot > g.top:  # a decided slot is still answered with its decision
+            await self.hosting.refuse_if_removed(g)
         return await self.paxos.handle(session, msg)
 
     async def _learn(self, session: Session, msg: Decided) -> Done:
@@ -240,6 +261,7 @@ class Service:
         return await self.decisions.fetch_heads(session, msg)
 
     async def _store(self, session: Session, msg: Envelope) -> Stored:
+        await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
         return await self.envelopes.store_envelope(session, msg)
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
@@ -248,6 +270,7 @@ class Service:
     async def subscribe(self, session: Session, msg: Subscribe) -> tuple[Subscribed, Subscriber]:
         """Register a live subscriber (the driver streams its queue). Raises RequestError."""
         g = await self.groups.require(msg.group_id)
+        await self.hosting.refuse_if_removed(g)
         fpr = require_member(session, g)
         sub = self.fanout.subscribe(session, g.group_id, fpr,
                                     max_bytes=self.limits.max_subscriber_queue_bytes)
@@ -279,6 +302,10 @@ class Service:
     async def expire_mailbox(self) -> None:
         await self.mailbox.expire()
 
+    async def expire_removed(self) -> int:
+        """Delete the groups this node was removed from longer ago than the retention."""
+        return await self.hosting.expire_removed()
+
     async def _get_addresses(self, session: Session, msg: GetAddresses) -> Addresses:
         return Addresses(tuple(await self.addresses.lookup(msg.node_ids)))
 
@@ -296,6 +323,8 @@ class Service:
         GetChallenge: "_challenge",
         Authenticate: "_authenticate",
         RegisterGroup: "_register",
+        AdoptGroup: "_adopt",
+        FetchGroupStatus: "_group_status",
         Prepare: "_paxos",
         Accept: "_paxos",
         Decided: "_learn",

@@ -161,15 +161,43 @@ def storage_bytes(path: Path) -> int:
     return total
 
 
+PULLING_SHOWN = 20
+"""Groups still pulling their history that ``summary`` names (the rest are only counted)."""
+
+
 def summary(path: Path) -> dict[str, int]:
-    """Groups, envelopes and decisions held by the database at ``path`` (read-only; works while
+    """Groups, envelopes and decisions held by the database at ``path``, and how the groups
+    are hosted: ``catching_up`` (adopted, the log not yet at the slot that named this node),
+    ``pulling`` (serving, envelope history incomplete), ``removed`` (read-only; works while
     a syncnode runs on it)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return {
+        out = {
             "groups": conn.execute("SELECT count(*) FROM groups").fetchone()[0],
             "envelopes": conn.execute("SELECT count(*) FROM envelopes").fetchone()[0],
             "decisions": conn.execute("SELECT count(*) FROM decided WHERE slot>0").fetchone()[0],
+            "catching_up": 0, "pulling": 0, "removed": 0,
         }
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name='hosting'").fetchone():
+            out.update(zip(("catching_up", "pulling", "removed"), conn.execute(
+                "SELECT coalesce(sum(removed_slot IS NULL AND NOT serving), 0), "
+                "coalesce(sum(removed_slot IS NULL AND serving AND NOT history_complete), 0), "
+                "coalesce(sum(removed_slot IS NOT NULL), 0) FROM hosting").fetchone(),
+                strict=True))
+        return out
+    finally:
+        conn.close()
+
+
+def groups_in_progress(path: Path, limit: int = PULLING_SHOWN) -> list[str]:
+    """Ids (hex) of up to ``limit`` groups not yet caught up: adopted and not serving, or
+    serving with an incomplete history (read-only)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='hosting'").fetchone():
+            return []
+        return [bytes(r[0]).hex() for r in conn.execute(
+            "SELECT group_id FROM hosting WHERE removed_slot IS NULL AND NOT "
+            "(serving AND history_complete) ORDER BY group_id LIMIT ?", (limit,))]
     finally:
         conn.close()
