@@ -38,6 +38,7 @@ from simulations.byzantine import (
     StaleService,
     WithholdingService,
 )
+from syncnode.history import HistoryPull
 from syncnode.peers import PeerSync
 from syncnode.server import Server
 from syncnode.service import Service
@@ -178,6 +179,7 @@ class World:
         if node.behaviour == "corrupt":
             self.net.set_node_faults(node.key.public, CORRUPTING)
         peers = PeerSync(service, transport, interval=20.0)
+        history = HistoryPull(service, peers)
         node.scope, node.stopped = trio.CancelScope(), trio.Event()
         node.service, node.transport = service, transport
         stopped = node.stopped
@@ -190,6 +192,7 @@ class World:
                         await n.start(service.run)
                         await n.start(transport.serve, Server(service).handle_connection)
                         n.start_soon(peers.run)
+                        n.start_soon(history.run)
                         task_status.started()
             finally:
                 stopped.set()
