@@ -276,7 +276,7 @@ class Document:
         return await self.invites.wait(ticket, grace=grace, say=say)
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
+                         role: Role = Role.WRITER, addrs: tuple[str, ...] = ()) -> int:
         """Add a device by its KeyPackage (through Paxos); returns the slot that added it.
         ``addrs`` (its endpoint's addresses) go into the manifest as dialling hints."""
         return await self.membership.add_device(key_package, sig_pub, endpoint_id, role, addrs)

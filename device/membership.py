@@ -280,7 +280,7 @@ class Membership:
             raise Offline(f"no commit decided after {cfg.rebase_attempts} rounds of contention")
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
+                         role: Role = Role.WRITER, addrs: tuple[str, ...] = ()) -> int:
         """Add a device by its KeyPackage; returns the slot that added it (the state for it is
         published as the add is applied)."""
         r = self.replica
