@@ -10,8 +10,8 @@ This module holds the group (its options, exit codes, ``--json`` on every comman
 commands about the device as a whole: ``init``, ``create``, ``list``, ``status``,
 ``set-address``, ``selfcheck``. The others are grouped by what they touch:
 :mod:`device.cli_content` (``show``, ``set``, ``edit``, ``watch``), :mod:`device.cli_members`
-(``members``, ``invite``, ``join``, ``remove``, ``rotate``), :mod:`device.cli_export`
-(``export``, ``import``).
+(``members``, ``invite``, ``join``, ``remove``, ``role``, ``leave``, ``rotate``),
+:mod:`device.cli_export` (``export``, ``import``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import trio
 from device import cli_support
 from device.cli_content import edit, set_, show, watch
 from device.cli_export import export, import_
-from device.cli_members import invite, join, members, remove, rotate
+from device.cli_members import invite, join, leave, members, remove, role, rotate
 from device.cli_support import (
     EXIT_CODES,
     JSON_OPTION,
@@ -216,8 +216,8 @@ def selfcheck(ctx: Ctx) -> None:
         sys.exit(1)
 
 
-for _command in (show, set_, edit, watch, members, invite, join, remove, rotate, export,
-                 import_):
+for _command in (show, set_, edit, watch, members, invite, join, remove, role, leave, rotate,
+                 export, import_):
     cli.add_command(_command)
 cli.add_command(syncnode)
 for _command in [*cli.commands.values(), *syncnode.commands.values()]:

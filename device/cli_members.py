@@ -1,4 +1,9 @@
-"""``syncdevice members``, ``invite``, ``join``, ``remove`` and ``rotate``: who is in a document.
+"""``syncdevice members``, ``invite``, ``join``, ``remove``, ``role``, ``leave`` and ``rotate``:
+who is in a document, and what each member may do.
+
+Roles (:class:`proto.manifest.Role`): an ``admin`` adds and removes devices, invites, and changes
+roles; a ``writer`` edits; a ``reader`` only receives. Commands a role does not permit fail
+before any network with one line and exit code 4.
 
 Commands of :mod:`device.cli` (registered there), on the shared machinery of
 :mod:`device.cli_support`. ``invite`` stays online until the new device holds the document;
@@ -15,6 +20,8 @@ import trio
 
 from device.cli_support import CliError, Ctx, pass_ctx, progress, require_device, run_device
 
+ROLES = ("admin", "writer", "reader")
+
 
 @click.command()
 @click.argument("doc")
@@ -27,7 +34,7 @@ def members(ctx: Ctx, doc: str) -> None:
         rows = [{"id": m.id, "fingerprint": m.fingerprint.hex(), "role": m.role,
                  "self": m.is_self} for m in d.members()]
         human = "\n".join(f"{r['id']}  {r['role']:<6} {'(this device)' if r['self'] else ''}"
-                          for r in rows)
+                          .rstrip() for r in rows)
         ctx.out(human, rows)
 
     run_device(ctx, go)
@@ -42,10 +49,15 @@ def members(ctx: Ctx, doc: str) -> None:
               help="Stay online this long to add the new device (0: print and exit; the add "
                    "happens the next time this device runs).")
 @click.option("--qr", is_flag=True, help="Also draw the ticket as a QR code (on stderr).")
+@click.option("--role", "role", type=click.Choice(ROLES), default="writer", show_default=True,
+              help="The new device's role: admin, writer (edits) or reader (receives only).")
 @pass_ctx
-def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
+def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool, role: str) -> None:
     """Print a one-time invite ticket for a new device, then stay online until that device
-    was added and holds the document.
+    was added and holds the document. Only admins invite (exit code 4 otherwise).
+
+    The device is added with --role (writer by default), as recorded here: the ticket names the
+    role so the new device can show it, but editing the ticket changes nothing.
 
     The ticket is single use and expires after --ttl seconds; it holds a one-time secret, so
     hand it over privately. The new device runs `syncdevice join --init TICKET`. Before the
@@ -54,8 +66,10 @@ def invite(ctx: Ctx, doc: str, ttl: float, wait: float, qr: bool) -> None:
     out) the add happens whenever this device next runs any syncdevice command."""
 
     async def go(device: Any) -> int | None:
+        from proto.manifest import Role
+
         d = device.document(doc)
-        ticket = d.invite(ttl=ttl)
+        ticket = d.invite(ttl=ttl, role=Role[role.upper()])
         ctx.out(ticket, {"ticket": ticket})
         sys.stdout.flush()
         if qr:
@@ -129,9 +143,13 @@ def join(ctx: Ctx, ticket: str, name: str, timeout: float, create: bool) -> None
                 status.update(f"document: {p.done / 1024:,.0f} / {p.total / 1024:,.0f} KiB "
                               f"({100 * p.done // max(p.total, 1)}%)")
 
+            say(f"the ticket invites this device as a "
+                f"{InviteTicket.parse(ticket).role.name.lower()}")
             d = await device.join(ticket, name=name, timeout=timeout, progress=say,
                                   on_progress=bytes_progress)
-        ctx.out(f"joined {d.name} {d.id}", {"name": d.name, "id": d.id, "epoch": d.epoch})
+        role = next(m.role for m in d.members() if m.is_self)
+        ctx.out(f"joined {d.name} {d.id} as {role}",
+                {"name": d.name, "id": d.id, "epoch": d.epoch, "role": role})
 
     run_device(ctx, go, create=create)
 
@@ -146,6 +164,43 @@ def remove(ctx: Ctx, doc: str, device_id: str) -> None:
     async def go(device: Any) -> None:
         slot = await device.document(doc).remove_device(device_id)
         ctx.out(f"removed {device_id} at epoch {slot}", {"epoch": slot})
+
+    run_device(ctx, go)
+
+
+@click.command()
+@click.argument("doc")
+@click.argument("device_id")
+@click.argument("role", type=click.Choice(ROLES))
+@pass_ctx
+def role(ctx: Ctx, doc: str, device_id: str, role: str) -> None:
+    """Give DEVICE_ID (an id prefix from `members`) ROLE: admin (changes membership and roles),
+    writer (edits) or reader (receives only). Admins only (exit code 4 otherwise); the last
+    admin cannot be demoted: make another member admin first."""
+
+    async def go(device: Any) -> None:
+        slot = await device.document(doc).set_role(device_id, role)
+        ctx.out(f"{device_id} is now {role} (epoch {slot})", {"epoch": slot, "role": role})
+
+    run_device(ctx, go)
+
+
+@click.command()
+@click.argument("doc")
+@pass_ctx
+def leave(ctx: Ctx, doc: str) -> None:
+    """Leave the document: ask its admins to remove this device, and stop syncing it here.
+
+    A device cannot remove itself (MLS forbids it), so the request is left for the admins on a
+    quorum of syncnodes, and the first admin device online removes this one. The document
+    stops syncing here at once (status `left`). The last admin cannot leave while others
+    remain (exit code 4): make another member admin first (`syncdevice role DOC DEVICE
+    admin`)."""
+
+    async def go(device: Any) -> None:
+        d = device.document(doc)
+        await d.leave()
+        ctx.out(f"left {d.name}; an admin removes this device", {"status": d.status})
 
     run_device(ctx, go)
 

@@ -2,8 +2,10 @@
 
 * :func:`run_device` opens the device and runs one command's coroutine under trio. Project
   errors (:class:`proto.errors.SyncnodeError` and subclasses, ``CrdtError`` among them, and
-  ``trio.TooSlowError``) become one line and exit code 1; Ctrl-C stops cleanly with exit code
-  130 (trio may deliver it wrapped in exception groups); only genuine bugs show a traceback.
+  ``trio.TooSlowError``) become one line and exit code 1 (4 for
+  :class:`device.errors.NotAllowed`: the device's role does not permit it); Ctrl-C stops
+  cleanly with exit code 130 (trio may deliver it wrapped in exception groups); only genuine
+  bugs show a traceback.
 * :func:`main` renders every error as one line, ``Error: ...`` on stderr, and with ``--json``
   also ``{"error": ..., "code": N}`` as the only thing on stdout.
 * :func:`progress` shows a spinner on stderr while slow work runs, on a terminal only.
@@ -25,7 +27,7 @@ from urllib.parse import urlsplit
 import click
 import trio
 
-OK, ERROR, USAGE, PENDING, INTERRUPTED = 0, 1, 2, 3, 130
+OK, ERROR, USAGE, PENDING, NOT_ALLOWED, INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 EXIT_CODES = ("\b\nExit codes:\n"
               "  0    ok\n"
@@ -34,11 +36,19 @@ EXIT_CODES = ("\b\nExit codes:\n"
               "  2    usage error: unknown command or option, invalid value\n"
               "  3    pending: status found updates not yet stored by a quorum of\n"
               "       syncnodes; create could not yet register the document with a quorum\n"
+              "  4    not allowed: this device's role in the document does not permit it\n"
+              "       (only admins invite, remove and change roles; readers do not edit)\n"
               "  130  interrupted (Ctrl-C)")
 
 
 class CliError(click.ClickException):
     """A user-facing failure: one line, exit code 1."""
+
+
+class NotAllowedError(CliError):
+    """The device's role does not permit the command: one line, exit code 4."""
+
+    exit_code = NOT_ALLOWED
 
 
 class Interrupted(Exception):
@@ -145,8 +155,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _as_cli_error(exc: BaseException) -> click.ClickException:
+    from device.errors import NotAllowed
+
     if isinstance(exc, click.ClickException):
         return exc
+    if isinstance(exc, NotAllowed):
+        return NotAllowedError(str(exc))
     if isinstance(exc, trio.TooSlowError):
         current = click.get_current_context(silent=True)
         params = current.params if current is not None else {}

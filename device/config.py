@@ -54,6 +54,15 @@ class DeviceConfig:
     join_poll_interval: float = 1.0
     p2p_state_transfer: bool = True
     """On join, fetch the document directly from the inviter (else only via the syncnodes)."""
+    rotate_keys_after: float = 7 * 24 * 3600.0
+    """Post-compromise security: commit a key update of our own MLS leaf this many seconds
+    after our last own commit (0: no time threshold). See :mod:`device.rotation`."""
+    rotate_keys_after_messages: int = 10_000
+    """... or after sending this many updates since then, whichever comes first (0: no
+    message threshold; both 0: no periodic rotation)."""
+    rotate_keys_backoff_max: float = 300.0
+    """A periodic rotation that failed (offline, contention) is retried with a doubling
+    backoff up to this many seconds."""
     listen: str = "127.0.0.1:0"
     relays: tuple[str, ...] = ()
     """iroh relay URLs; empty for direct connections only."""

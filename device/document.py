@@ -24,6 +24,10 @@ state it touched):
   brought up to date with our log, and the document subscribes, backfills, learns and sends.
 * **invites** (:mod:`device.invites`): join requests for our invites, and the document stored
   for a new device before its add.
+* **roles** (:class:`proto.manifest.Role`): admins change membership, roles and syncnodes;
+  writers edit; readers only receive (:meth:`Document.change` refuses, and nothing of theirs
+  is sealed). Leaving is a request an admin carries out (:mod:`device.leaving`); every device
+  rotates its own keys periodically (:mod:`device.rotation`).
 
 The rules these parts follow (what goes into an update, when it is durable, whether a decision
 applies, when a link is dead...) are plain functions in :mod:`device.rules`; the state they
@@ -39,17 +43,19 @@ from typing import Any
 import trio
 
 from device.crdt_loro import Editor
-from device.errors import DocumentError
+from device.errors import DocumentError, NotAllowed
 from device.events import Alarm, Change, Event, Member, SyncStatus
 from device.federation import HISTORY_WAIT, Federation, Say
 from device.host import Host
 from device.inbox import Inbox
 from device.invites import Added, Invites
+from device.leaving import Leaving
 from device.links import Links
 from device.membership import Membership
 from device.mls import MlsGroup
 from device.outbox import Outbox
 from device.replica import Replica
+from device.rotation import Rotation
 from device.session import Session
 from device.store import Store
 from proto.causal import CausalBuffer
@@ -77,8 +83,10 @@ class Document:
         self.membership = Membership(self.replica, self.outbox, self.inbox, self.links)
         self.invites = Invites(self.replica, self.outbox, self.links, self.membership)
         self.federation = Federation(self.replica, self.membership, self.links)
+        self.leaving = Leaving(self.replica, self.links, self.membership)
+        self.rotation = Rotation(self.replica, self.outbox, self.membership)
         self.session = Session(self.replica, self.links, self.outbox, self.inbox,
-                               self.membership, self.invites)
+                               self.membership, self.invites, self.leaving)
 
     # -- what the document is --------------------------------------------------------------
 
@@ -117,7 +125,8 @@ class Document:
 
     @property
     def status(self) -> str:
-        """``active``, ``removed`` (this device was removed) or ``failed`` (see alarms)."""
+        """``active``, ``removed`` (this device was removed), ``left`` (this device left: an
+        admin removes it) or ``failed`` (see alarms)."""
         return self.replica.status
 
     @property
@@ -182,6 +191,9 @@ class Document:
         """
         if self.status != "active":
             raise DocumentError(f"document is {self.status}")
+        if not self.replica.may_send:
+            raise NotAllowed("this device is a reader in this document and cannot edit it; "
+                             "an admin can make it a writer")
         failed: BaseException | None = None
         try:
             update = self.replica.crdt.change(fn)
@@ -265,11 +277,12 @@ class Document:
 
     # -- membership --------------------------------------------------------------------------
 
-    def invite(self, ttl: float = 24 * 3600) -> str:
+    def invite(self, ttl: float = 24 * 3600, role: Role = Role.WRITER) -> str:
         """A one-time invite ticket for a new device (see :meth:`Device.join`), valid for
-        ``ttl`` seconds. The add happens when the new device's request arrives while this
-        device is online; :meth:`wait_invite` follows it."""
-        return self.invites.create(ttl)
+        ``ttl`` seconds; the device is added as ``role``. The add happens when the new
+        device's request arrives while this device is online; :meth:`wait_invite` follows it.
+        Admins only (:class:`NotAllowed` otherwise, before anything is stored)."""
+        return self.invites.create(ttl, role)
 
     async def wait_invite(self, ticket: str, *, grace: float = 10.0,
                           say: Callable[[str], None] = lambda _m: None) -> tuple[Added, str]:
@@ -278,7 +291,7 @@ class Document:
         return await self.invites.wait(ticket, grace=grace, say=say)
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
+                         role: Role = Role.WRITER, addrs: tuple[str, ...] = ()) -> int:
         """Add a device by its KeyPackage (through Paxos); returns the slot that added it.
         ``addrs`` (its endpoint's addresses) go into the manifest as dialling hints."""
         return await self.membership.add_device(key_package, sig_pub, endpoint_id, role, addrs)
@@ -288,8 +301,27 @@ class Document:
         return await self.membership.remove_device(device_id)
 
     async def rotate_keys(self) -> int:
-        """Commit a key update (new epoch secrets, fresh leaf key); returns its slot."""
+        """Commit a key update (new epoch secrets, fresh leaf key); returns its slot. Any
+        member may; it also happens by itself (``rotate_keys_after``, :mod:`device.rotation`)."""
         return await self.membership.rotate_keys()
+
+    async def set_role(self, device_id: str, role: Role | str) -> int:
+        """Give a member (by id prefix) ``role`` (a :class:`Role` or ``"admin"``,
+        ``"writer"``, ``"reader"``) through Paxos; returns the slot. Admins only; the last
+        admin cannot be demoted (:class:`NotAllowed`)."""
+        if isinstance(role, str):
+            try:
+                role = Role[role.upper()]
+            except KeyError:
+                raise DocumentError(f"no role {role!r} (admin, writer or reader)") from None
+        return await self.membership.set_role(device_id, role)
+
+    async def leave(self) -> None:
+        """Leave the document: ask its admins to remove this device (through the syncnodes'
+        mailboxes, see :mod:`device.leaving`), then stop syncing it here at once
+        (:attr:`status` becomes ``left``). The last admin must make another member admin
+        first (:class:`NotAllowed`)."""
+        await self.leaving.leave()
 
     # -- the document's syncnodes (admins; see :mod:`device.federation`) -------------------------
 
@@ -316,6 +348,7 @@ class Document:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.outbox.flusher)
             nursery.start_soon(self.session.processor)
+            nursery.start_soon(self.rotation.run)
             nursery.start_soon(self.links.run, self.session.serve)
 
     def receive(self, envelopes: Sequence[Envelope]) -> int:

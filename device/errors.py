@@ -17,3 +17,8 @@ class Offline(DocumentError):
 class JoinError(SyncnodeError):
     """The join could not complete (bad, spent or expired ticket, refused, no syncnode
     reachable, timeout)."""
+
+
+class NotAllowed(DocumentError):
+    """This device's role in the document does not permit the operation (only admins add,
+    remove, invite and change roles; readers do not edit). Raised before any network."""

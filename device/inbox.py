@@ -11,6 +11,11 @@
   the syncnodes); members answer with a ``STATE`` covering everything they delivered
   (:meth:`Inbox._answer`). A state a new member got directly is loaded with
   :meth:`Inbox.load_state`.
+* **readers** send nothing: an envelope whose sender is a reader in the manifest of its epoch is
+  dropped (logged and counted in :attr:`Inbox.reader_drops`, no alarm: the syncnodes refuse
+  them, so one arrives only through a faulty syncnode); a reader neither asks for the state
+  nor answers such requests through the syncnodes, it fetches a member's state directly
+  (:mod:`device.reader_state`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import trio
 from device.events import Change
 from device.mls import MlsError, identity_for
 from device.outbox import Outbox
+from device.reader_state import DirectState
 from device.replica import Replica
 from device.rules import (
     Triage,
@@ -36,6 +42,7 @@ from proto.envelope import Envelope
 from proto.errors import DecodeError
 from proto.identity import short_id
 from proto.logs import get_logger
+from proto.manifest import may_send
 from proto.payload import Payload, PayloadKind, pack_updates, unpack_updates
 
 log = get_logger("device.document")
@@ -55,6 +62,9 @@ class Inbox:
         members for the state."""
         self._last_sync_request = 0.0
         self._answered: set[tuple[bytes, int]] = set()
+        self.reader_drops = 0
+        """Envelopes dropped because their sender was a reader at their epoch."""
+        self.direct = DirectState(replica, self.load_state, self._direct_failed)
 
     def receive(self, envelopes: Sequence[Envelope]) -> int:
         """Process envelopes from a syncnode; returns how many payloads were delivered."""
@@ -139,6 +149,12 @@ class Inbox:
             log.warning("envelope refused: sender not a member or bad signature",
                         doc=short_id(r.group_id), sender=short_id(env.sender), seq=env.seq)
             return None
+        if not may_send(entry):
+            self.reader_drops += 1
+            log.warning("envelope dropped: its sender is a reader at that epoch",
+                        doc=short_id(r.group_id), sender=short_id(env.sender), seq=env.seq,
+                        epoch=env.epoch)
+            return None
         try:
             sender, plaintext = r.mls.decrypt(env.ciphertext)
         except MlsError as exc:
@@ -212,12 +228,20 @@ class Inbox:
             return
         self._last_sync_request = now
         self.missing = False
+        if not r.may_send:  # a reader seals nothing: it fetches the state directly
+            self.direct.want()
+            return
         with self.store.transaction():
             self.outbox.seal(PayloadKind.SYNC_REQUEST, r.crdt.version())
         log.info("asked members for the document state", doc=short_id(r.group_id))
 
+    def _direct_failed(self) -> None:
+        self.missing = True
+
     def _answer_later(self, request: Payload) -> None:
         r = self.replica
+        if not r.may_send:
+            return  # a reader's STATE would be refused; the writers answer
         if request.sender == r.me or (request.sender, request.seq) in self._answered:
             return
         if not lacks_something(request.vector(), r.buffer.delivered):
@@ -229,7 +253,7 @@ class Inbox:
         r = self.replica
         # A little jitter so several members answering do not all send at the same instant.
         await trio.sleep(entropy.uniform(0, 0.2))
-        if r.status != "active":
+        if r.status != "active" or not r.may_send:
             return
         # The whole document, not a diff against the requester's version: a STATE goes to
         # every member, and each marks the vector it covers delivered. A diff holds only what

@@ -1,8 +1,14 @@
 """The inviter's side of joining: invite tickets, join requests, and the state handoff.
 
-A member makes a one-time ticket (:meth:`Invites.create`); the new device leaves a join request
-sealed to us in the invite's own box on each syncnode: a mailbox whose key pair both sides
-derive from the ticket's secret, into which only a holder of the ticket can put
+An admin makes a one-time ticket (:meth:`Invites.create`) for a role (writer by default); only
+admins invite, because the inviter is the one who commits the add, and adds are the admins'
+(:func:`proto.manifest.validate_transition`); a writer who wants someone in asks an admin.
+The role is recorded with the invite here and is the one the device is added with (the ticket
+names it too, for the joiner to show, but a joiner's copy is never trusted).
+
+The new device leaves a join request sealed to us in the invite's own box on each syncnode: a
+mailbox whose key pair both sides derive from the ticket's secret, into which only a holder of
+the ticket can put
 (:func:`proto.handoff.invite_box`). We authenticate with the box key of each open invite, read
 every page of its box, and delete each request once handled, and at once anything that does
 not open or names another invite: nothing a stranger sends reaches us or piles up. The
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
-from device.errors import Offline
+from device.errors import NotAllowed, Offline
 from device.links import Links
 from device.membership import Membership
 from device.mls import MlsError
@@ -42,7 +48,7 @@ from proto.handoff import (
 from proto.identity import SecretKey, fingerprint, short_id
 from proto.invite import MAX_NAME, InviteTicket, JoinRequest, secret_hash
 from proto.logs import get_logger
-from proto.manifest import ManifestError, genesis_hash
+from proto.manifest import ManifestError, Role, genesis_hash
 from proto.p2p import SnapshotOffer
 from proto.rpc import SyncnodeClient
 from proto.service import MailboxKind
@@ -57,6 +63,10 @@ REFUSAL_TTL = 3600
 EXPIRY_GRACE = 600.0
 """Requests for tickets expired this recently are still read (and refused): clocks differ."""
 MAILBOX_PAGE = 64
+
+
+def _role_key(hashed: bytes) -> str:
+    return f"invite_role:{hashed.hex()}"
 
 
 class InviteError(SyncnodeError):
@@ -98,8 +108,9 @@ class Invites:
 
     # -- making tickets ------------------------------------------------------------------------
 
-    def create(self, ttl: float) -> str:
-        """A one-time ticket valid for ``ttl`` seconds."""
+    def create(self, ttl: float, role: Role = Role.WRITER) -> str:
+        """A one-time ticket valid for ``ttl`` seconds, for a device that gets ``role``."""
+        self.membership.require_admin("invite devices")
         if not ttl > 0:
             raise InviteError(f"an invite needs a positive lifetime in seconds, not {ttl:g}")
         r, host = self.replica, self.host
@@ -108,11 +119,17 @@ class Invites:
         with r.store.transaction() as db:
             db.execute("INSERT INTO invites (secret_hash, group_id, expires_at) VALUES (?,?,?)",
                        (secret_hash(secret), r.group_id, expires))
+            r.store.set_meta(_role_key(secret_hash(secret)), bytes([role]))
         self.notify()  # the request usually follows at once: read the mailbox now
         return str(InviteTicket(r.group_id, genesis_hash(r.values[0].encode()),
                                 host.key.public, host.endpoint_id,
                                 host.addresses(), r.manifest.syncnodes, secret,
-                                int(expires), r.name[:MAX_NAME]))
+                                int(expires), r.name[:MAX_NAME], role))
+
+    def _role(self, hashed: bytes) -> Role:
+        """The role recorded for the invite (writer for invites made before roles)."""
+        raw = self.replica.store.get_meta(_role_key(hashed))
+        return Role(raw[0]) if raw else Role.WRITER
 
     def notify(self) -> None:
         """Something may be waiting in our mailbox (a syncnode's notice, or a new invite)."""
@@ -233,8 +250,9 @@ class Invites:
             try:
                 staged = await self._stage(req)
                 slot = await self.membership.add_device(req.key_package, req.sig_pub,
-                                                        req.endpoint_id, addrs=req.addrs)
-            except (ManifestError, MlsError) as exc:
+                                                        req.endpoint_id, self._role(key),
+                                                        addrs=req.addrs)
+            except (ManifestError, MlsError, NotAllowed) as exc:
                 log.warning("join request refused", doc=short_id(r.group_id), error=str(exc))
                 await self._refuse(req, f"the join request is invalid: {exc}"[:200])
                 return True

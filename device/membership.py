@@ -7,9 +7,11 @@
   ``equivocation`` alarm, with both certificates as evidence; a quorum certifying a value that
   breaks the rules raises ``invalid-decision``.
 * **learn** (:meth:`Membership.learn`): fetch what a syncnode decided beyond our epoch.
-* **commit** (:meth:`Membership.commit`): our membership changes and key rotations go through
-  Paxos (:func:`device.paxos_driver.propose`) over the links that are up; if another device's
-  commit wins the slot, it is applied and ours is rebuilt on the new epoch and proposed again.
+* **commit** (:meth:`Membership.commit`): our membership changes, role changes and key
+  rotations go through Paxos (:func:`device.paxos_driver.propose`) over the links that are
+  up; if another device's commit wins the slot, it is applied and ours is rebuilt on the new
+  epoch and proposed again. Adds, removes and role changes are the admins'
+  (:meth:`Membership.require_admin` refuses the others before any network).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from device.errors import DocumentError, Offline
+from device.errors import DocumentError, NotAllowed, Offline
 from device.inbox import Inbox
 from device.links import Links
 from device.mls import MlsError, identity_for
@@ -27,8 +29,10 @@ from device.paxos_driver import ProposeFailed, propose
 from device.replica import Replica
 from device.rules import (
     Fit,
+    admin_refusal,
     conflicts,
     decision_fit,
+    last_admin,
     learn_more,
     learned_enough,
     linked_acceptors,
@@ -280,10 +284,11 @@ class Membership:
             raise Offline(f"no commit decided after {cfg.rebase_attempts} rounds of contention")
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.MEMBER, addrs: tuple[str, ...] = ()) -> int:
+                         role: Role = Role.WRITER, addrs: tuple[str, ...] = ()) -> int:
         """Add a device by its KeyPackage; returns the slot that added it (the state for it is
-        published as the add is applied)."""
+        published as the add is applied). Admins only."""
         r = self.replica
+        self.require_admin("add devices")
         fpr = fingerprint(sig_pub)
 
         def build() -> LogValue | None:
@@ -297,9 +302,14 @@ class Membership:
         return await self.commit(build)
 
     async def remove_device(self, device_id: str) -> int:
-        """Remove the member whose id starts with ``device_id``; returns the slot."""
+        """Remove the member whose id starts with ``device_id``; returns the slot. Admins
+        only (any member may leave: :mod:`device.leaving`)."""
         r = self.replica
+        self.require_admin("remove devices")
         target = self._find(device_id)
+        if target.fingerprint == r.me:
+            raise DocumentError("a device cannot remove itself (MLS forbids it); use leave, "
+                                "which asks an admin to")
 
         def build() -> LogValue | None:
             entry = r.manifest.device(target.fingerprint)
@@ -320,6 +330,34 @@ class Membership:
             return sign_value(r.host.key, next_manifest(r.manifest, commit), commit)
 
         return await self.commit(build)
+
+    async def set_role(self, device_id: str, role: Role) -> int:
+        """Give the member whose id starts with ``device_id`` ``role``: an MLS key update
+        commit of ours with the role changed in its manifest. Admins only; the last admin
+        cannot be demoted (make another member admin first). Returns the slot (the current
+        epoch if the member has that role already)."""
+        r = self.replica
+        self.require_admin("change roles")
+        target = self._find(device_id)
+        if role != Role.ADMIN and last_admin(r.manifest, target.fingerprint):
+            raise NotAllowed(f"{short_id(target.fingerprint)} is the last admin; make another "
+                             "member admin first")
+
+        def build() -> LogValue | None:
+            entry = r.manifest.device(target.fingerprint)
+            if entry is None or entry.role == role:
+                return None
+            commit = r.mls.build_update()
+            m = next_manifest(r.manifest, commit, roles={entry.fingerprint: role})
+            return sign_value(r.host.key, m, commit)
+
+        return await self.commit(build)
+
+    def require_admin(self, what: str) -> None:
+        """Raise :class:`NotAllowed` (before any network) unless this device is an admin."""
+        refusal = admin_refusal(self.replica.manifest, self.replica.me, what)
+        if refusal is not None:
+            raise NotAllowed(refusal)
 
     def _find(self, device_id: str) -> DeviceEntry:
         prefix = device_id.lower()

@@ -122,7 +122,10 @@ class Outbox:
                 pass
 
     def flush_once(self) -> bool:
-        """Seal the oldest unsent edits into one update; True if more remain."""
+        """Seal the oldest unsent edits into one update; True if more remain. A reader seals
+        none (edits left from before a demotion stay local: they would be refused)."""
+        if not self.replica.may_send:
+            return False
         rows = self.store.all("SELECT id, data FROM local_pending WHERE group_id=? ORDER BY id",
                               self.replica.group_id)
         if not rows:
@@ -166,6 +169,8 @@ class Outbox:
         it gets the document even when no member is online to send it directly."""
         r = self.replica
         self.edits_since_state = 0
+        if not r.may_send:  # a reader's would be refused; the writers publish
+            return
         body = pack_updates([r.crdt.snapshot()])
         if not fits_one_message(body):
             log.warning("document too large for one state message; not published",

@@ -29,7 +29,7 @@ from proto.codec import decode_as
 from proto.crdt import CrdtBackend
 from proto.identity import short_id
 from proto.logs import get_logger
-from proto.manifest import LogValue, Manifest
+from proto.manifest import LogValue, Manifest, may_send
 from proto.p2p import SnapshotBody, snapshot_digest
 from proto.paxos.messages import Decided
 from proto.payload import Payload, vector_deps
@@ -105,6 +105,14 @@ class Replica:
     @property
     def manifest(self) -> Manifest:
         return self.values[self.epoch].manifest
+
+    @property
+    def may_send(self) -> bool:
+        """Whether envelopes of ours are accepted at the current epoch: not as a reader, whose
+        updates syncnodes refuse and members drop (:func:`proto.manifest.may_send`). A reader
+        seals nothing: no edits, no states, no state requests."""
+        entry = self.manifest.device(self.me)
+        return entry is not None and may_send(entry)
 
     def delivered_blob(self) -> bytes:
         """The delivered watermarks as stored in the document's row."""

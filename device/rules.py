@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from proto.envelope import Envelope
 from proto.errors import DecodeError
-from proto.manifest import Manifest, SyncnodeEntry
+from proto.manifest import Manifest, Role, SyncnodeEntry
 from proto.paxos.messages import MAX_ACCEPTORS
 from proto.paxos.quorum import AcceptorSet
 from proto.payload import MAX_BODY, Dep, Payload, PayloadKind, vector_deps
@@ -336,3 +336,46 @@ def removal_safe(complete: Mapping[bytes, bool], remaining: Collection[bytes]) -
     may be that one. (Conservative: a second dead syncnode blocks removing the first; add a
     new one first.)"""
     return all(complete.get(n, False) for n in remaining)
+
+
+# -- roles: who may do what, and when a device rotates its own keys -------------------------------
+
+
+def admin_refusal(manifest: Manifest, me: bytes, what: str) -> str | None:
+    """Why this device may not ``what`` (a verb phrase), or None: adds, removes, invites and
+    role changes are the admins' (the same rule the syncnodes apply to the commit, checked
+    here first so a non-admin fails at once, before any network)."""
+    entry = manifest.device(me)
+    if entry is not None and entry.role == Role.ADMIN:
+        return None
+    role = entry.role.name.lower() if entry is not None else "not a member"
+    return f"only an admin can {what}; this device is a {role} in this document"
+
+
+def last_admin(manifest: Manifest, fpr: bytes) -> bool:
+    """Whether ``fpr`` is the only admin (it may not be demoted, nor leave while others
+    remain)."""
+    admins = [d.fingerprint for d in manifest.devices if d.role == Role.ADMIN]
+    return admins == [fpr]
+
+
+def rotation_wait(now: float, last: float, sent: int, *, after: float, after_messages: int
+                  ) -> float | None:
+    """Seconds until this device should commit a key update of its own leaf (0: now), given
+    when its last own commit was (``last``, wall clock) and how many updates it sent since
+    (``sent``); None when both thresholds are off (0). Whichever threshold comes first wins;
+    a message threshold not reached yet waits on the outbox, not the clock (``inf``)."""
+    if after <= 0 and after_messages <= 0:
+        return None
+    if after_messages > 0 and sent >= after_messages:
+        return 0.0
+    if after > 0:
+        return max(0.0, last + after - now)
+    return float("inf")
+
+
+def rotation_jitter(after: float) -> float:
+    """The most a due rotation waits at random first, so members that came online together
+    (or share a threshold) do not all propose for the same slot: a tenth of the period, at
+    most 30 s, at least 0.1 s."""
+    return min(30.0, max(0.1, after / 10)) if after > 0 else 1.0

@@ -7,8 +7,8 @@
    group's live feed; from then on the link counts as up (:meth:`device.links.Links.up`);
 2. alongside, for as long as the link lasts: send the outbox (:meth:`device.outbox.Outbox.push`),
    announce each decision we apply from now on, learn when a gap shows, read join requests
-   (:meth:`device.invites.Invites.run`), keep the link alive and follow moved syncnodes
-   (:mod:`device.links`);
+   (:meth:`device.invites.Invites.run`) and leave requests (:meth:`device.leaving.Leaving.run`),
+   keep the link alive and follow moved syncnodes (:mod:`device.links`);
 3. learn the decisions the syncnode has beyond our epoch, then **backfill**: ask for the
    envelopes past our per-sender watermarks (:meth:`proto.causal.CausalBuffer.watermarks`),
    page after page (:func:`device.rules.backfill_again`), and again every
@@ -29,6 +29,7 @@ import trio.lowlevel
 
 from device.inbox import Inbox
 from device.invites import Invites
+from device.leaving import Leaving
 from device.links import Links
 from device.membership import Membership
 from device.outbox import Outbox
@@ -54,13 +55,14 @@ class Session:
     """One document's sessions with its syncnodes (see the module doc)."""
 
     def __init__(self, replica: Replica, links: Links, outbox: Outbox, inbox: Inbox,
-                 membership: Membership, invites: Invites) -> None:
+                 membership: Membership, invites: Invites, leaving: Leaving) -> None:
         self.replica = replica
         self.links = links
         self.outbox = outbox
         self.inbox = inbox
         self.membership = membership
         self.invites = invites
+        self.leaving = leaving
         self._queue_send, self._queue = trio.open_memory_channel[tuple[SyncnodeClient, Any]](
             QUEUE)
 
@@ -73,6 +75,7 @@ class Session:
             nursery.start_soon(self._announce, client, known)
             nursery.start_soon(self._learner, client)
             nursery.start_soon(self.invites.run, client)
+            nursery.start_soon(self.leaving.run, client)
             nursery.start_soon(self.links.keepalive, client)
             nursery.start_soon(self.links.follow_addresses, client)
             await self.membership.learn(client)
@@ -81,6 +84,7 @@ class Session:
             async for item in sub:
                 if isinstance(item, MailboxNotice):
                     self.invites.notify()
+                    self.leaving.notify()
                     continue
                 await self._queue_send.send((client, item))
             raise TransportError("subscription ended")

@@ -31,7 +31,7 @@ from proto.codec import (
 )
 from proto.errors import DecodeError
 from proto.identity import SecretKey
-from proto.manifest import SyncnodeEntry
+from proto.manifest import Role, SyncnodeEntry
 from proto.paxos.messages import MAX_ACCEPTORS, GroupId
 from proto.ticket import Addrs, from_text, to_text
 
@@ -66,6 +66,10 @@ class InviteTicket:
     expires_at: U64
     name: Annotated[str, MaxLen(MAX_NAME)] = ""
     """The document's name on the inviter's device, so ``show NAME`` works on the new one."""
+    role: Role = Role.WRITER
+    """The role the inviter gives the new device, so the joiner can show it. Informative
+    only: the inviter adds the device with the role it recorded for this invite, never one a
+    joiner claims (the ticket is the joiner's to edit)."""
 
     def __str__(self) -> str:
         return to_text(PREFIX, self)

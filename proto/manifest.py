@@ -48,8 +48,20 @@ GENESIS_SLOT = 0
 
 
 class Role(enum.IntEnum):
-    MEMBER = 1
+    """What a member device may do (stable on the wire).
+
+    * ``ADMIN`` changes the group: adds and removes devices, changes roles and the syncnode
+      set. The creator is admin, and a group always keeps at least one.
+    * ``WRITER`` edits the document (its encrypted updates are stored and applied).
+    * ``READER`` receives and decrypts, and sends no envelopes at all: syncnodes refuse any
+      envelope a reader signed and members drop one that slips past (:func:`may_send`).
+
+    Every member, reader included, may commit a pure key update of its own leaf (post-compromise
+    security needs it); only admins commit anything else (:func:`validate_transition`)."""
+
+    WRITER = 1
     ADMIN = 2
+    READER = 3
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,12 @@ class LogValue:
     @staticmethod
     def decode(data: bytes) -> LogValue:
         return decode_as(data, LogValue)
+
+
+def may_send(entry: DeviceEntry) -> bool:
+    """Whether envelopes signed by this member (in the manifest of their epoch) are accepted:
+    every role but ``READER``. Syncnodes and members both ask this."""
+    return entry.role != Role.READER
 
 
 def _hash(person: bytes, data: bytes) -> bytes:
@@ -188,10 +206,14 @@ def genesis(key: SecretKey, group_id: bytes, endpoint_id: bytes,
 def next_manifest(prev: Manifest, commit: bytes, *, add: tuple[DeviceEntry, ...] = (),
                   remove: tuple[bytes, ...] = (),
                   syncnodes: tuple[SyncnodeEntry, ...] | None = None,
+                  roles: dict[bytes, Role] | None = None,
                   compaction: bytes | None = None) -> Manifest:
-    """The manifest following ``prev`` for ``commit``: removes fingerprints, then adds devices
-    at the leaves MLS assigns them (``leaf`` of the given entries is ignored)."""
-    kept = [d for d in prev.devices if d.fingerprint not in remove]
+    """The manifest following ``prev`` for ``commit``: removes fingerprints, gives the kept
+    devices named in ``roles`` (fingerprint -> role) their new role, then adds devices at the
+    leaves MLS assigns them (``leaf`` of the given entries is ignored)."""
+    roles = roles or {}
+    kept = [replace(d, role=roles[d.fingerprint]) if d.fingerprint in roles else d
+            for d in prev.devices if d.fingerprint not in remove]
     leaves = assign_leaves({d.leaf for d in kept}, len(add))
     added = [replace(d, leaf=leaf) for d, leaf in zip(add, leaves, strict=True)]
     return Manifest(
@@ -260,8 +282,9 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
 
     The rules of DESIGN.md "syncnode validation": the signer is a device of ``prev`` and signed
     the new manifest; the manifest chains to ``prev``; the commit was made in ``prev``'s epoch by
-    the signer's leaf; its adds and removes are exactly the roster change; only admins change
-    roles or syncnodes.
+    the signer's leaf; its adds and removes are exactly the roster change; an admin may add,
+    remove, change roles and syncnodes, anyone else only update its own keys; at least one
+    admin remains (:func:`_check_roster`).
     """
     m = value.manifest
     if m.group_id != prev.group_id:
@@ -306,19 +329,30 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
     if [by_key[k].leaf for k in info.added_signature_keys] != expected:
         raise ManifestError(Rule.ROSTER_MISMATCH, "added devices are not at the leaves MLS uses")
 
-    is_admin = signer.role == Role.ADMIN
     for d in m.devices:
         old = prev.device(d.fingerprint)
-        if old is None:
-            if d.role != Role.MEMBER and not is_admin:
-                raise ManifestError(Rule.NOT_ADMIN, "only admins add admins")
-        elif (old.sig_pub, old.endpoint_id, old.leaf, old.addrs) != \
+        if old is not None and (old.sig_pub, old.endpoint_id, old.leaf, old.addrs) != \
                 (d.sig_pub, d.endpoint_id, d.leaf, d.addrs):
             raise ManifestError(Rule.ROSTER_MISMATCH, "an existing device entry changed")
-        elif old.role != d.role and not is_admin:
-            raise ManifestError(Rule.NOT_ADMIN, "only admins change roles")
-    if m.syncnodes != prev.syncnodes and not is_admin:
-        raise ManifestError(Rule.NOT_ADMIN, "only admins change the syncnodes")
+    if signer.role != Role.ADMIN:
+        _check_own_update(prev, m, signer, removed, added)
+
+
+def _check_own_update(prev: Manifest, m: Manifest, signer: DeviceEntry, removed: set[bytes],
+                      added: list[DeviceEntry]) -> None:
+    """A writer or reader commits a pure key update of its own leaf and nothing else: no
+    adds, no removes (not even of itself: MLS forbids a commit removing its committer, so
+    leaving is a request an admin carries out), no role and no syncnode change."""
+    who = signer.role.name.lower()
+    if added:
+        raise ManifestError(Rule.NOT_ADMIN, f"only admins add devices (signer is a {who})")
+    if removed:
+        raise ManifestError(Rule.NOT_ADMIN, f"only admins remove devices (signer is a {who})")
+    if any(prev.device(d.fingerprint) != d for d in m.devices):
+        raise ManifestError(Rule.NOT_ADMIN, f"only admins change roles (signer is a {who})")
+    if m.syncnodes != prev.syncnodes:
+        raise ManifestError(Rule.NOT_ADMIN,
+                            f"only admins change the syncnodes (signer is a {who})")
 
 
 def verify_decided(prev: Manifest, value_bytes: bytes, certificate: Certificate) -> LogValue:

@@ -189,6 +189,8 @@ class MailboxKind(enum.IntEnum):
     """A part of the document state an inviter leaves for the device it adds."""
     JOIN_REFUSED = 5
     """The inviter's answer to a join request with a spent, expired or unknown ticket."""
+    LEAVE_REQUEST = 6
+    """A member's signed request to be removed, left for each admin (:mod:`proto.leave`)."""
 
 
 @message(0x50)

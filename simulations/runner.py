@@ -36,6 +36,7 @@ from proto import entropy
 from proto.errors import SyncnodeError
 from proto.identity import short_id
 from proto.logs import configure_logging
+from proto.manifest import Role
 from proto.transport.memory import MemoryNetwork
 from simulations import broken
 from simulations.governance import GovernanceSteps
@@ -232,7 +233,9 @@ class Run(GovernanceSteps):
         dev = self.world.add_device()
         await self.world.start_device(dev)
         with entropy.wall_clock(inviter.clock):
-            ticket = inviter.doc.invite(ttl=3600)
+            # Every simulated device is an admin: the scenarios have any member invite and
+            # remove, which only admins may (roles in the sweep are still to come).
+            ticket = inviter.doc.invite(ttl=3600, role=Role.ADMIN)
         had = markers(inviter.doc.value())  # a completed join holds at least these
         done = trio.Event()
 

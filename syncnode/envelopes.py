@@ -2,8 +2,10 @@
 ``(sender, seq)`` and served by per-sender watermark.
 
 A syncnode checks what it can without the group's keys: the sender is a current member, the
-envelope's signature verifies under the sender's key, the epoch is not ahead of this node's log,
-and the group stays under its byte quota. Storing is idempotent (the same envelope again is
+envelope's signature verifies under the sender's key, the sender is no reader in the manifest of
+the envelope's epoch (:func:`proto.manifest.may_send`: a reader sends no envelopes at all, since
+we cannot see what kind of payload one holds), the epoch is not ahead of this node's log, and
+the group stays under its byte quota. Storing is idempotent (the same envelope again is
 acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT. A new
 envelope is pushed to the group's subscribers once it is durable.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from proto.codec import decode_as, encode
 from proto.envelope import Envelope
+from proto.manifest import Manifest, may_send
 from proto.messages import ErrorCode
 from proto.service import MAX_PAGE, Backfill, BackfillPage, Stored
 from syncnode.config import Limits
@@ -47,6 +50,13 @@ class Envelopes:
             raise RequestError(ErrorCode.INVALID, "seq counts from 1")
         if not msg.verify(sender.sig_pub):
             raise RequestError(ErrorCode.UNAUTHORIZED, "envelope signature does not verify")
+        at_epoch = (await self._manifest_at(g.group_id, msg.epoch)) or g.manifest
+        role = at_epoch.device(msg.sender)
+        if role is None or not may_send(role):
+            self.metrics.refuse("reader_update")
+            raise RequestError(ErrorCode.UNAUTHORIZED,
+                               f"the sender is a reader at epoch {msg.epoch}: readers' "
+                               "updates are not accepted")
         raw = encode(msg)
         if g.bytes_used + len(raw) > self.limits.max_bytes_per_group:
             raise RequestError(ErrorCode.QUOTA_EXCEEDED,
@@ -62,6 +72,14 @@ class Envelopes:
             self.metrics.messages_stored.inc()
             self.publish(g, msg)
         return Stored(msg.group_id, msg.sender, msg.seq)
+
+    async def _manifest_at(self, group_id: bytes, epoch: int) -> Manifest | None:
+        """The manifest the envelope's epoch names (None if this node lacks it: the current
+        one then decides, which is stricter only for a reader promoted since)."""
+        try:
+            return await self.groups.manifest_at(group_id, epoch)
+        except KeyError:
+            return None
 
     async def backfill(self, session: Session, msg: Backfill) -> BackfillPage:
         """For current members, and the group's own syncnodes: one added to the group pulls

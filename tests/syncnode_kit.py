@@ -56,7 +56,7 @@ class Device:
         self.key = self.mls.key
         self.endpoint = SecretKey.generate().public
 
-    def entry(self, role: Role = Role.MEMBER) -> DeviceEntry:
+    def entry(self, role: Role = Role.WRITER) -> DeviceEntry:
         return DeviceEntry(self.key_fpr, self.key.public, self.endpoint, 0, role)
 
     @property
@@ -92,7 +92,7 @@ def new_group(creator: Device, syncnodes: Sequence[SyncnodeEntry]) -> Group:
 
 
 def add_value(g: Group, committer: Device, joiners: Sequence[Device],
-              role: Role = Role.MEMBER) -> LogValue:
+              role: Role = Role.WRITER) -> LogValue:
     commit, welcome = committer.mls.add([d.mls.key_package() for d in joiners])
     m = next_manifest(g.manifest, commit, add=tuple(d.entry(role) for d in joiners))
     return sign_value(committer.key, m, commit, welcome)

@@ -296,3 +296,40 @@ def test_export_import_round_trip_and_join_timeout(tmp_path: Path,
     assert late.stderr.strip().splitlines()[-1].startswith("Error: ")
     late = sd(d, "--json", "join", ticket, "--timeout", "2")
     assert late.returncode == 1 and "error" in json.loads(late.stdout)
+
+
+def test_roles_invite_as_reader_role_and_leave(tmp_path: Path,
+                                               nodes: list[NodeProcess]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    sd(a, "init", check=True)
+    sd(a, "create", "--name", "notes", *real_syncnodes(nodes), check=True)
+    with started(a, "invite", "notes", "--role", "reader", "--wait", "120",
+                 stderr=tmp_path / "invite.err") as inv:
+        ticket = first_line(inv).strip()
+        joined = sd(b, "--json", "join", "--init", ticket, "--timeout", "60")
+        assert joined.returncode == 0, joined.stderr
+        assert json.loads(joined.stdout)["role"] == "reader"
+        assert "as a reader" in joined.stderr
+        assert inv.wait(60) == 0
+    rows = json.loads(sd(a, "--json", "members", "notes", check=True).stdout)
+    assert sorted(r["role"] for r in rows) == ["admin", "reader"]
+    b_id = next(r["id"] for r in rows if not r["self"])
+    a_id = next(r["id"] for r in rows if r["self"])
+
+    # A reader neither edits nor invites: one line, exit code 4, before any network.
+    one_line_error(sd(b, "edit", "notes", "--text", "body", "--append", "x"), 4, "reader")
+    one_line_error(sd(b, "invite", "notes", "--wait", "0"), 4, "only an admin can invite")
+    one_line_error(sd(b, "role", "notes", b_id, "writer"), 4, "only an admin")
+    one_line_error(sd(a, "role", "notes", a_id, "reader"), 4, "last admin")
+    one_line_error(sd(a, "leave", "notes"), 4, "last admin")
+
+    done = sd(a, "--json", "role", "notes", b_id, "writer", check=True)
+    assert json.loads(done.stdout)["role"] == "writer"
+    rows = json.loads(sd(a, "--json", "members", "notes", check=True).stdout)
+    assert sorted(r["role"] for r in rows) == ["admin", "writer"]
+    human = sd(a, "members", "notes", check=True).stdout
+    assert "admin" in human and "writer" in human
+
+    left = sd(b, "--json", "leave", "notes", check=True)
+    assert json.loads(left.stdout) == {"status": "left"}
+    one_line_error(sd(b, "edit", "notes", "--text", "body", "--append", "x"), 1, "left")

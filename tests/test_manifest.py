@@ -16,6 +16,7 @@ from proto.manifest import (
     Role,
     Rule,
     SyncnodeEntry,
+    may_send,
     next_manifest,
     sign_value,
     validate_genesis,
@@ -100,6 +101,101 @@ def test_rule_violations() -> None:
     # A commit from another epoch (replayed) does not match.
     old = next_manifest(prev, g.values[1].commit)
     broken(sign_value(a.key, old, g.values[1].commit), Rule.COMMIT_MISMATCH)
+
+
+def _roles_group() -> tuple[Group, Device, Device, Device]:
+    """admin a, writer w and reader r, every MLS state following the log."""
+    a, w, r = _dev("ra"), _dev("rw"), _dev("rr")
+    g = new_group(a, NODES)
+    _advance(g, add_value(g, a, [w]), w)
+    v = add_value(g, a, [r], role=Role.READER)
+    w.mls.apply(v.commit)
+    _advance(g, v, r)
+    return g, a, w, r
+
+
+def _refused(g: Group, value: LogValue, rule: Rule, says: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        validate_transition(g.manifest, value)
+    assert err.value.rule == rule and says in err.value.detail, err.value
+
+
+def _role_change(g: Group, signer: Device, roles: dict[bytes, Role]) -> LogValue:
+    commit = signer.mls.update()
+    return sign_value(signer.key, next_manifest(g.manifest, commit, roles=roles), commit)
+
+
+def test_every_member_may_update_its_own_keys() -> None:
+    g, _a, w, r = _roles_group()
+    assert [d.role for d in g.manifest.devices] == [Role.ADMIN, Role.WRITER, Role.READER]
+    validate_transition(g.manifest, update_value(g, w))
+    validate_transition(g.manifest, update_value(g, r))  # a reader too (post-compromise)
+
+
+def test_non_admins_do_not_add() -> None:
+    g, _a, w, r = _roles_group()
+    for signer in (w, r):
+        _refused(g, add_value(g, signer, [_dev("x")]), Rule.NOT_ADMIN, "only admins add")
+
+
+def test_non_admins_do_not_remove() -> None:
+    g, _a, w, r = _roles_group()
+    _refused(g, remove_value(g, w, [r]), Rule.NOT_ADMIN, "only admins remove")
+    _refused(g, remove_value(g, r, [w]), Rule.NOT_ADMIN, "only admins remove")
+
+
+def test_non_admins_do_not_change_roles() -> None:
+    g, _a, w, r = _roles_group()
+    _refused(g, _role_change(g, r, {r.key_fpr: Role.WRITER}), Rule.NOT_ADMIN,
+             "only admins change roles")  # a reader promoting itself
+    _refused(g, _role_change(g, w, {r.key_fpr: Role.WRITER}), Rule.NOT_ADMIN,
+             "only admins change roles")
+
+
+def test_non_admins_do_not_change_syncnodes() -> None:
+    g, _a, w, _r = _roles_group()
+    good = update_value(g, w)
+    _refused(g, sign_value(w.key, replace(good.manifest, syncnodes=NODES[:1]), good.commit),
+             Rule.NOT_ADMIN, "only admins change the syncnodes")
+
+
+def test_admin_changes_roles() -> None:
+    g, a, w, r = _roles_group()
+    v = _role_change(g, a, {r.key_fpr: Role.WRITER, w.key_fpr: Role.ADMIN})
+    validate_transition(g.manifest, v)
+    assert [d.role for d in v.manifest.devices] == [Role.ADMIN, Role.ADMIN, Role.WRITER]
+
+
+def test_admin_changes_syncnodes() -> None:
+    g, a, _w, _r = _roles_group()
+    commit = a.mls.update()
+    moved = next_manifest(g.manifest, commit, syncnodes=NODES[1:])
+    validate_transition(g.manifest, sign_value(a.key, moved, commit))
+
+
+def test_admin_adds_and_removes() -> None:
+    g, a, w, _r = _roles_group()
+    validate_transition(g.manifest, remove_value(g, a, [w]))
+    g, a, _w, _r = _roles_group()
+    validate_transition(g.manifest, add_value(g, a, [_dev("y")], role=Role.ADMIN))
+
+
+def test_the_group_keeps_an_admin() -> None:
+    g, a, w, _r = _roles_group()
+    commit = a.mls.update()
+
+    def value(roles: dict[bytes, Role]) -> LogValue:
+        return sign_value(a.key, next_manifest(g.manifest, commit, roles=roles), commit)
+
+    _refused(g, value({a.key_fpr: Role.WRITER}), Rule.BAD_ROSTER, "no admin left")
+    # With a second admin, the first may step down.
+    validate_transition(g.manifest, value({a.key_fpr: Role.WRITER, w.key_fpr: Role.ADMIN}))
+
+
+def test_may_send() -> None:
+    g, a, w, r = _roles_group()
+    sends = {d.fingerprint: may_send(d) for d in g.manifest.devices}
+    assert sends == {a.key_fpr: True, w.key_fpr: True, r.key_fpr: False}
 
 
 def test_genesis_rules() -> None:

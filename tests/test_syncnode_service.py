@@ -12,7 +12,7 @@ import trio
 
 from device.paxos_driver import ProposeFailed, propose
 from proto.envelope import Envelope
-from proto.manifest import Rule, sign_value
+from proto.manifest import Role, Rule, next_manifest, sign_value
 from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.messages import (
     Decided,
@@ -139,6 +139,38 @@ async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> No
         page = await bc.backfill(g.group_id, {alice.key_fpr: 4}, limit=2)
         assert [e.seq for e in page.envelopes] == [5] and not page.more
         assert node.service.metrics.messages_pushed._value.get() == 5
+
+
+async def test_readers_updates_are_refused(cluster: MemoryCluster) -> None:
+    """A reader's envelope is refused by the manifest of its epoch: a reader added at slot 2,
+    and a writer demoted at slot 3, whose envelope of epoch 2 (sent before) is still taken."""
+    alice, bob, carol = Device("alice"), Device("bob"), Device("carol")
+    g = await _group_with(cluster, alice, bob)
+    node = cluster.nodes[0]
+    async with cluster.clients(alice) as clients:
+        value = add_value(g, alice, [carol], role=Role.READER)
+        assert isinstance(await decide(g, alice, clients, value), Decided)
+        for m in (alice, bob):
+            m.mls.apply(value.commit)
+        carol.mls.join(value.welcome)
+        before = Envelope.seal(bob.key, g.group_id, 1, 2, bob.mls.encrypt(b"written"))
+        commit = alice.mls.update()
+        demote = sign_value(alice.key, next_manifest(g.manifest, commit,
+                                                     roles={bob.key_fpr: Role.READER}), commit)
+        assert isinstance(await decide(g, alice, clients, demote), Decided)
+    refused = node.service.metrics.refused.labels("reader_update")
+    async with cluster.clients(carol, [node]) as (cc,), cluster.clients(bob, [node]) as (bc,):
+        with pytest.raises(RemoteError) as err:
+            await cc.store(Envelope.seal(carol.key, g.group_id, 1, 2, b"x"))
+        assert err.value.code == ErrorCode.UNAUTHORIZED and "reader" in err.value.detail
+        assert (await bc.store(before)).seq == 1
+        with pytest.raises(RemoteError) as err:
+            await bc.store(Envelope.seal(bob.key, g.group_id, 2, 3, b"y"))
+        assert err.value.code == ErrorCode.UNAUTHORIZED and "reader at epoch 3" in err.value.detail
+    assert refused._value.get() == 2
+    stored, _more = await node.service.store.envelopes_after(g.group_id, {}, limit=10,
+                                                             max_bytes=1 << 20)
+    assert len(stored) == 1
 
 
 async def test_membership_is_enforced(cluster: MemoryCluster) -> None:
