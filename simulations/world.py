@@ -40,6 +40,7 @@ from simulations.byzantine import (
 )
 from syncnode.history import HistoryPull
 from syncnode.peers import PeerSync
+from syncnode.reconcile import Reconciler
 from syncnode.server import Server
 from syncnode.service import Service
 
@@ -180,6 +181,7 @@ class World:
             self.net.set_node_faults(node.key.public, CORRUPTING)
         peers = PeerSync(service, transport, interval=20.0)
         history = HistoryPull(service, peers)
+        reconciler = Reconciler(service, peers, history, interval=10.0)
         node.scope, node.stopped = trio.CancelScope(), trio.Event()
         node.service, node.transport = service, transport
         stopped = node.stopped
@@ -193,6 +195,7 @@ class World:
                         await n.start(transport.serve, Server(service).handle_connection)
                         n.start_soon(peers.run)
                         n.start_soon(history.run)
+                        n.start_soon(reconciler.run)
                         task_status.started()
             finally:
                 stopped.set()

@@ -74,6 +74,7 @@ class Config:
     cache_groups: int = 1024
     cache_slots: int = 4096
     catchup_interval: float = 30.0
+    reconcile_interval: float = 10.0
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     peers: dict[str, list[str]] = field(default_factory=dict)
@@ -110,6 +111,9 @@ cache_groups = 1024
 cache_slots = 4096
 # Seconds between checks that this node has every decision its peers have.
 catchup_interval = 30.0
+# Seconds between rounds in which this node fills gaps in its copy of each group that had
+# traffic lately, from the group's other syncnodes (0: never).
+reconcile_interval = 10.0
 # debug, info, warning or error. Logs are JSON lines on stderr unless stderr is a terminal.
 log_level = "info"
 

@@ -28,6 +28,7 @@ from syncnode.config import STATE_NAME, Config
 from syncnode.history import HistoryPull
 from syncnode.http import HealthServer
 from syncnode.peers import PeerSync
+from syncnode.reconcile import Reconciler
 from syncnode.server import Server
 from syncnode.service import Service
 from syncnode.startup import bind_iroh, claim_data_dir, open_http, parse_http, parse_listen
@@ -100,6 +101,7 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
     overrides = {parse_node_id(k): v for k, v in config.peers.items()}
     peers = PeerSync(service, transport, overrides=overrides, interval=config.catchup_interval)
     history = HistoryPull(service, peers)
+    reconciler = Reconciler(service, peers, history, interval=config.reconcile_interval)
     ready = False
     health = HealthServer(service.metrics.exposition, lambda: ready)
     http_host = parse_http(config.http_listen)[0]
@@ -112,6 +114,7 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
             service.addresses.set_own(addrs)  # the peer sweep hands it to our peers
             serving.start_soon(peers.run)
             serving.start_soon(history.run)
+            serving.start_soon(reconciler.run)
             serving.start_soon(service.hosting.retention, RETENTION_SWEEP)
             serving.start_soon(_mailbox_sweeper, service)
 

@@ -148,7 +148,7 @@ class HistoryPull:
                     return
                 try:
                     with trio.fail_after(10 * CONNECT_TIMEOUT):
-                        stored = await self._pass(client, g, entry)
+                        stored = await self.pass_from(client, g, entry)
                 except (SyncnodeError, trio.TooSlowError, PassFailed) as exc:
                     log.warning("history pull from peer failed", peer=short_id(entry.node_id),
                                 group=short_id(group_id), error=str(exc))
@@ -167,7 +167,7 @@ class HistoryPull:
         self._passed.pop(group_id, None)
         return True
 
-    async def _pass(self, client: SyncnodeClient, g: GroupState, entry: SyncnodeEntry) -> int:
+    async def pass_from(self, client: SyncnodeClient, g: GroupState, entry: SyncnodeEntry) -> int:
         """Every page of the peer's envelopes above our watermarks; how many were new."""
         marks = await self.service.store.envelope_marks(g.group_id)
         stored = 0

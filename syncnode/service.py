@@ -132,6 +132,8 @@ class Service:
                                self.fanout.notify_mailbox, node_id=self.node_id,
                                member_key=self._member_key)
         self.addresses = AddressBook(key, self.store, clock, self.limits.max_address_records)
+        self.on_stored: Callable[[bytes], None] = lambda group_id: None
+        """Hook: a device's envelope for this group was stored (the reconciler's trigger)."""
         self.metrics.track_storage(self.store.size_bytes)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -262,7 +264,9 @@ class Service:
 
     async def _store(self, session: Session, msg: Envelope) -> Stored:
         await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
-        return await self.envelopes.store_envelope(session, msg)
+        stored = await self.envelopes.store_envelope(session, msg)
+        self.on_stored(msg.group_id)
+        return stored
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
         return await self.envelopes.backfill(session, msg)
