@@ -27,6 +27,9 @@ VARIANTS = {
     "join-early": "a join returns once the device is added, before it holds the document",
     "trust-first-genesis": "a joiner takes the first genesis any syncnode serves (not checked "
                            "against the ticket) into one log shared by all syncnodes",
+    "members-govern": "the role rule unchecked: non-admins add, remove and change roles, and "
+                      "syncnodes and members accept it",
+    "readers-send": "readers edit and send, and syncnodes and members take their updates",
 }
 
 
@@ -62,6 +65,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         return
     if variant == "trust-first-genesis":
         with _joins_trust_first_genesis():
+            yield
+        return
+    if variant in ("members-govern", "readers-send"):
+        with _patched(*_ROLE_BUGS[variant]):
             yield
         return
     if variant != "early-apply":
@@ -151,3 +158,40 @@ def _joins_trust_first_genesis() -> Iterator[None]:
     finally:
         device.joining._log_of = honest_log_of
         device.joining._genesis_of = honest_genesis_of
+
+
+def _anyone(*args: Any) -> bool:
+    return True
+
+
+def _no_refusal(*args: Any) -> None:
+    return None
+
+
+_ROLE_BUGS: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    # (module, attribute, replacement): everywhere the rule is looked up by name
+    "members-govern": (("proto.manifest", "_check_own_update", _no_refusal),
+                       ("device.membership", "admin_refusal", _no_refusal)),
+    "readers-send": (("proto.manifest", "may_send", _anyone),
+                     ("device.replica", "may_send", _anyone),
+                     ("device.inbox", "may_send", _anyone),
+                     ("syncnode.envelopes", "may_send", _anyone)),
+}
+
+
+@contextmanager
+def _patched(*patches: tuple[str, str, Any]) -> Iterator[None]:
+    """The role rules as they were before issue 16 (any member governs; a reader's updates
+    count), by replacing the rule functions where the code looks them up."""
+    import importlib
+
+    saved = []
+    for module, name, replacement in patches:
+        mod = importlib.import_module(module)
+        saved.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, replacement)
+    try:
+        yield
+    finally:
+        for mod, name, original in saved:
+            setattr(mod, name, original)

@@ -8,12 +8,20 @@ remove). ``retire`` stops a syncnode that no member's manifest names any more an
 database for good: from then on, every acknowledged update must live on the syncnodes that
 replaced it (the ``acked-delivered`` and ``converged`` invariants check it at the end).
 ``partition-sets`` cuts the founding syncnodes (and some devices) off from the spares.
+
+``role`` has an admin give another member a role (admin, writer or reader). Every device starts
+as an admin (the workload has any member invite and remove), so the non-admins are the ones a
+role step demoted; their own invites and removals are then refused, and a reader's edits are
+refused locally. The ``admin-only`` and ``reader-silent`` invariants check that no decision of
+a non-admin changed anything but its own keys and that no syncnode stored a reader's update.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from proto.identity import short_id
+from proto.manifest import Role
 from simulations.scenarios import Step
 
 if TYPE_CHECKING:
@@ -87,3 +95,21 @@ class GovernanceSteps:
         self.stats["partitions"] += 1
         return f"partition old {{{self.names(a)}}} | new {{{self.names(b)}}}"
 
+
+    async def do_role(self: Run, step: Step) -> str | None:
+        admins = [d for d in self.running_members() if d.doc is not None
+                  and (me := d.doc.manifest.device(d.fingerprint)) is not None
+                  and me.role == Role.ADMIN]
+        actor = self.pick(admins, step.pick[0])
+        if actor is None:
+            return None
+        assert actor.doc is not None
+        targets = [d for d in self.world.devices if d is not actor and d.joined
+                   and actor.doc.manifest.device(d.fingerprint) is not None]
+        target = self.pick(targets, step.pick[1])
+        if target is None:
+            return None
+        role = (Role.ADMIN, Role.WRITER, Role.READER)[step.pick[2] % 3]
+        self.op(actor, f"{actor.name} makes {target.name} {role.name.lower()}",
+                lambda doc: doc.set_role(short_id(target.fingerprint), role))
+        return f"{actor.name} makes {target.name} {role.name.lower()}"

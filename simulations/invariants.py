@@ -9,6 +9,10 @@ Continuous (after each step):
 - **join-complete** (checked by the runner when a join returns): the new device holds every
   update its inviter held when it made the ticket, also if the inviter crashed as the add was
   decided.
+- **admin-only**: in every log (honest syncnodes' and devices'), a decision signed by a member
+  that was not an admin in the manifest before it changes nothing but the epoch, the commit and
+  the hash chain (no devices, roles or syncnodes): checked on the manifests themselves, not by
+  :func:`proto.manifest.validate_transition`, which is what it checks;
 - **join-done** (scenarios where nothing may stop a join: checked when a join fails, and at the
   end): a device that a decided slot added completes its join. A Byzantine minority must not
   leave a member nobody holds (a forged genesis did: issue 14, finding 4).
@@ -18,6 +22,8 @@ Final (after faults heal and traffic stops):
 - **acked-delivered**: every member's document holds every update ever acknowledged durable;
 - **removed-blind**: a removed device cannot decrypt any update sealed after its removal;
 - **no-plaintext**: no syncnode's database or WAL contains an edit's marker;
+- **reader-silent**: no honest syncnode stores an update from a sender that was a reader at the
+  update's epoch;
 - **detected**: with a colluding majority, any two devices whose logs differ include one that
   raised an equivocation alarm with a verifiable EquivocationProof;
 - **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from device.mls import MlsError
 from proto.codec import decode_as
 from proto.errors import SyncnodeError
-from proto.manifest import LogValue, ManifestError, validate_genesis, verify_decided
+from proto.manifest import LogValue, ManifestError, Role, validate_genesis, verify_decided
 from proto.paxos.messages import EquivocationProof, value_hash
 from proto.paxos.quorum import CertificateError, verify_certificate
 from simulations.world import SimDevice, World
@@ -59,7 +65,7 @@ class Checker:
     # -- continuous ------------------------------------------------------------------------------
 
     def continuous(self) -> list[Violation]:
-        return [*self.agreement(), *self.certificates(), *self.acked_kept()]
+        return [*self.agreement(), *self.certificates(), *self.acked_kept(), *self.admin_only()]
 
     def agreement(self) -> list[Violation]:
         out = []
@@ -120,10 +126,32 @@ class Checker:
                                          f"updates {sorted(lost)[:3]}"))
         return out
 
+    def admin_only(self) -> list[Violation]:
+        logs: list[tuple[str, dict[int, LogValue]]] = [
+            (dev.name, dev.doc.values) for dev in self.world.devices if dev.doc is not None]
+        for node in self.world.nodes:
+            if node.honest:
+                logs.append((node.name, {s: LogValue.decode(v) for s, (v, _c)
+                                         in self.world.node_log(node).items()}))
+        for who, values in logs:
+            for slot in sorted(values):
+                prev, value = values.get(slot - 1), values[slot]
+                if prev is None:
+                    continue
+                signer = prev.manifest.device(value.signer)
+                if signer is None or signer.role == Role.ADMIN:
+                    continue
+                m = value.manifest
+                if m.devices != prev.manifest.devices or m.syncnodes != prev.manifest.syncnodes:
+                    return [Violation("admin-only", f"{who}: slot {slot} by a "
+                                      f"{signer.role.name.lower()} changes the membership")]
+        return []
+
     # -- final -----------------------------------------------------------------------------------
 
     def final(self) -> list[Violation]:
-        out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext()]
+        out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext(),
+               *self.reader_silent()]
         if self.colluding:
             out += self.detected()
         else:
@@ -211,6 +239,20 @@ class Checker:
                                          f"{env.epoch}"))
                     return out
         return out
+
+    def reader_silent(self) -> list[Violation]:
+        for node in self.world.nodes:
+            if not node.honest:
+                continue
+            manifests = {s: LogValue.decode(v).manifest
+                         for s, (v, _c) in self.world.node_log(node).items()}
+            for env in self.world.node_envelopes(node):
+                m = manifests.get(env.epoch)
+                sender = m.device(env.sender) if m is not None else None
+                if sender is not None and sender.role == Role.READER:
+                    return [Violation("reader-silent", f"{node.name} stores an update of a "
+                                      f"reader (epoch {env.epoch}, seq {env.seq})")]
+        return []
 
     def no_plaintext(self) -> list[Violation]:
         return [Violation("no-plaintext", f"{node.name}'s storage holds an edit in clear")

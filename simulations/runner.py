@@ -32,6 +32,7 @@ import trio
 import trio.testing
 
 from device.document import Document
+from device.errors import NotAllowed
 from proto import entropy
 from proto.errors import SyncnodeError
 from proto.identity import short_id
@@ -191,8 +192,11 @@ class Run(GovernanceSteps):
                 e.counter("c").increment(1 + where % 5)
 
         assert dev.doc is not None
-        with entropy.wall_clock(dev.clock):
-            dev.doc.change(edit)
+        try:
+            with entropy.wall_clock(dev.clock):
+                dev.doc.change(edit)
+        except NotAllowed:
+            return f"{dev.name} {kind}: refused, it is a reader"
         dev.made.append(marker)
         self.stats["edits"] += 1
         return f"{dev.name} {kind} {marker}"

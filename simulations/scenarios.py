@@ -61,8 +61,8 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario("baseline", "no faults: edits, joins, removals, key rotations",
-             joins_complete=True),
+    Scenario("baseline", "no faults: edits, joins, removals, key rotations, role changes",
+             joins_complete=True, extra={"role": 3}),
     Scenario("partition", "symmetric and one-way partitions, and heals",
              frozenset({"partition", "contention"})),
     Scenario("lossy", "frames dropped, duplicated, delayed and reordered",
@@ -91,9 +91,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "replaced syncnodes retire (stopped, data deleted)",
              frozenset({"crash", "partition"}), spares=3,
              extra={"replace": 8, "retire": 4, "partition-sets": 2}),
-    Scenario("chaos", "every fault class at once, one withholding syncnode",
+    Scenario("chaos", "every fault class at once, one withholding syncnode, role changes",
              frozenset({"partition", "lossy", "crash", "clock", "contention"}),
-             nodes=("honest", "withhold", "honest")),
+             nodes=("honest", "withhold", "honest"), extra={"role": 3}),
 ]}
 
 
