@@ -1,7 +1,8 @@
 """Live migration between operators, with real ``syncnode run`` processes on loopback.
 
 A document served by syncnodes {A, B, C} moves to {D, E, F}, one replacement at a time, while
-two devices keep editing. Then A, B and C are stopped and their data deleted: every
+two devices keep editing, and a third device that was offline meanwhile follows it through the
+removed syncnodes. Then A, B and C are stopped and their data deleted: every
 acknowledged edit is on both devices and on each of D, E and F, and a new device joins through
 D, E and F alone (issue 16)."""
 
@@ -65,6 +66,8 @@ async def _migrate(tmp_path: Path, old: list[NodeProcess], new: list[NodeProcess
         doc_a = await a.create_document(old_t)
         with trio.fail_after(60):
             doc_b = await b.join(doc_a.invite())
+            async with Device.open(tmp_path / "z", config=FAST) as z:  # offline meanwhile
+                await z.join(doc_a.invite())
         made: dict[str, list[str]] = {"a": [], "b": []}
         stop = trio.Event()
         slots = []
@@ -78,7 +81,7 @@ async def _migrate(tmp_path: Path, old: list[NodeProcess], new: list[NodeProcess
                     await trio.sleep(0.3)  # edits keep flowing between replacements
             stop.set()
         assert {e.node_id for e in doc_a.manifest.syncnodes} == {t.node_id for t in new_t}
-        assert [s for pair in slots for s in pair] == list(range(2, 8))  # 1 was b's add
+        assert [s for pair in slots for s in pair] == list(range(3, 9))  # 1, 2: the adds
         with trio.fail_after(60):
             await doc_a.wait_durable()
             await doc_b.wait_durable()
@@ -86,6 +89,16 @@ async def _migrate(tmp_path: Path, old: list[NodeProcess], new: list[NodeProcess
             await eventually(lambda: {e.node_id for e in doc_b.manifest.syncnodes} == want
                              and want <= set(doc_b.clients), 60,
                              "the other device to follow the document to its new syncnodes")
+
+        # A device that was offline during the whole migration follows the group through
+        # the removed syncnodes (they serve the log for removed_group_retention).
+        async with Device.open(tmp_path / "z", config=FAST) as z:
+            doc_z = z.documents()[0]
+            want = {t.node_id for t in new_t}
+            await eventually(lambda: {e.node_id for e in doc_z.manifest.syncnodes} == want
+                             and want <= set(doc_z.clients), 60,
+                             "the offline device to follow the document to its new syncnodes")
+            await converged([doc_a, doc_z], timeout=60)
 
         for n in old:  # the old operators leave for good
             n.stop()
