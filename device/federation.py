@@ -31,7 +31,7 @@ from device.errors import DocumentError, Offline
 from device.links import Links
 from device.membership import Membership
 from device.replica import Replica
-from device.rules import removal_safe, syncnodes_with, syncnodes_without
+from device.rules import named_since, removal_safe, syncnodes_with, syncnodes_without
 from proto.errors import SyncnodeError
 from proto.identity import short_id
 from proto.logs import get_logger
@@ -155,7 +155,9 @@ class Federation:
             added = await self.add(ticket, wait=wait, say=say)
         else:  # a replacement interrupted after its add: finish it
             await self.wait_history(ticket.node_id, wait, say)
-            added = self.replica.epoch
+            r = self.replica
+            added = named_since([r.values[s].manifest for s in range(r.epoch + 1)],
+                                ticket.node_id) or r.epoch
         return added, await self.remove(old, say=say)
 
     # -- the history of a new syncnode ------------------------------------------------------------

@@ -8,6 +8,7 @@ D, E and F alone (issue 16)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from proto.identity import short_id
 from proto.rpc import SyncnodeClient
 from proto.ticket import NodeTicket
 from syncnode.procs import NodeProcess, start_cluster
+from tests.cli_kit import one_line_error, real_syncnodes, sd
 from tests.device_kit import FAST, converged, eventually
 
 
@@ -132,3 +134,38 @@ async def lacking(doc: Document, ticket: NodeTicket, sent: dict[bytes, int]
     out = {sender: set(range(1, top + 1)) - stored.get(sender, set())
            for sender, top in sent.items()}
     return {s: m for s, m in out.items() if m}
+
+
+def test_cli_replaces_a_syncnode_and_refuses_unsafe_or_wrong_requests(tmp_path: Path) -> None:
+    """`syncdevice syncnode list|replace|remove` as a user runs them, with real daemons."""
+    cluster = start_cluster(tmp_path / "nodes", 4)
+    try:
+        home = tmp_path / "a"
+        sd(home, "init", check=True)
+        sd(home, "create", *real_syncnodes(cluster[:3]), "--name", "notes", check=True)
+        sd(home, "set", "notes", "m.x", '"1"', check=True)
+        old, new = cluster[0].ticket, cluster[3].ticket
+        assert old is not None and new is not None
+        one_line_error(sd(home, "syncnode", "replace", "notes", "ffff", str(new)), 1,
+                       "no syncnode of this document matches 'ffff'")
+        one_line_error(sd(home, "syncnode", "add", "notes", "sn1nonsense"), 1,
+                       "bad syncnode ticket")
+        done = sd(home, "--json", "syncnode", "replace", "notes", old.node_id.hex()[:8],
+                  str(new), check=True)
+        assert json.loads(done.stdout)["node_id"] == new.node_id.hex()
+        rows = json.loads(sd(home, "--json", "syncnode", "list", "notes", check=True).stdout)
+        assert {r["node_id"] for r in rows} == {n.ticket.node_id.hex() for n in cluster[1:]
+                                               if n.ticket is not None}
+        assert all(r["history"] == "complete" for r in rows)
+        cluster[1].stop()  # a remaining syncnode is down: removing another is not safe now
+        assert cluster[2].ticket is not None
+        done = sd(home, "syncnode", "remove", "notes", cluster[2].ticket.node_id.hex()[:8])
+        # the progress lines of the steps, then one error line
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("Error: not removed"), done.stderr
+        assert "not reachable" in done.stderr
+        assert json.loads(sd(home, "--json", "show", "notes", check=True).stdout) == \
+            {"m": {"x": "1"}}
+    finally:
+        for n in cluster:
+            n.stop()
