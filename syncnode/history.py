@@ -29,7 +29,7 @@ from proto.envelope import Envelope
 from proto.errors import SyncnodeError
 from proto.identity import short_id
 from proto.logs import get_logger
-from proto.manifest import Manifest, SyncnodeEntry
+from proto.manifest import Manifest, SyncnodeEntry, may_send
 from proto.rpc import SyncnodeClient
 from syncnode.groups import GroupState
 from syncnode.peers import CONNECT_TIMEOUT, PEERS_AT_ONCE, PeerSync
@@ -62,6 +62,8 @@ def envelope_problem(m: Manifest, group_id: bytes, env: Envelope) -> str | None:
         return "sender is not a member at the envelope's epoch"
     if not env.verify(sender.sig_pub):
         return "envelope signature does not verify"
+    if not may_send(sender):
+        return "the sender is a reader at the envelope's epoch"
     return None
 
 

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from proto.envelope import Envelope
-from proto.manifest import LogValue, SyncnodeEntry, next_manifest, sign_value
+from proto.manifest import LogValue, Role, SyncnodeEntry, next_manifest, sign_value
 from proto.messages import ErrorCode, ErrorReply
 from proto.paxos.messages import Decided, value_hash
 from proto.rpc import RemoteError, SyncnodeClient
@@ -296,6 +296,10 @@ def test_pulled_envelopes_are_judged_at_their_epoch() -> None:
     assert envelope_problem(m1, b"o" * 32, env) == "envelope is for another group"
     forged = replace(Envelope.seal(mallory.key, g.group_id, 1, 1, b"x"), sender=bob.key_fpr)
     assert envelope_problem(m1, g.group_id, forged) == "envelope signature does not verify"
+    as_reader = replace(m1, devices=tuple(replace(d, role=Role.READER) if d.fingerprint ==
+                                          bob.key_fpr else d for d in m1.devices))
+    assert envelope_problem(as_reader, g.group_id, env) == \
+        "the sender is a reader at the envelope's epoch"
     assert holders_needed(m1) == 1
 
 
