@@ -17,3 +17,8 @@ class Offline(DocumentError):
 class JoinError(SyncnodeError):
     """The join could not complete (bad, spent or expired ticket, refused, no syncnode
     reachable, timeout)."""
+
+
+class JoinRefused(JoinError):
+    """The inviter refused the ticket (spent, expired, unknown, or bound to another device):
+    asking again with the same ticket cannot succeed."""
