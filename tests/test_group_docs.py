@@ -16,7 +16,8 @@ from device.document import Document
 from device.errors import DocumentError, JoinError
 from device.events import Event, NewDocument
 from device.offers import JOINED, PENDING
-from proto.doc_offer import DocOffer
+from proto.doc_offer import DocOffer, Seat
+from proto.errors import DecodeError
 from proto.manifest import Role
 from proto.payload import Payload, PayloadKind
 from syncnode.procs import NodeProcess
@@ -78,6 +79,29 @@ async def test_members_join_a_document_made_from_their_group_and_converge(
         # The old document is untouched: same members, its content does not have the new one's.
         assert "items" not in src_c.value() and len(src_c.manifest.devices) == 3
         assert not src_b.alarms() and not src_c.alarms()
+
+        # An offer from a member that is not an admin is dropped by the others (b could only
+        # lure them into a document it controls).
+        forged = DocOffer(bytes(32), bytes(32), b.endpoint_id, (), new_b.manifest.syncnodes,
+                          2**40, "lure", (Seat(c.fingerprint, bytes(16)),))
+        with b.store.transaction():
+            src_b.outbox.seal(PayloadKind.DOC_INVITE, forged.encode())
+        sent = src_b.next_seq - 1
+        await eventually(lambda: src_c.buffer.delivered.get(b.fingerprint, 0) >= sent, 30,
+                         "c to receive b's forged offer")
+        assert offer_status(c, bytes(32)) is None and c.document_for(bytes(32)) is None
+
+
+def test_an_offer_names_one_seat_per_device_and_decodes_within_bounds() -> None:
+    seats = tuple(Seat(bytes([i]) * 32, bytes([i]) * 16) for i in range(3))
+    offer = DocOffer(b"g" * 32, b"h" * 32, b"e" * 32, ("127.0.0.1:1",), (), 99, "plan", seats)
+    assert DocOffer.decode(offer.encode()) == offer
+    ticket = offer.ticket_for(bytes([1]) * 32, b"i" * 32)
+    assert ticket is not None and ticket.secret == bytes([1]) * 16
+    assert (ticket.inviter, ticket.group_id, ticket.name) == (b"i" * 32, b"g" * 32, "plan")
+    assert offer.ticket_for(b"x" * 32, b"i" * 32) is None
+    with pytest.raises(DecodeError):
+        DocOffer.decode(offer.encode()[:-3])
 
 
 async def test_a_member_presenting_another_members_seat_is_refused(

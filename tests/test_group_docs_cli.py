@@ -74,7 +74,7 @@ def test_create_members_of_and_members_pick_it_up(tmp_path: Path,
     with started(b, "--json", "watch", "team", stderr=tmp_path / "watch-b.err") as watch_b:
         assert json.loads(first_line(watch_b))["event"] == "value"
         created = sd(a, "--json", "create", "--members-of", "team", "--name", "plan",
-                     "--wait", "15")
+                     "--wait", "10")
         assert created.returncode == 0, created.stderr
         out = json.loads(created.stdout)
         assert out["joined"] == [b_id] and out["waiting"] == [c_id], out
