@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 import trio
 
-from device import joining
+from device import group_docs, joining
 from device.config import DeviceConfig
 from device.document import Document
 from device.errors import DocumentError, JoinError
@@ -60,6 +60,8 @@ class Device:
         self.mls = MlsClient(public, secret, SqliteGroupStorage(store.db, config.epoch_retention))
         self._docs: dict[bytes, Document] = {}
         self._scopes: dict[bytes, trio.CancelScope] = {}
+        self.offers = group_docs.Offers(self)
+        """Documents offered to us through a group, joined in the background."""
         self._context = contextvars.copy_context()
         """The context the device was opened in: its background tasks run in it, whoever
         started them (in the simulator it holds the device's own wall clock)."""
@@ -88,6 +90,7 @@ class Device:
                     await nursery.start(endpoint.serve, PeerServer(device).handle_connection)
                     for (gid,) in store.all("SELECT group_id FROM documents ORDER BY created_at"):
                         device.start_document(Document(device, gid))
+                    device.spawn(device.offers.run)
                     try:
                         yield device
                     finally:
@@ -196,10 +199,22 @@ class Device:
         """Start a background task of this device (in the device's own context)."""
         self._context.run(self.nursery.start_soon, fn, *args)
 
-    async def create_document(self, syncnodes: Sequence[str | NodeTicket], crdt: str = "loro",
-                              name: str = "") -> Document:
+    def offer_arrived(self) -> None:
+        """A document was offered to us through a group (:mod:`device.group_docs`)."""
+        self.offers.wake()
+
+    async def create_document(self, syncnodes: Sequence[str | NodeTicket] = (),
+                              crdt: str = "loro", name: str = "", *,
+                              from_group: Document | None = None) -> Document:
         """A new document served by ``syncnodes`` (tickets). Works offline: the syncnodes
-        learn about it when they are reachable."""
+        learn about it when they are reachable.
+
+        ``from_group``: a document of which this device is an admin; the new one gets its
+        members and roles (and, by default, its syncnodes). Its members join by themselves,
+        through ``from_group``'s group, whenever they and this device are online
+        (:mod:`device.group_docs`)."""
+        if from_group is not None:
+            return await group_docs.create_from_group(self, from_group, syncnodes, crdt, name)
         if not syncnodes:
             raise DocumentError("a document needs at least one syncnode")
         try:

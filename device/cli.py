@@ -27,6 +27,7 @@ import trio
 from device import cli_support
 from device.cli_content import edit, set_, show, watch
 from device.cli_export import export, import_
+from device.cli_group import admit_members, report_members
 from device.cli_members import invite, join, leave, members, remove, role, rotate
 from device.cli_support import (
     EXIT_CODES,
@@ -93,36 +94,57 @@ def init(ctx: Ctx) -> None:
 
 
 @cli.command()
-@click.option("--syncnode", "syncnodes", multiple=True, required=True, metavar="TICKET",
-              help="A syncnode ticket (sn1...); repeat for each syncnode (3 recommended).")
+@click.option("--syncnode", "syncnodes", multiple=True, metavar="TICKET",
+              help="A syncnode ticket (sn1...); repeat for each syncnode (3 recommended). "
+                   "Required unless --members-of is given.")
 @click.option("--name", default="", help="A local name for the document.")
+@click.option("--members-of", "members_of", metavar="DOC", default=None,
+              help="Give the new document the members and roles of DOC (this device must be "
+                   "an admin of DOC), and DOC's syncnodes unless --syncnode is given. Each "
+                   "member's device joins by itself through DOC, while it runs `syncdevice "
+                   "watch` (or an app) and this device is online; `create` stays up to --wait "
+                   "seconds to admit them.")
 @WAIT
 @pass_ctx
-def create(ctx: Ctx, syncnodes: tuple[str, ...], name: str, wait: float) -> None:
+def create(ctx: Ctx, syncnodes: tuple[str, ...], name: str, members_of: str | None,
+           wait: float) -> None:
     """Create a new document served by the given syncnodes.
 
     The document is usable at once; a quorum of its syncnodes must register it before edits
     become durable and before anyone can join. If they cannot be reached within --wait
     seconds, it says so and exits 3: the document stays local and registers the next time
-    any syncdevice command runs with them reachable."""
+    any syncdevice command runs with them reachable. With --members-of it also exits 3 when
+    the offer to DOC's members is not yet stored by a quorum of DOC's syncnodes."""
+    if not syncnodes and members_of is None:
+        raise click.UsageError("give the document's syncnodes (--syncnode TICKET, repeated) or "
+                               "--members-of DOC")
+
     async def go(device: Any) -> int | None:
+        offered: dict[str, Any] = {}
         with progress(ctx, "creating the document...") as status:
-            doc = await device.create_document(list(syncnodes), name=name)
+            source = device.document(members_of) if members_of is not None else None
+            doc = await device.create_document(list(syncnodes), name=name, from_group=source)
+            syncnodes_ = doc.manifest.syncnodes
             quorum = doc.manifest.acceptors().quorum
             status.update(f"registering it with its syncnodes (a quorum is {quorum} of "
-                          f"{len(syncnodes)})...")
+                          f"{len(syncnodes_)})...")
             with trio.move_on_after(wait):
                 await doc.wait_connected(quorum)
+            if source is not None:
+                status.update(f"waiting for the members of {source.name} to join...")
+                offered = await admit_members(doc, source, wait, status.update)
         registered = len(doc.sync_status().connected)
         ctx.out(f"created {doc.name} {doc.id}",
                 {"name": doc.name, "id": doc.id, "registered": registered,
-                 "syncnodes": len(syncnodes), "quorum": quorum})
+                 "syncnodes": len(syncnodes_), "quorum": quorum} | offered)
+        if offered:
+            report_members(offered, wait)
         if registered < quorum:
-            click.echo(f"only {registered} of {len(syncnodes)} syncnodes registered it within "
+            click.echo(f"only {registered} of {len(syncnodes_)} syncnodes registered it within "
                        f"{wait:g} s (a quorum is {quorum}): the document is local for now; it "
                        "registers when they are reachable (e.g. `syncdevice status`)", err=True)
             return PENDING
-        return None
+        return PENDING if offered.get("offer_pending") else None
 
     run_device(ctx, go)
 

@@ -14,7 +14,7 @@ import click
 import trio
 
 from device.cli_support import WAIT, Ctx, pass_ctx, progress, run_device, settle
-from device.events import Alarm
+from device.events import Alarm, NewDocument
 
 
 @click.command()
@@ -134,7 +134,10 @@ def edit(ctx: Ctx, doc: str, text_name: str | None, insert: tuple[int, str] | No
               help="Stop after this many seconds (default: until Ctrl-C).")
 @pass_ctx
 def watch(ctx: Ctx, doc: str, duration: float | None) -> None:
-    """Print the document, then every change as it arrives (also sends pending edits)."""
+    """Print the document, then every change as it arrives (also sends pending edits).
+
+    While it runs, this device also joins the documents an admin makes from the members of
+    any of its documents (`create --members-of`), and says so for this one."""
 
     async def go(device: Any) -> None:
         d = device.document(doc)
@@ -147,10 +150,16 @@ def watch(ctx: Ctx, doc: str, duration: float | None) -> None:
                         ctx.out(f"ALARM {ev.kind}: {ev.detail}",
                                 {"event": "alarm", "kind": ev.kind, "detail": ev.detail})
                         continue
+                    if isinstance(ev, NewDocument):
+                        ctx.out(f"NEW DOCUMENT {ev.name} {ev.id} (made from this one's members "
+                                f"by {ev.sender}; this device joined it)",
+                                {"event": "new-document", "id": ev.id, "name": ev.name,
+                                 "sender": ev.sender})
+                        continue
                     value = d.value()
                     ctx.out(f"[{ev.origin} {','.join(ev.senders)}] "
                             f"{json.dumps(value, sort_keys=True, ensure_ascii=False)}",
                             {"event": "change", "origin": ev.origin,
                              "senders": list(ev.senders), "value": value})
 
-    run_device(ctx, go)
+    run_device(ctx, go, join_offers=True)

@@ -170,16 +170,18 @@ def _as_cli_error(exc: BaseException) -> click.ClickException:
 
 
 def run_device(ctx: Ctx, fn: Callable[[Any], Awaitable[int | None]], *,
-               create: bool = False) -> None:
+               create: bool = False, join_offers: bool = False) -> None:
     """Open the device (``create``: also a new one), run ``fn(device)`` under trio (its result
-    is the exit code) and close the store; see the module doc for errors and Ctrl-C."""
+    is the exit code) and close the store; see the module doc for errors and Ctrl-C.
+    ``join_offers``: join documents offered through a group (long-running commands only:
+    :attr:`device.config.DeviceConfig.join_offers`)."""
     from device.agent import Device, DeviceConfig
 
     if not create:
         require_device(ctx)
     expected = _expected()
     failure: list[BaseException] = []
-    config = DeviceConfig(listen=ctx.listen, relays=ctx.relays)
+    config = DeviceConfig(listen=ctx.listen, relays=ctx.relays, join_offers=join_offers)
 
     async def main() -> int | None:
         try:

@@ -63,6 +63,11 @@ class DeviceConfig:
     rotate_keys_backoff_max: float = 300.0
     """A periodic rotation that failed (offline, contention) is retried with a doubling
     backoff up to this many seconds."""
+    join_offers: bool = True
+    """Join, in the background, the documents an admin makes with the members of a document
+    of ours (:mod:`device.group_docs`). Off: offers are only recorded, and joined by the next
+    run with it on (the CLI turns it on only in ``watch``: a join must stay in one process from
+    its request to the Welcome, because the KeyPackage's private key lives in memory)."""
     listen: str = "127.0.0.1:0"
     relays: tuple[str, ...] = ()
     """iroh relay URLs; empty for direct connections only."""

@@ -22,3 +22,6 @@ class JoinError(SyncnodeError):
 class NotAllowed(DocumentError):
     """This device's role in the document does not permit the operation (only admins add,
     remove, invite and change roles; readers do not edit). Raised before any network."""
+class JoinRefused(JoinError):
+    """The inviter refused the ticket (spent, expired, unknown, or bound to another device):
+    asking again with the same ticket cannot succeed."""

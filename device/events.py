@@ -1,5 +1,5 @@
-"""What a document tells the app: :class:`Change` and :class:`Alarm` events, and the plain records
-:meth:`Document.members` and :meth:`Document.sync_status` return.
+"""What a document tells the app: :class:`Change`, :class:`Alarm` and :class:`NewDocument`
+events, and the plain records :meth:`Document.members` and :meth:`Document.sync_status` return.
 
 Plain frozen dataclasses with no behaviour, in a module of their own so that every part of the
 engine can produce them without importing the :class:`~device.document.Document` facade (which
@@ -27,13 +27,25 @@ class Change:
 class Alarm:
     """Something the app must show the user: ``equivocation`` (syncnodes signed two different
     decisions for one slot — evidence is kept), ``invalid-decision``, ``bad-update``,
-    ``removed``."""
+    ``removed``, ``new-document`` (a document offered through this one could not be joined)."""
 
     kind: str
     detail: str
 
 
-Event = Change | Alarm
+@dataclass(frozen=True)
+class NewDocument:
+    """This device joined a document that an admin made with the members of this one
+    (:meth:`Device.create_document` with ``from_group``; :mod:`device.group_docs`): ``id`` and
+    ``name`` are the new document's, open it with ``device.document(id)``."""
+
+    id: str
+    name: str
+    sender: str
+    """The short id of the admin's device that made it."""
+
+
+Event = Change | Alarm | NewDocument
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,8 @@ class Host(Protocol):
     def learn_address(self, record: AddressRecord) -> bool:
         """Keep a verified address record if it is news; True if the addresses changed."""
         ...
+
+    def offer_arrived(self) -> None:
+        """A new document was offered to this device through one of its groups and recorded
+        (:func:`device.offers.take_offer`): join it in the background."""
+        ...

@@ -26,6 +26,7 @@ import trio
 
 from device.events import Change
 from device.mls import MlsError, identity_for
+from device.offers import take_offer
 from device.outbox import Outbox
 from device.reader_state import DirectState
 from device.replica import Replica
@@ -99,6 +100,9 @@ class Inbox:
         for p in ready:
             if p.kind == PayloadKind.SYNC_REQUEST:
                 self._answer_later(p)
+                continue
+            if p.kind == PayloadKind.DOC_INVITE:  # a new document for our members
+                take_offer(r, p)
                 continue
             try:
                 updates = unpack_updates(p.body)

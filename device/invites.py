@@ -34,6 +34,7 @@ from device.errors import NotAllowed, Offline
 from device.links import Links
 from device.membership import Membership
 from device.mls import MlsError
+from device.offers import seat_of
 from device.outbox import Outbox
 from device.replica import Replica
 from proto import entropy
@@ -234,6 +235,10 @@ class Invites:
             joiner = short_id(fingerprint(req.sig_pub))
             row = r.store.one("SELECT expires_at, used FROM invites WHERE secret_hash=? AND "
                               "group_id=?", key, r.group_id)
+            seat = seat_of(r.store, key)  # an invite bound to one device (device/offers.py)
+            if seat is not None and seat.fingerprint != fingerprint(req.sig_pub):
+                await self._refuse(req, "this invite is bound to another member's device")
+                return True
             if row is not None and row[1]:
                 if r.manifest.device(fingerprint(req.sig_pub)) is None:
                     await self._refuse(req, "this invite was already used by another device")
@@ -249,9 +254,10 @@ class Invites:
             self.changed.fire()
             try:
                 staged = await self._stage(req)
+                role = self._role(key) if seat is None else seat.role  # seat: the role the
+                # device has in the group the document was made from
                 slot = await self.membership.add_device(req.key_package, req.sig_pub,
-                                                        req.endpoint_id, self._role(key),
-                                                        addrs=req.addrs)
+                                                        req.endpoint_id, role, addrs=req.addrs)
             except (ManifestError, MlsError, NotAllowed) as exc:
                 log.warning("join request refused", doc=short_id(r.group_id), error=str(exc))
                 await self._refuse(req, f"the join request is invalid: {exc}"[:200])

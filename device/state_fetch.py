@@ -15,7 +15,7 @@ from collections.abc import Callable
 import trio
 
 from device.document import Document
-from device.errors import JoinError
+from device.errors import JoinRefused
 from device.host import Host
 from device.p2p import Progress, TransferError, fetch_snapshot
 from proto.crdt import CrdtError
@@ -222,7 +222,7 @@ async def read_mailbox(device: Host, c: SyncnodeClient, t: InviteTicket,
             try:
                 if item.kind == MailboxKind.JOIN_REFUSED and refusals:
                     refusal = open_refusal(t.secret, t.group_id, me, item.payload)
-                    raise JoinError(f"the inviter refused this ticket: {refusal.reason}")
+                    raise JoinRefused(f"the inviter refused this ticket: {refusal.reason}")
                 if item.kind == MailboxKind.STATE_HANDOFF:
                     part = open_part(t.secret, t.group_id, me, item.payload)
                     if parts and next(iter(parts.values())).digest != part.digest:

@@ -4,7 +4,8 @@ It holds the identity keys, MLS group state (written by the binding through
 :class:`device.mls.SqliteGroupStorage`), each document's decided log with certificates, CRDT
 state (a snapshot plus the updates applied since), local edits not yet sent, the outbox of
 sealed envelopes until a quorum of syncnodes acknowledged them, decrypted payloads waiting for
-their causal dependencies, open invites, and alarms.
+their causal dependencies, open invites (and the seats of documents made from a group), the
+documents offered to this device through a group, and alarms.
 
 Crash rule: each engine step (flush an edit, apply received messages, apply a decision) runs in
 **one transaction** that also writes the MLS state it changed, so after a crash the database
@@ -74,6 +75,11 @@ CREATE TABLE IF NOT EXISTS proposal (        -- our commit in flight (re-propose
 CREATE TABLE IF NOT EXISTS invites (
     secret_hash BLOB PRIMARY KEY, group_id BLOB NOT NULL, expires_at REAL NOT NULL,
     used INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS seats (          -- invites bound to one device (device/offers.py)
+    secret_hash BLOB PRIMARY KEY, fingerprint BLOB NOT NULL, role INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS offers (         -- documents offered to us through a group
+    group_id BLOB PRIMARY KEY, source BLOB NOT NULL, ticket TEXT NOT NULL,
+    status TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS undecryptable (  -- authentic envelopes MLS would not open (warned)
     group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (group_id, sender, seq)

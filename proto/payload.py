@@ -14,6 +14,9 @@ vector. Kinds:
   gets the document.
 * ``SYNC_REQUEST``: "here is what I have (``deps``, and the CRDT version in ``body``); send me
   what I lack".
+* ``DOC_INVITE``: an admin offers the members a new document with the same members and roles;
+  ``body`` is a :class:`proto.doc_offer.DocOffer` (not compressed). Goes through causal
+  delivery like the others; not CRDT content.
 
 ``body`` of UPDATE/STATE is zlib-compressed (MLS pads ciphertexts, so compressing first pays).
 """
@@ -38,6 +41,7 @@ class PayloadKind(enum.IntEnum):
     UPDATE = 1
     STATE = 2
     SYNC_REQUEST = 3
+    DOC_INVITE = 4
 
 
 @dataclass(frozen=True)
