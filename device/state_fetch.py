@@ -1,10 +1,11 @@
 """The new device's first copy of the document (step 3 of :mod:`device.joining`).
 
-Every source is tried at once, and the first that verifies wins (:func:`fetch_first_state`):
-the inviter and the other members directly (peer to peer, :mod:`device.p2p`, staggered like
-"happy eyeballs"), and the copy the inviter stored for us on the syncnodes before it proposed
-the add, which arrives in our mailbox there in parts (:func:`read_mailbox`, :mod:`proto.handoff`)
-next to a refusal, if the inviter refused the ticket. What the inviter left for us is deleted
+The first source that verifies wins (:func:`fetch_first_state`), tried in this order, each
+starting when the one before failed or took too long: the inviter directly (peer to peer,
+:mod:`device.p2p`); the copy the inviter stored for us on the syncnodes before it proposed the
+add, which arrives in our mailbox there in parts (:func:`read_mailbox`, :mod:`proto.handoff`)
+next to a refusal, if the inviter refused the ticket; then the other members directly,
+staggered like "happy eyeballs" (they may be behind the inviter). What the inviter left for us is deleted
 once the document is loaded (:func:`_ack_handoff`).
 """
 
@@ -37,8 +38,8 @@ Say = Callable[[str], None]
 
 STAGGER = 1.0
 STAGED_AFTER = 2.0
-"""Direct transfers get this head start over the copy on the syncnodes: theirs is fresher (taken
-after the add). A transfer already receiving bytes is left to finish."""
+"""The inviter's direct transfer gets this head start over the copy it staged on the syncnodes:
+it is fresher (taken after the add). A transfer already receiving bytes is left to finish."""
 
 
 async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
@@ -48,13 +49,13 @@ async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
     copy the inviter stored on the syncnodes. False if none had it (members then answer a
     state request through the syncnodes)."""
     got: list[tuple[bytes, SnapshotBody, str]] = []
-    done, direct_over, direct_started = trio.Event(), trio.Event(), trio.Event()
+    done, inviter_over, staged_over = trio.Event(), trio.Event(), trio.Event()
+    inviter_receiving = trio.Event()
 
     async def direct(endpoint: bytes, addrs: tuple[str, ...], receiving: trio.Event,
                      failed: trio.Event) -> None:
         def progress(p: Progress) -> None:
             receiving.set()
-            direct_started.set()
             if on_progress is not None:
                 on_progress(p)
 
@@ -67,28 +68,43 @@ async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
         failed.set()
 
     async def all_direct() -> None:
-        """The inviter first, then the other members, staggered like "happy eyeballs": the
-        next one starts when the last failed or said nothing for STAGGER seconds; a transfer
-        that is receiving bytes is not doubled by another."""
-        if device.config.p2p_state_transfer:
-            sources = [(t.inviter_endpoint, t.inviter_addrs)] + [
-                (d.endpoint_id, d.addrs) for d in doc.manifest.devices
-                if d.fingerprint != device.fingerprint and d.endpoint_id != t.inviter_endpoint]
-            async with trio.open_nursery() as nursery:
-                for endpoint, addrs in sources:
-                    receiving, failed = trio.Event(), trio.Event()
-                    nursery.start_soon(direct, endpoint, addrs, receiving, failed)
-                    with trio.move_on_after(STAGGER):
-                        await failed.wait()
-                    if receiving.is_set():
-                        await failed.wait()
-        direct_over.set()
+        """The inviter first; the other members only once the copy the inviter staged on the
+        syncnodes was tried too: both are the inviter's document, which holds every update the
+        inviter held when it made the ticket, while another member may be behind it (one cut
+        off from the inviter's syncnodes handed a joiner a copy without the inviter's latest
+        updates: found by the simulator, migrate scenario). The other members are staggered
+        like "happy eyeballs": the next one starts when the last failed or said nothing for
+        STAGGER seconds; a transfer that is receiving bytes is not doubled by another."""
+        if not device.config.p2p_state_transfer:
+            inviter_over.set()
+            return
+        try:
+            await direct(t.inviter_endpoint, t.inviter_addrs, inviter_receiving, inviter_over)
+        finally:
+            inviter_over.set()
+        await staged_over.wait()
+        sources = [(d.endpoint_id, d.addrs) for d in doc.manifest.devices
+                   if d.fingerprint != device.fingerprint and d.endpoint_id != t.inviter_endpoint]
+        async with trio.open_nursery() as nursery:
+            for endpoint, addrs in sources:
+                receiving, failed = trio.Event(), trio.Event()
+                nursery.start_soon(direct, endpoint, addrs, receiving, failed)
+                with trio.move_on_after(STAGGER):
+                    await failed.wait()
+                if receiving.is_set():
+                    await failed.wait()
 
     async def staged() -> None:
+        try:
+            await _staged(clients)
+        finally:
+            staged_over.set()
+
+    async def _staged(clients: list[SyncnodeClient]) -> None:
         with trio.move_on_after(STAGED_AFTER):
-            await direct_over.wait()
-        if direct_started.is_set():
-            await direct_over.wait()
+            await inviter_over.wait()
+        if inviter_receiving.is_set():
+            await inviter_over.wait()
         for attempt in range(3):  # stored before the add; a slow syncnode may lag a little
             for c in clients:
                 found = await _staged_from(device, doc, c, t, parts)

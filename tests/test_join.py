@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import device.p2p as p2p
+import device.state_fetch
 from device.agent import Device, JoinError
 from device.p2p import Progress
 from device.testdata import editing_trace, replay
@@ -127,7 +128,14 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
         assert sum(1 for p in progress if p.done <= 3 * 4096) == 3  # chunks 1-3 received once
         await converged([doc, joined_b])
 
-        # Now the inviter (a) cannot serve at all: d gets the state from c, peer to peer.
+        # Now the inviter (a) cannot serve at all, and its staged copy is not found (the
+        # joiner prefers it to another member, which may be behind the inviter): d gets the
+        # state from c, peer to peer.
+        async def nothing_staged(*args: object) -> None:
+            return None
+
+        monkeypatch.setattr(device.state_fetch, "_staged_from", nothing_staged)
+
         async def inviter_broken(self: p2p.PeerServer, peer: bytes, stream: object,
                                  req: object) -> None:
             if self.device is a:
@@ -140,6 +148,8 @@ async def test_interrupted_transfer_resumes_or_falls_back_to_members(
             joined_d = await d.join(doc.invite(), progress=steps.append)
         assert any(f"peer to peer from {c.id}" in s for s in steps), steps
         await converged([doc, joined_b, joined_d], timeout=60)
+        monkeypatch.undo()  # the staged copy is found again
+        monkeypatch.setattr(p2p, "CHUNK", 4096)
 
         # No member can serve directly: the copy the inviter stored on the syncnodes before
         # the add is used.
