@@ -46,10 +46,7 @@ class GovernanceSteps:
     async def do_replace(self: Run, step: Step) -> str | None:
         if self.replacing:
             return None
-        admins = [d for d in self.running_members() if d.doc is not None
-                  and (me := d.doc.manifest.device(d.fingerprint)) is not None
-                  and me.role.name == "ADMIN"]
-        actor = self.pick(admins, step.pick[0])
+        actor = self.pick(self.running_admins(), step.pick[0])
         if actor is None:
             return None
         assert actor.doc is not None
@@ -97,10 +94,7 @@ class GovernanceSteps:
 
 
     async def do_role(self: Run, step: Step) -> str | None:
-        admins = [d for d in self.running_members() if d.doc is not None
-                  and (me := d.doc.manifest.device(d.fingerprint)) is not None
-                  and me.role == Role.ADMIN]
-        actor = self.pick(admins, step.pick[0])
+        actor = self.pick(self.running_admins(), step.pick[0])
         if actor is None:
             return None
         assert actor.doc is not None

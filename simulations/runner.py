@@ -167,6 +167,13 @@ class Run(GovernanceSteps):
     def running_members(self) -> list[SimDevice]:
         return [d for d in self.world.devices if d.up and d.active]
 
+    def running_admins(self) -> list[SimDevice]:
+        """Running members that are admins now (only admins invite; a role step may have
+        demoted any device)."""
+        return [d for d in self.running_members() if d.doc is not None
+                and (me := d.doc.manifest.device(d.fingerprint)) is not None
+                and me.role == Role.ADMIN]
+
     async def do_idle(self, step: Step) -> str:
         await trio.sleep(5.0)
         return "5 s"
@@ -219,13 +226,13 @@ class Run(GovernanceSteps):
         return f"{a.name} and {b.name} rotate at once"
 
     async def do_add(self, step: Step) -> str | None:
-        inviter = self.pick(self.running_members(), step.pick[0])
+        inviter = self.pick(self.running_admins(), step.pick[0])
         if inviter is None or len(self.world.devices) >= MAX_DEVICES:
             return None
         return await self.join(inviter, wait=False)
 
     async def do_add_vanish(self, step: Step) -> str | None:
-        inviter = self.pick(self.running_members(), step.pick[0])
+        inviter = self.pick(self.running_admins(), step.pick[0])
         if inviter is None or len(self.world.devices) >= MAX_DEVICES:
             return None
         return await self.join(inviter, wait=False, vanish=True) + ", then crashes"
@@ -237,8 +244,8 @@ class Run(GovernanceSteps):
         dev = self.world.add_device()
         await self.world.start_device(dev)
         with entropy.wall_clock(inviter.clock):
-            # Every simulated device is an admin: the scenarios have any member invite and
-            # remove, which only admins may (roles in the sweep are still to come).
+            # New devices join as admins, so that every one may invite and remove until a
+            # role step demotes it (the role steps make the readers and writers).
             ticket = inviter.doc.invite(ttl=3600, role=Role.ADMIN)
         had = markers(inviter.doc.value())  # a completed join holds at least these
         done = trio.Event()

@@ -60,7 +60,7 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
     ("ignore-promises", "lossy", "0..11"),
     ("join-early", "baseline", "0..5"),
     ("trust-first-genesis", "forge", "0..3"),
-    ("members-govern", "baseline", "0..5"),
+    ("members-govern", "baseline", "0..7"),
     ("readers-send", "baseline", "0..5"),
 ])
 def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -> None:
