@@ -48,6 +48,7 @@ from proto.manifest import (
     LogValue,
     ManifestError,
     Role,
+    Rule,
     next_manifest,
     sign_value,
     validate_transition,
@@ -59,6 +60,9 @@ from proto.paxos.quorum import CertificateError
 from proto.rpc import SyncnodeClient
 
 log = get_logger("device.document")
+
+FORK_PAGE = 64
+"""Slots per request when looking for the slot a forked log decided differently."""
 
 
 class Membership:
@@ -102,8 +106,18 @@ class Membership:
             log.warning("ignored a decision without a valid certificate",
                         doc=short_id(r.group_id), slot=slot, error=str(exc))
             return False
-        except ManifestError as exc:  # a quorum certified a value that breaks the rules
-            r.alarm("invalid-decision", f"slot {slot}: {exc}")
+        except ManifestError as exc:
+            if exc.rule is Rule.BROKEN_CHAIN:
+                # A quorum of our syncnodes certified a value that follows another log: some
+                # slot we applied was decided twice. :meth:`learn` looks for the second
+                # certificate (the proof) on the next syncnode it asks.
+                log.warning("a decision follows another log; looking for the fork",
+                            doc=short_id(r.group_id), slot=slot)
+                if not r.fork_suspected:
+                    r.fork_suspected = True
+                    r.learn_wanted.fire()
+                return False
+            r.alarm("invalid-decision", f"slot {slot}: {exc}")  # a quorum broke the rules
             return False
         signer = r.manifest.device(value.signer)
         assert signer is not None and value.commit is not None  # verify_decided checked
@@ -140,18 +154,40 @@ class Membership:
         self.inbox.deliver_future()
         return True
 
-    def _check_known(self, d: Decided) -> None:
+    def _check_known(self, d: Decided) -> bool:
+        """Raise the ``equivocation`` alarm if ``d`` is a second certified value for a slot we
+        applied; returns whether it was."""
         r = self.replica
         slot = d.certificate.slot
         known = r.decided.get(slot)
         if known is None or not conflicts(known.value, d.value):
-            return
+            return False
         try:
             verify_decided(r.values[slot - 1].manifest, d.value, d.certificate)
         except (CertificateError, ManifestError):
-            return  # not a valid decision at all: a syncnode sent garbage
+            return False  # not a valid decision at all: a syncnode sent garbage
         proof = EquivocationProof(known.certificate, d.certificate)
         r.alarm("equivocation", f"two certified values for slot {slot}", encode(proof))
+        return True
+
+    async def find_fork(self, client: SyncnodeClient) -> None:
+        """A certified decision did not follow our log: walk the syncnode's log back from our
+        epoch for the slot it decided differently, and raise ``equivocation`` with both
+        certificates. Pages of :data:`FORK_PAGE` slots, so a long log costs a few requests.
+        Without a proof (this syncnode agrees with us), the next syncnode is asked; the
+        ``invalid-decision`` alarm says so meanwhile."""
+        r = self.replica
+        top = r.epoch
+        while top >= 1:
+            start = max(1, top - FORK_PAGE + 1)
+            page = await client.fetch_decided(r.group_id, start, top - start + 1)
+            for d in page.decided:
+                if start <= d.certificate.slot <= top and self._check_known(d):
+                    r.fork_suspected = False
+                    return
+            top = start - 1
+        r.alarm("invalid-decision", f"slot {r.epoch + 1}: certified by a quorum but follows "
+                "another log; the fork is not yet proven")
 
     def _fail(self, reason: str) -> None:
         r = self.replica
@@ -163,6 +199,9 @@ class Membership:
     async def learn(self, client: SyncnodeClient) -> None:
         """Fetch and apply every decision the syncnode has beyond our epoch."""
         r = self.replica
+        if r.fork_suspected and client.node_id not in r.fork_searched:
+            r.fork_searched.add(client.node_id)  # once per syncnode: its log does not change
+            await self.find_fork(client)
         while r.status == "active":
             page = await client.fetch_decided(r.group_id, r.epoch + 1)
             progressed = False

@@ -92,6 +92,10 @@ class Replica:
         self.buffer = CausalBuffer(msgpack.unpackb(delivered, strict_map_key=False), pending)
         self.listeners: list[Callable[[Event], None]] = []
         self.learn_wanted = Signal()
+        self.fork_suspected = False
+        """A certified decision followed another log (:meth:`Membership.find_fork`)."""
+        self.fork_searched: set[bytes] = set()
+        """Syncnodes whose log :meth:`Membership.find_fork` searched already."""
         """Fires when something shows that syncnodes decided slots we have not applied."""
         self.epoch_changed = Signal()
         self.apply_lock = trio.Lock()
