@@ -22,6 +22,8 @@ last one stopped; on start, every serving group whose history is incomplete is p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 
 from proto.codec import encode
@@ -175,15 +177,39 @@ class HistoryPull:
         stored = 0
         while True:
             page = await client.backfill(g.group_id, marks, PAGE)
+            stored += await self.store_page(g, page.envelopes, entry)
             for env in page.envelopes:
-                stored += await self.store_pulled(g, env, entry)
                 marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
             if not page.more:
                 return stored
 
+    async def store_page(self, g: GroupState, envelopes: Sequence[Envelope],
+                         peer: SyncnodeEntry) -> int:
+        """:meth:`store_pulled` for a page, stored concurrently so the storage's group commit
+        makes it one transaction and one fsync (one per envelope made a 10k-envelope pull
+        take 15 s). Every envelope is checked before any is stored; the group's byte quota may
+        be overshot by at most one page."""
+        for env in envelopes:
+            await self.check_pulled(g, env)
+        stored = [0]
+
+        async def one(env: Envelope) -> None:
+            new = await self.store_checked(g, env, peer)
+            stored[0] += new  # not `+= await`: it reads the sum before awaiting
+
+        async with trio.open_nursery() as nursery:
+            for env in envelopes:
+                nursery.start_soon(one, env)
+        return stored[0]
+
     async def store_pulled(self, g: GroupState, env: Envelope, peer: SyncnodeEntry) -> int:
         """Verify and store one pulled envelope (no push to subscribers). 1 when it was new.
         Raises :class:`PassFailed` for an envelope that must not be stored."""
+        await self.check_pulled(g, env)
+        return await self.store_checked(g, env, peer)
+
+    async def check_pulled(self, g: GroupState, env: Envelope) -> None:
+        """Raise :class:`PassFailed` if a pulled envelope must not be stored."""
         svc = self.service
         if env.epoch > g.top:
             svc.groups.catchup(g.group_id)
@@ -192,6 +218,9 @@ class HistoryPull:
         if why is not None:
             svc.metrics.refuse("history_envelope_invalid")
             raise PassFailed(f"peer served an invalid envelope: {why}")
+
+    async def store_checked(self, g: GroupState, env: Envelope, peer: SyncnodeEntry) -> int:
+        svc = self.service
         raw = encode(env)
         if g.bytes_used + len(raw) > svc.limits.max_bytes_per_group:
             raise PassFailed(f"group is over its {svc.limits.max_bytes_per_group} byte quota")

@@ -174,7 +174,8 @@ class PeerSync:
                 if client is None:
                     return
                 try:
-                    learned[0] += await self._from_peer(client, group_id, entry)
+                    n = await self._from_peer(client, group_id, entry)
+                    learned[0] += n  # not `+= await`: it reads the sum before awaiting
                 except (SyncnodeError, trio.TooSlowError) as exc:
                     log.warning("catch-up from peer failed", peer=short_id(entry.node_id),
                                 group=short_id(group_id), error=str(exc))
