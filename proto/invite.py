@@ -77,8 +77,32 @@ class InviteTicket:
     @classmethod
     def parse(cls, text: str) -> InviteTicket:
         text = "".join(text.split()).lower()  # QR codes carry it upper case
-        return from_text(PREFIX, text, cls, field="<invite>", kind="an invite ticket",
-                         max_chars=MAX_TICKET_CHARS)
+        try:
+            return from_text(PREFIX, text, cls, field="<invite>", kind="an invite ticket",
+                             max_chars=MAX_TICKET_CHARS)
+        except DecodeError as exc:
+            try:  # printed before roles: the same fields without the last one
+                old = from_text(PREFIX, text, _InviteTicketNoRole, field="<invite>",
+                                kind="an invite ticket", max_chars=MAX_TICKET_CHARS)
+            except DecodeError:
+                raise exc from None
+            return cls(**{f: getattr(old, f) for f in old.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class _InviteTicketNoRole:
+    """An :class:`InviteTicket` as printed before roles (issue 16): valid for a day, so some
+    are still in people's messages after an upgrade. Parsed as a writer invite, which it was."""
+
+    group_id: GroupId
+    genesis: Hash32
+    inviter: PublicKey
+    inviter_endpoint: PublicKey
+    inviter_addrs: Addrs
+    syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
+    secret: Annotated[bytes, Len(16)]
+    expires_at: U64
+    name: Annotated[str, MaxLen(MAX_NAME)] = ""
 
 
 def secret_hash(secret: bytes) -> bytes:

@@ -3,19 +3,24 @@ invite tickets, and the device store's crash rule."""
 
 from __future__ import annotations
 
+import base64
 import zlib
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device.crdt_loro import LoroDocument
+from device.rules import rotation_jitter, rotation_wait
 from proto.causal import CausalBuffer
+from proto.codec.wire import encode_struct
 from proto.crdt import CrdtError
 from proto.errors import DecodeError
 from proto.identity import SecretKey
+from proto.invite import PREFIX as INVITE_PREFIX
 from proto.invite import InviteTicket, JoinRequest
-from proto.manifest import SyncnodeEntry
+from proto.manifest import Role, SyncnodeEntry
 from proto.payload import Dep, Payload, PayloadKind, pack_updates, unpack_updates
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
@@ -123,3 +128,27 @@ def test_join_request_is_sealed_to_the_inviter() -> None:
         JoinRequest.open(other, sealed)
     with pytest.raises(DecodeError):
         JoinRequest.open(inviter, sealed[:-1] + bytes([sealed[-1] ^ 1]))
+
+
+def test_a_ticket_from_before_roles_parses_as_a_writer_invite() -> None:
+    """Tickets printed before roles existed end without the role field: they still parse, as
+    the writer invites they were (the inviter adds with the role it recorded anyway)."""
+    t = InviteTicket(b"g" * 32, b"h" * 32, b"k" * 32, b"e" * 32, ("127.0.0.1:2",),
+                     (SyncnodeEntry(b"n" * 32, ("127.0.0.1:1",)),), b"s" * 16, 123, "notes",
+                     Role.READER)
+    fields = msgpack.unpackb(encode_struct(t))
+    assert fields[-1] == Role.READER
+    old = INVITE_PREFIX + base64.b32encode(msgpack.packb(fields[:-1])).decode().rstrip("=").lower()
+    parsed = InviteTicket.parse(old)
+    assert parsed.role is Role.WRITER and parsed.name == "notes" and parsed.secret == t.secret
+
+
+def test_rotation_is_due_after_the_time_or_the_messages_whichever_first() -> None:
+    week = 7 * 86400.0
+    assert rotation_wait(100.0, 100.0, 0, after=week, after_messages=10) == week
+    assert rotation_wait(100.0 + week - 5, 100.0, 3, after=week, after_messages=10) == 5.0
+    assert rotation_wait(100.0 + week + 1, 100.0, 0, after=week, after_messages=10) == 0.0
+    assert rotation_wait(101.0, 100.0, 10, after=week, after_messages=10) == 0.0  # messages
+    assert rotation_wait(101.0, 100.0, 9, after=0, after_messages=10) == float("inf")
+    assert rotation_wait(101.0, 100.0, 10**6, after=0, after_messages=0) is None  # off
+    assert 0.1 <= rotation_jitter(1.0) <= rotation_jitter(week) == 30.0
