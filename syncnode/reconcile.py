@@ -74,7 +74,8 @@ class Reconciler:
 
         async def one(group_id: bytes) -> None:
             async with limiter:
-                stored[0] += await self.group(group_id)
+                n = await self.group(group_id)  # not `+= await`: it reads before awaiting
+                stored[0] += n
 
         async with trio.open_nursery() as nursery:
             for group_id in groups:
@@ -95,7 +96,8 @@ class Reconciler:
                     return
                 try:
                     with trio.fail_after(10 * CONNECT_TIMEOUT):
-                        stored[0] += await self.history.pass_from(client, g, entry)
+                        n = await self.history.pass_from(client, g, entry)
+                        stored[0] += n  # (not `+= await`: concurrent passes lost counts)
                 except (SyncnodeError, trio.TooSlowError, PassFailed) as exc:
                     log.debug("reconcile with peer failed", peer=short_id(entry.node_id),
                               group=short_id(group_id), error=str(exc))
