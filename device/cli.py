@@ -27,7 +27,7 @@ import trio
 
 from device import cli_support
 from device.cli_content import edit, set_, show, watch
-from device.cli_evidence import VERIFY_EXIT_CODES, alarms, verify_evidence
+from device.cli_evidence import alarms, verify_evidence
 from device.cli_export import export, import_
 from device.cli_group import admit_members, report_members
 from device.cli_members import invite, join, leave, members, remove, role, rotate
@@ -248,7 +248,6 @@ for _command in [*cli.commands.values(), *syncnode.commands.values()]:
     if not isinstance(_command, click.Group):
         JSON_OPTION(_command)
     _command.epilog = EXIT_CODES
-verify_evidence.epilog = VERIFY_EXIT_CODES
 
 
 def main() -> None:
