@@ -38,7 +38,8 @@ avoid signing a contradiction, which a device notices (a statement stamped befor
 already received: *backdated*, suspected but not provable, see SECURITY.md).
 
 Bounds: a heads answer covers at most :data:`MAX_HOLDING_SENDERS` senders and
-:data:`MAX_PROBES` probes (a device with more senders asks again); a backfill statement is as
+:data:`MAX_PROBES` probes (the device asks about itself and at most 255 other senders;
+senders beyond that are not covered by its heads checks); a backfill statement is as
 large as its request and page (4096 watermarks, 1024 entries). A proof is two statements.
 """
 
@@ -58,7 +59,7 @@ HEADS_CTX = register_context("syncnode/holdings/heads/v1")
 BACKFILL_CTX = register_context("syncnode/holdings/backfill/v1")
 
 MAX_HOLDING_SENDERS = 256
-"""Senders one heads statement covers; a device with more asks in several requests."""
+"""Senders one heads statement covers (a device asks about itself first)."""
 MAX_PROBES = 64
 """``(sender, seq)`` pairs one heads statement answers for."""
 MAX_BACKFILL_MARKS = 4096
