@@ -11,7 +11,8 @@ commands about the device as a whole: ``init``, ``create``, ``list``, ``status``
 ``set-address``, ``selfcheck``. The others are grouped by what they touch:
 :mod:`device.cli_content` (``show``, ``set``, ``edit``, ``watch``), :mod:`device.cli_members`
 (``members``, ``invite``, ``join``, ``remove``, ``role``, ``leave``, ``rotate``),
-:mod:`device.cli_export` (``export``, ``import``).
+:mod:`device.cli_export` (``export``, ``import``), :mod:`device.cli_evidence` (``alarms``,
+``verify-evidence``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 
 from device import cli_support
 from device.cli_content import edit, set_, show, watch
+from device.cli_evidence import alarms, verify_evidence
 from device.cli_export import export, import_
 from device.cli_group import admit_members, report_members
 from device.cli_members import invite, join, leave, members, remove, role, rotate
@@ -239,7 +241,7 @@ def selfcheck(ctx: Ctx) -> None:
 
 
 for _command in (show, set_, edit, watch, members, invite, join, remove, role, leave, rotate,
-                 export, import_):
+                 export, import_, alarms, verify_evidence):
     cli.add_command(_command)
 cli.add_command(syncnode)
 for _command in [*cli.commands.values(), *syncnode.commands.values()]:

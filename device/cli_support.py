@@ -38,6 +38,8 @@ EXIT_CODES = ("\b\nExit codes:\n"
               "       syncnodes; create could not yet register the document with a quorum\n"
               "  4    not allowed: this device's role in the document does not permit it\n"
               "       (only admins invite, remove and change roles; readers do not edit)\n"
+              "  5    does not verify: the evidence given to verify-evidence proves nothing\n"
+              "       (forged, tampered, or no contradiction)\n"
               "  130  interrupted (Ctrl-C)")
 
 

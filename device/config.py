@@ -51,6 +51,9 @@ class DeviceConfig:
     backfill_interval: float = 30.0
     """Safety net: re-ask each syncnode for envelopes past our watermarks this often (covers a
     push lost on the way; normally finds nothing)."""
+    holdings_interval: float = 60.0
+    """How often each syncnode's signed heads are fetched and checked against its acks and
+    earlier statements (and after every reconnect): :mod:`device.witness`."""
     join_poll_interval: float = 1.0
     p2p_state_transfer: bool = True
     """On join, fetch the document directly from the inviter (else only via the syncnodes)."""

@@ -58,6 +58,7 @@ from device.replica import Replica
 from device.rotation import Rotation
 from device.session import Session
 from device.store import Store
+from device.witness import Witness
 from proto.causal import CausalBuffer
 from proto.crdt import CrdtBackend, PartialChange
 from proto.envelope import Envelope
@@ -77,7 +78,8 @@ class Document:
     def __init__(self, device: Host, group_id: bytes) -> None:
         self.device = device
         self.replica = Replica(device, group_id)
-        self.outbox = Outbox(self.replica)
+        self.witness = Witness(self.replica)
+        self.outbox = Outbox(self.replica, self.witness)
         self.inbox = Inbox(self.replica, self.outbox)
         self.links = Links(self.replica)
         self.membership = Membership(self.replica, self.outbox, self.inbox, self.links)

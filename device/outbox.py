@@ -9,7 +9,8 @@
 * **send** (:meth:`Outbox.push`, one task per syncnode link): every envelope goes to every
   syncnode of the group; an envelope leaves the outbox once a quorum stored it (then it is
   **durable**, :func:`device.rules.is_durable`). Acknowledgements are not kept across
-  restarts: the outbox is sent again, which is harmless.
+  restarts: the outbox is sent again, which is harmless. Each ack is a syncnode's signed
+  statement, verified before it counts and kept as evidence (:mod:`device.witness`).
 
 Whole-document states (``STATE`` payloads, for devices that cannot read older epochs) and state
 requests are sealed here too; when to send them is decided by :mod:`device.inbox` and
@@ -33,6 +34,7 @@ from device.rules import (
     publish_due,
     take_batch,
 )
+from device.witness import Witness
 from proto import entropy
 from proto.codec import decode_as, encode
 from proto.envelope import Envelope
@@ -49,8 +51,9 @@ log = get_logger("device.document")
 class Outbox:
     """One document's outgoing updates (see the module doc)."""
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, witness: Witness) -> None:
         self.replica = replica
+        self.witness = witness
         self.host = replica.host
         self.store = replica.store
         gid = replica.group_id
@@ -203,7 +206,7 @@ class Outbox:
             delay = 0.05
             while True:
                 try:
-                    await client.store(out.envelope)
+                    stored = await client.store(out.envelope)
                     break
                 except RemoteError as exc:
                     if exc.code == ErrorCode.RATE_LIMITED:
@@ -215,8 +218,9 @@ class Outbox:
                     if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAUTHORIZED):
                         raise
                     await resync(client)  # it lags behind our epoch; tell it, retry
-                    await client.store(out.envelope)
+                    stored = await client.store(out.envelope)
                     break
+            self.witness.acked(client.node_id, out.envelope, stored)  # raises if unsigned
             self._acked(out, client.node_id)
         finally:
             limiter.release()

@@ -145,6 +145,12 @@ class Replica:
         return [Alarm(k, d) for k, d in self.store.all(
             "SELECT kind, detail FROM alarms WHERE group_id=? ORDER BY id", self.group_id)]
 
+    def alarm_records(self) -> list[tuple[str, str, bytes | None]]:
+        """Every alarm with its evidence (an encoded proof, when it has one)."""
+        return [(k, d, e) for k, d, e in self.store.all(
+            "SELECT kind, detail, evidence FROM alarms WHERE group_id=? ORDER BY id",
+            self.group_id)]
+
     def compact(self) -> None:
         """Replace the stored CRDT updates by one snapshot (bounded load time)."""
         snap = self.crdt.snapshot()

@@ -12,7 +12,8 @@
 3. learn the decisions the syncnode has beyond our epoch, then **backfill**: ask for the
    envelopes past our per-sender watermarks (:meth:`proto.causal.CausalBuffer.watermarks`),
    page after page (:func:`device.rules.backfill_again`), and again every
-   ``backfill_interval``;
+   ``backfill_interval``; each page's signed statement is checked, and so are the
+   syncnode's signed heads, now and every ``holdings_interval`` (:mod:`device.witness`);
 4. pass what the subscription pushes to one queue, which :meth:`Session.processor` applies in
    arrival order (envelopes in batches, through :mod:`device.inbox`; decisions through
    :mod:`device.membership`), whichever link it came from.
@@ -81,6 +82,7 @@ class Session:
             await self.membership.learn(client)
             await self.backfill(client)
             nursery.start_soon(self._periodic_backfill, client)
+            nursery.start_soon(self.outbox.witness.run, client)
             async for item in sub:
                 if isinstance(item, MailboxNotice):
                     self.invites.notify()
@@ -179,6 +181,7 @@ class Session:
         while more and r.status == "active":
             before = r.buffer.watermarks()
             page = await client.backfill(r.group_id, before)
+            self.outbox.witness.backfilled(client.node_id, before, page)
             async with r.apply_lock:
                 self.inbox.receive(page.envelopes)
             more = backfill_again(page.more, before, r.buffer.watermarks())

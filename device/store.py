@@ -86,6 +86,10 @@ CREATE TABLE IF NOT EXISTS undecryptable (  -- authentic envelopes MLS would not
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS syncnode_addrs ( -- addresses set by hand (`syncdevice set-address`)
     node_id BLOB PRIMARY KEY, addrs BLOB NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS witness (  -- syncnodes' signed statements (device/witness.py)
+    group_id BLOB NOT NULL, node_id BLOB NOT NULL, kind TEXT NOT NULL, epoch INTEGER NOT NULL,
+    statement BLOB NOT NULL, PRIMARY KEY (group_id, node_id, kind)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY AUTOINCREMENT, group_id BLOB NOT NULL, kind TEXT NOT NULL,
     detail TEXT NOT NULL, evidence BLOB, at REAL NOT NULL);

@@ -20,6 +20,7 @@ from proto.codec import decode, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import SyncnodeError, TransportError
 from proto.groups import single_errors
+from proto.holdings import FetchHoldings, Holdings, SignedHeads
 from proto.identity import SecretKey
 from proto.manifest import LogValue
 from proto.messages import ErrorCode, ErrorReply
@@ -224,13 +225,19 @@ class SyncnodeClient:
     async def heads(self, group_ids: Sequence[bytes]) -> Heads:
         return await self.call(FetchHeads(tuple(group_ids)), Heads)
 
+    async def holdings(self, group_id: bytes, senders: Sequence[bytes],
+                       probes: Sequence[tuple[bytes, int]] = ()) -> SignedHeads:
+        """The syncnode's signed heads of a group (:mod:`proto.holdings`); verify them."""
+        msg = FetchHoldings(group_id, tuple(senders), tuple(Watermark(s, q) for s, q in probes))
+        return (await self.call(msg, Holdings)).heads
+
     async def store(self, envelope: Envelope) -> Stored:
         return await self.call(envelope, Stored)
 
     async def backfill(self, group_id: bytes, watermarks: dict[bytes, int], limit: int = 256
                        ) -> BackfillPage:
-        marks = tuple(Watermark(s, q) for s, q in sorted(watermarks.items()))
-        return await self.call(Backfill(group_id, marks, limit), BackfillPage)
+        return await self.call(Backfill(group_id, watermarks_of(watermarks), limit),
+                               BackfillPage)
 
     @asynccontextmanager
     async def subscribe(self, group_id: bytes) -> AsyncIterator[Subscription]:
@@ -265,6 +272,12 @@ class SyncnodeClient:
 
     async def mailbox_ack(self, recipient: bytes, item_ids: Sequence[int]) -> int:
         return (await self.call(MailboxAck(recipient, tuple(item_ids)), Done)).count
+
+
+def watermarks_of(marks: dict[bytes, int]) -> tuple[Watermark, ...]:
+    """A ``Backfill``'s watermarks as sent (the syncnode signs them back, see
+    :class:`proto.holdings.SignedBackfill`)."""
+    return tuple(Watermark(s, q) for s, q in sorted(marks.items()))
 
 
 class Subscription:

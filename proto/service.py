@@ -138,11 +138,17 @@ class Heads:
 @message(0x4B)
 @dataclass(frozen=True)
 class Stored:
-    """The envelope ``(group, sender, seq)`` is durable on this syncnode."""
+    """The envelope ``(group, sender, seq)`` is durable on this syncnode: a signed ack
+    (:class:`proto.holdings.AckBody`, under the syncnode's node key) of the envelope's
+    ``digest``, stamped ``at`` on the node's statement clock, so that a later loss is
+    provable (:mod:`proto.holdings`)."""
 
     group_id: GroupId
     sender: Hash32
     seq: U64
+    digest: Hash32
+    at: U64
+    signature: Signature64
 
 
 @dataclass(frozen=True)
@@ -164,8 +170,14 @@ class Backfill:
 @message(0x4D)
 @dataclass(frozen=True)
 class BackfillPage:
+    """``signature``: the syncnode's over :class:`proto.holdings.BackfillBody` (the request's
+    watermarks, what this page returns, ``more``, stamped ``at``): a complete answer that
+    leaves out an envelope the node said it held is provable (:mod:`proto.holdings`)."""
+
     envelopes: Annotated[tuple[Envelope, ...], MaxItems(MAX_PAGE)]
     more: bool
+    at: U64
+    signature: Signature64
 
 
 @message(0x4E)

@@ -30,6 +30,8 @@ VARIANTS = {
     "members-govern": "the role rule unchecked: non-admins add, remove and change roles, and "
                       "syncnodes and members accept it",
     "readers-send": "readers edit and send, and syncnodes and members take their updates",
+    "blind-witness": "devices keep syncnodes' signed acks but never check heads or backfill "
+                     "answers against them (a withholding syncnode goes unreported)",
 }
 
 
@@ -65,6 +67,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         return
     if variant == "trust-first-genesis":
         with _joins_trust_first_genesis():
+            yield
+        return
+    if variant == "blind-witness":
+        with _blind_witness():
             yield
         return
     if variant in ("members-govern", "readers-send"):
@@ -158,6 +164,29 @@ def _joins_trust_first_genesis() -> Iterator[None]:
     finally:
         device.joining._log_of = honest_log_of
         device.joining._genesis_of = honest_genesis_of
+
+
+@contextmanager
+def _blind_witness() -> Iterator[None]:
+    """Issue 17's detection removed: the statements are still signed and kept, nothing
+    compares them."""
+    from device.witness import Witness
+
+    honest_check, honest_backfilled = Witness.check, Witness.backfilled
+
+    async def no_check(self: Witness, client: Any) -> None:
+        return None
+
+    def no_backfill_check(self: Witness, *args: Any) -> None:
+        return None
+
+    Witness.check = no_check  # type: ignore[method-assign]
+    Witness.backfilled = no_backfill_check  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Witness.check = honest_check  # type: ignore[method-assign]
+        Witness.backfilled = honest_backfilled  # type: ignore[method-assign]
 
 
 def _anyone(*args: Any) -> bool:

@@ -12,21 +12,47 @@ import hashlib
 from typing import Any
 
 from proto.envelope import Envelope
+from proto.holdings import FetchHoldings, Holdings, Probe
 from proto.identity import SecretKey
 from proto.manifest import LogValue, genesis
+from proto.messages import ErrorCode
 from proto.paxos.acceptor import EMPTY, SlotState
 from proto.paxos.messages import Accept, Decided, Prepare
-from proto.service import Backfill, BackfillPage, DecidedPage, FetchDecided, FetchHeads, Head, Heads
-from syncnode.service import GroupState, Service, Session
+from proto.service import (
+    Backfill,
+    BackfillPage,
+    DecidedPage,
+    FetchDecided,
+    FetchHeads,
+    Head,
+    Heads,
+    Watermark,
+)
+from syncnode.service import GroupState, RequestError, Service, Session
 
 
 class WithholdingService(Service):
     """Stores and acknowledges everything, delivers nothing: no pushes, empty backfill pages
-    and decided logs that stop at genesis. Devices must get all of it from the others."""
+    and decided logs that stop at genesis. Devices must get all of it from the others.
+
+    It is the realistic attacker of issue 17: it signs every ack (a device counts only signed
+    acks toward durability) and it signs statements that agree with what it serves -- heads
+    with nothing held and complete empty backfill answers. A device that checks the heads
+    against an ack it holds then has the proof (:mod:`proto.holdings`)."""
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
         self._require_member(session, await self.require_group(msg.group_id))
-        return BackfillPage((), False)
+        at = await self.notary.stamp()
+        return BackfillPage((), False, at,
+                            await self.notary.backfill_signature(msg, at, (), False))
+
+    async def _fetch_holdings(self, session: Session, msg: FetchHoldings) -> Holdings:
+        g = await self.require_group(msg.group_id)
+        self._require_member(session, g)
+        at = await self.notary.stamp()
+        return Holdings(self.notary.sign_heads(
+            g.group_id, 0, tuple(Watermark(s, 0) for s in dict.fromkeys(msg.senders)),
+            tuple(Probe(p.sender, p.seq, None) for p in dict.fromkeys(msg.probes)), at))
 
     async def _fetch_decided(self, session: Session, msg: FetchDecided) -> DecidedPage:
         page = await super()._fetch_decided(session, msg)
@@ -35,6 +61,15 @@ class WithholdingService(Service):
     def _publish(self, g: GroupState, item: Envelope | Decided, *,
                  new_manifest: bool = False) -> None:
         return
+
+
+class RefusingWithholdingService(WithholdingService):
+    """The smarter withholder: as :class:`WithholdingService`, but it refuses to sign heads
+    at all. Nothing it signs contradicts itself, so it cannot be proven to withhold; devices
+    only suspect it (a syncnode that will not say what it holds), see SECURITY.md."""
+
+    async def _fetch_holdings(self, session: Session, msg: FetchHoldings) -> Holdings:
+        raise RequestError(ErrorCode.INTERNAL, "not now")
 
 
 class StaleService(Service):

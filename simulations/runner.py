@@ -453,9 +453,17 @@ class Run(GovernanceSteps):
             self.note_acks()
             if self.settled():
                 self.event("quiet")
+                await self.detection_window()
                 return
         self.event("did not settle")
         self.diagnose()
+
+    async def detection_window(self) -> None:
+        """With a withholding syncnode, give every device time for its next heads check
+        (``holdings_interval``) after the last acks (invariant ``withholding-detected``)."""
+        if any(n.behaviour == "withhold" for n in self.world.nodes):
+            await trio.sleep(2 * self.world.config.holdings_interval + 1.0)
+            self.event("detection window over")
 
     def diagnose(self) -> None:
         """Who holds what, for a run that did not settle."""

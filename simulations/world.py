@@ -50,6 +50,7 @@ BASE_WALL = 1_800_000_000.0
 SIM_DEVICE_CONFIG = DeviceConfig(
     reconnect_min=0.1, reconnect_max=4.0, connect_timeout=5.0, mailbox_interval=1.0,
     join_poll_interval=0.5, sync_request_interval=3.0, backfill_interval=10.0,
+    holdings_interval=5.0,
     publish_state_every=200, snapshot_every=200)
 """Production defaults, except the periods that would make a run mostly idle virtual time."""
 

@@ -8,6 +8,9 @@ we cannot see what kind of payload one holds), the epoch is not ahead of this no
 the group stays under its byte quota. Storing is idempotent (the same envelope again is
 acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT. A new
 envelope is pushed to the group's subscribers once it is durable.
+
+Both answers are signed statements (:mod:`syncnode.statements`): the ack once the envelope is
+durable, and each backfill page with what it returns, so withholding leaves evidence.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from syncnode.fanout import Publish
 from syncnode.groups import Groups, require_member
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
+from syncnode.statements import Notary
 from syncnode.storage import Storage, StorageConflict
 
 
 class Envelopes:
     def __init__(self, store: Storage, groups: Groups, limits: Limits, metrics: Metrics, *,
-                 publish: Publish) -> None:
+                 publish: Publish, notary: Notary) -> None:
+        self.notary = notary
         self.store = store
         self.groups = groups
         self.limits = limits
@@ -71,7 +76,7 @@ class Envelopes:
             g.bytes_used += len(raw)
             self.metrics.messages_stored.inc()
             self.publish(g, msg)
-        return Stored(msg.group_id, msg.sender, msg.seq)
+        return await self.notary.ack(msg)
 
     async def _manifest_at(self, group_id: bytes, epoch: int) -> Manifest | None:
         """The manifest the envelope's epoch names (None if this node lacks it: the current
@@ -89,8 +94,10 @@ class Envelopes:
             require_member(session, g)
         marks = {w.sender: w.seq for w in msg.watermarks}
         limit = max(1, min(msg.limit, MAX_PAGE))
+        at = await self.notary.stamp()  # before reading (proto.holdings)
         raws, more = await self.store.envelopes_after(g.group_id, marks, limit=limit,
                                                       max_bytes=PAGE_BYTES)
         out = tuple(decode_as(raw, Envelope) for raw in raws)
         self.metrics.messages_served.inc(len(out))
-        return BackfillPage(out, more)
+        return BackfillPage(out, more, at,
+                            await self.notary.backfill_signature(msg, at, out, more))

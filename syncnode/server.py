@@ -34,6 +34,7 @@ import trio
 
 from proto.codec import decode, encode
 from proto.errors import DecodeError, FrameError, StreamClosed, TransportError
+from proto.holdings import FetchHoldings
 from proto.identity import short_id
 from proto.logs import get_logger
 from proto.messages import ErrorCode, ErrorReply
@@ -58,8 +59,9 @@ PIPELINE_DEPTH = 256
 MAX_COALESCE = 64
 INLINE_DECODE = 1024 * 1024
 """Frames up to this size are decoded on the event loop; larger ones on a worker thread."""
-PAGE_REQUESTS = (Backfill, FetchDecided, MailboxFetch)
-"""Requests whose answers are pages of up to several MiB: two at a time per connection."""
+PAGE_REQUESTS = (Backfill, FetchDecided, MailboxFetch, FetchHoldings)
+"""Requests whose answers are pages of up to several MiB, or that read a whole group's
+envelope index (``FetchHoldings``): two at a time per connection."""
 PAGES_AT_ONCE = 2
 
 

@@ -11,6 +11,7 @@ The parts, one concept each (their modules say more):
 * :mod:`syncnode.acceptor` -- the Paxos acceptor driver (Prepare, Accept);
 * :mod:`syncnode.decisions` -- the decided log: learning, equivocation evidence, log and heads;
 * :mod:`syncnode.envelopes` -- the envelope store and backfill;
+* :mod:`syncnode.statements` -- signed acks, heads and backfill answers (``FetchHoldings``);
 * :mod:`syncnode.fanout` -- live subscriptions and mailbox notices;
 * :mod:`syncnode.mailbox`, :mod:`syncnode.addresses` -- the mailbox and address records;
 * :mod:`syncnode.storage` -- the storage interface; SQLite is the default implementation.
@@ -37,6 +38,7 @@ import trio
 from proto import entropy
 from proto.address import Addresses, GetAddresses, PutAddress
 from proto.envelope import Envelope
+from proto.holdings import FetchHoldings, Holdings
 from proto.identity import SecretKey, short_id
 from proto.logs import get_logger
 from proto.manifest import Manifest
@@ -82,6 +84,7 @@ from syncnode.hosting import Hosting
 from syncnode.mailbox import Mailbox
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session, authenticate, challenge
+from syncnode.statements import Notary
 from syncnode.storage import Storage
 from syncnode.storage.sqlite import SqliteStorage
 
@@ -126,8 +129,9 @@ class Service:
                                capacity=cache_groups)
         self.paxos = AcceptorDriver(key, self.store, self.groups, self.metrics, cache_slots,
                                     decided_at=self.decisions.decided_at)
+        self.notary = Notary(key, self.store, self.groups, self.metrics, clock)
         self.envelopes = Envelopes(self.store, self.groups, self.limits, self.metrics,
-                                   publish=self._publish)
+                                   publish=self._publish, notary=self.notary)
         self.mailbox = Mailbox(self.store, self.limits, self.metrics, lambda: self.clock(),
                                self.fanout.notify_mailbox, node_id=self.node_id,
                                member_key=self._member_key)
@@ -262,6 +266,9 @@ class Service:
     async def _fetch_heads(self, session: Session, msg: FetchHeads) -> Heads:
         return await self.decisions.fetch_heads(session, msg)
 
+    async def _fetch_holdings(self, session: Session, msg: FetchHoldings) -> Holdings:
+        return await self.notary.holdings(session, msg)
+
     async def _store(self, session: Session, msg: Envelope) -> Stored:
         await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
         stored = await self.envelopes.store_envelope(session, msg)
@@ -334,6 +341,7 @@ class Service:
         Decided: "_learn",
         FetchDecided: "_fetch_decided",
         FetchHeads: "_fetch_heads",
+        FetchHoldings: "_fetch_holdings",
         Envelope: "_store",
         Backfill: "_backfill",
         MailboxPut: "_mailbox_put",

@@ -43,6 +43,7 @@ __all__ = [
     "test_decided_log_appends_only_the_next_slot",
     "test_decided_range_orders_and_pages",
     "test_delete_group_removes_everything_of_it",
+    "test_envelope_digests_answer_held_keys_only",
     "test_envelope_marks_stop_at_the_first_gap",
     "test_envelopes_after_orders_by_sender_and_pages",
     "test_envelopes_are_idempotent_and_conflicts_refused",
@@ -56,6 +57,7 @@ __all__ = [
     "test_mailbox_recipient_quota_counts_unexpired_items",
     "test_mailbox_sender_quota_bytes_then_items",
     "test_no_writes_after_close",
+    "test_statement_clock_only_rises_and_survives_reopening",
 ]
 
 StorageFactory = Callable[[], Storage]
@@ -332,6 +334,33 @@ async def test_envelope_marks_stop_at_the_first_gap(storage_factory: StorageFact
         assert await s.envelope_count(G1) == 8 and await s.envelope_count(G2) == 1
         await s.store_envelope(G1, A, 4, b"d4", b"e4")
         assert (await s.envelope_marks(G1))[A] == 6
+
+
+async def test_envelope_digests_answer_held_keys_only(storage_factory: StorageFactory
+                                                     ) -> None:
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        await s.store_envelope(G1, A, 1, b"d1", b"e1")
+        await s.store_envelope(G1, A, 3, b"d3", b"e3")
+        await s.store_envelope(G2, A, 2, b"x2", b"e2")
+        assert await s.envelope_digests(G1, [(A, 1), (A, 2), (A, 3), (B, 1)]) == {
+            (A, 1): b"d1", (A, 3): b"d3"}
+        assert await s.envelope_digests(G1, []) == {}
+
+
+async def test_statement_clock_only_rises_and_survives_reopening(
+        storage_factory: StorageFactory) -> None:
+    """The reservation a syncnode's signed statements are stamped below (proto.holdings): a
+    restarted node must start above it, so it is durable and never lowered."""
+    async with opened(storage_factory) as s:
+        assert await s.statement_clock() == 0
+        await s.reserve_statement_clock(5_000)
+        await s.reserve_statement_clock(3_000)
+        assert await s.statement_clock() == 5_000
+        await s.reserve_statement_clock(1_800_000_000_000)
+    async with opened(storage_factory) as s:
+        assert await s.statement_clock() == 1_800_000_000_000
 
 
 async def test_equivocation_keeps_the_first_proof(storage_factory: StorageFactory) -> None:

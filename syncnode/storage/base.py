@@ -273,6 +273,19 @@ class Storage(Protocol):
     async def envelope_count(self, group_id: bytes) -> int:
         """Envelopes stored for the group."""
 
+    async def envelope_digests(self, group_id: bytes, keys: Sequence[tuple[bytes, int]]
+                               ) -> dict[tuple[bytes, int], bytes]:
+        """The digest held under each ``(sender, seq)`` of ``keys`` (absent keys left out)."""
+
+    # -- the statement clock (proto.holdings) ---------------------------------------------------
+
+    async def statement_clock(self) -> int:
+        """The highest statement stamp reserved so far (0 on a new database)."""
+
+    async def reserve_statement_clock(self, until: int) -> None:
+        """Durably raise the reservation to ``until`` (never lowers it): a restarted node stamps
+        above every stamp it may have issued."""
+
     # -- equivocation evidence ------------------------------------------------------------------
 
     async def put_equivocation(self, group_id: bytes, slot: int, proof: bytes) -> None:

@@ -274,6 +274,29 @@ class SqliteStorage:
         row = self._one("SELECT count(*) FROM envelopes WHERE group_id=?", group_id)
         return int(row[0]) if row else 0
 
+    async def envelope_digests(self, group_id: bytes, keys: Sequence[tuple[bytes, int]]
+                               ) -> dict[tuple[bytes, int], bytes]:
+        out = {}
+        for sender, seq in keys:  # primary-key lookups
+            digest = self._blob("SELECT digest FROM envelopes WHERE group_id=? AND sender=? "
+                                "AND seq=?", group_id, sender, seq)
+            if digest is not None:
+                out[(sender, seq)] = digest
+        return out
+
+    # -- the statement clock --------------------------------------------------------------------
+
+    async def statement_clock(self) -> int:
+        row = self._one("SELECT value FROM meta WHERE key='statement_clock'")
+        return int(row[0]) if row else 0
+
+    async def reserve_statement_clock(self, until: int) -> None:
+        # The meta table exists in every schema version: no migration needed.
+        await self.writer.execute(lambda c: c.execute(
+            "INSERT INTO meta VALUES ('statement_clock', ?) ON CONFLICT (key) DO UPDATE SET "
+            "value = CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+            (str(until),)))
+
     # -- equivocation evidence ------------------------------------------------------------------
 
     async def put_equivocation(self, group_id: bytes, slot: int, proof: bytes) -> None:
