@@ -101,7 +101,7 @@ class SenderSummary(NamedTuple):
     """What a syncnode holds of one sender's envelopes in one group, kept up to date on every
     store (so comparing two syncnodes' copies never rescans the envelopes)."""
 
-    count: int
+    envelopes: int
     """Envelopes stored."""
     top: int
     """The highest seq stored."""

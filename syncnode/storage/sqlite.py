@@ -31,8 +31,7 @@ from syncnode.storage.base import (
     SenderSummary,
     StorageConflict,
 )
-from syncnode.storage.sqlite_schema import add_to_summary
-from syncnode.storage.sqlite_schema import open_database, storage_bytes
+from syncnode.storage.sqlite_schema import add_to_summary, open_database, storage_bytes
 from syncnode.storage.sqlite_writer import Writer
 
 JOIN_CLASS, OTHER_CLASS = b"j", b"m"
