@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proto.antientropy import Summary, SenderMark, backfill_marks, group_digest
+from proto.antientropy import SenderMark, Summary, backfill_marks, group_digest
 from syncnode.history import HistoryPull
 from syncnode.reconcile import Reconciler
-from tests.syncnode_kit import Device, MemoryCluster, Node
+from tests.syncnode_kit import Device, MemoryCluster, Node, new_group
 from tests.test_syncnode_history import (  # noqa: F401
     cluster,
     group_with_history,
@@ -16,6 +16,12 @@ from tests.test_syncnode_history import (  # noqa: F401
     store_all,
     wait_until,
 )
+
+
+def wipe(tmp_path: Path, node: Node) -> None:
+    """Delete a stopped node's database (its key is kept by the caller)."""
+    for p in tmp_path.glob(f"{node.key.public.hex()[:8]}.db*"):
+        p.unlink()
 
 
 def reconciler(node: Node, groups_per_round: int = 256) -> Reconciler:
@@ -88,11 +94,10 @@ async def test_a_wiped_syncnode_is_handed_its_groups_back(cluster: MemoryCluster
     show the group, hands it over (AdoptGroup), and C pulls the log and every envelope from its
     peers, with no device involved."""
     alice, bob = Device("alice"), Device("bob")
-    a, b, c = cluster.nodes
+    _a, b, c = cluster.nodes
     g = await group_with_history(cluster, alice, bob)
     await cluster.stop_node(c)
-    for p in tmp_path.glob(f"{c.key.public.hex()[:8]}.db*"):
-        p.unlink()
+    wipe(tmp_path, c)
     c = await cluster.start_node(c.key)
     pull = HistoryPull(c.service, c.peers)
     await cluster.nursery.start(pull.run)
@@ -118,7 +123,6 @@ async def test_the_round_robin_visits_a_bounded_batch_of_groups(cluster: MemoryC
                                                                 ) -> None:
     alice = Device("alice")
     a = cluster.nodes[0]
-    from tests.syncnode_kit import new_group
 
     ids = []
     async with cluster.clients(alice) as clients:
