@@ -30,6 +30,8 @@ VARIANTS = {
     "members-govern": "the role rule unchecked: non-admins add, remove and change roles, and "
                       "syncnodes and members accept it",
     "readers-send": "readers edit and send, and syncnodes and members take their updates",
+    "no-reconcile": "syncnodes never reconcile: a wiped one holds only what devices send it "
+                    "after the wipe",
 }
 
 
@@ -65,6 +67,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         return
     if variant == "trust-first-genesis":
         with _joins_trust_first_genesis():
+            yield
+        return
+    if variant == "no-reconcile":
+        with _no_reconcile():
             yield
         return
     if variant in ("members-govern", "readers-send"):
@@ -158,6 +164,23 @@ def _joins_trust_first_genesis() -> Iterator[None]:
     finally:
         device.joining._log_of = honest_log_of
         device.joining._genesis_of = honest_genesis_of
+
+
+@contextmanager
+def _no_reconcile() -> Iterator[None]:
+    """Anti-entropy switched off (what a syncnode did before issue 17 for quiet groups)."""
+    from syncnode.reconcile import Reconciler
+
+    honest_round = Reconciler.round
+
+    async def no_round(self: Reconciler) -> int:
+        return 0
+
+    Reconciler.round = no_round  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Reconciler.round = honest_round  # type: ignore[method-assign]
 
 
 def _anyone(*args: Any) -> bool:
