@@ -191,11 +191,13 @@ def status(ctx: Ctx, doc: str | None, wait: float) -> None:
             rows.append({"name": d.name, "id": d.id, "epoch": s.epoch, "durable": s.durable,
                          "pending": s.unsent + s.outbox, "connected": len(s.connected),
                          "syncnodes": s.syncnodes, "status": s.status,
+                         "waiting_for": s.waiting_for, "gap": s.gap,
                          "alarms": [a.kind for a in d.alarms()]})
         human = "\n".join(
             f"{r['name']:<16} epoch {r['epoch']:<4} durable {r['durable']:<6} "
             f"pending {r['pending']:<6} syncnodes {r['connected']}/{r['syncnodes']}  "
             f"{r['status']}{'  ALARMS: ' + ','.join(r['alarms']) if r['alarms'] else ''}"
+            f"{_gap(r)}"
             for r in rows)
         ctx.out(human or "no documents", rows)
         return PENDING if any(r["pending"] for r in rows) else None
@@ -248,6 +250,14 @@ for _command in [*cli.commands.values(), *syncnode.commands.values()]:
     if not isinstance(_command, click.Group):
         JSON_OPTION(_command)
     _command.epilog = EXIT_CODES
+
+
+
+def _gap(row: dict[str, Any]) -> str:
+    """The status line's note of a gap the syncnodes could not fill (sync_status().gap)."""
+    if not row["gap"]:
+        return ""
+    return f"  GAP: {row['waiting_for']} update(s) on no syncnode; asked the members"
 
 
 def main() -> None:

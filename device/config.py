@@ -48,6 +48,12 @@ class DeviceConfig:
     every ``fast_poll_interval`` instead: an interactive join completes in a fraction of a
     second, without polling the syncnodes that often the rest of the time."""
     sync_request_interval: float = 3.0
+    gap_wait: float = 30.0
+    """A gap (updates causal delivery waits for, from no syncnode) is asked about among the
+    members once every syncnode was backfilled from since it appeared, or after this long."""
+    gap_retry_max: float = 600.0
+    """A gap no member answered for is asked about again after ``sync_request_interval``,
+    doubling up to this many seconds."""
     backfill_interval: float = 30.0
     """Safety net: re-ask each syncnode for envelopes past our watermarks this often (covers a
     push lost on the way; normally finds nothing)."""

@@ -253,9 +253,11 @@ class Document:
                 for d in self.manifest.devices]
 
     def sync_status(self) -> SyncStatus:
+        waiting = self.inbox.waiting_for()
         return SyncStatus(self.epoch, self.outbox.durable(), self.outbox.unsent(),
                           len(self.outbox.pending), tuple(short_id(n) for n in self.clients),
-                          len(self.manifest.syncnodes), self.status)
+                          len(self.manifest.syncnodes), self.status, waiting,
+                          waiting > 0 and self.inbox.gap_asks > 0)
 
     def alarms(self) -> list[Alarm]:
         return self.replica.alarms()

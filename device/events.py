@@ -69,3 +69,11 @@ class SyncStatus:
     connected: tuple[str, ...]
     syncnodes: int
     status: str
+    waiting_for: int = 0
+    """Updates of other devices that this device knows of but does not hold, and that later
+    updates wait for (they are applied in causal order): normally fetched from the syncnodes
+    within moments."""
+    gap: bool = False
+    """Some of ``waiting_for`` are on no syncnode this device reached: it asked the members
+    for the document's state (again, less and less often, until one that holds them is online
+    and answers)."""

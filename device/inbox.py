@@ -11,6 +11,12 @@
   the syncnodes); members answer with a ``STATE`` covering everything they delivered
   (:meth:`Inbox._answer`). A state a new member got directly is loaded with
   :meth:`Inbox.load_state`.
+* **gaps**: an update that causal delivery waits for and that no syncnode served (every one
+  was backfilled from since, or ``gap_wait`` passed: :func:`device.rules.gap_state_due`) was
+  lost on the syncnodes, or never reached them; the members that delivered it hold it in
+  their state, so the device asks them for it, again with a growing pause while none answers
+  (:meth:`Inbox.check_gap`). ``sync_status()`` shows the count (``waiting_for``) and the
+  ``gap`` flag.
 * **readers** send nothing: an envelope whose sender is a reader in the manifest of its epoch is
   dropped (logged and counted in :attr:`Inbox.reader_drops`, no alarm: the syncnodes refuse
   them, so one arrives only through a faulty syncnode); a reader neither asks for the state
@@ -34,9 +40,11 @@ from device.rules import (
     Triage,
     check_plaintext,
     fits_one_message,
+    gap_state_due,
     lacks_something,
     state_request_due,
     triage,
+    waiting_for,
 )
 from proto import entropy
 from proto.envelope import Envelope
@@ -66,6 +74,48 @@ class Inbox:
         self.reader_drops = 0
         """Envelopes dropped because their sender was a reader at their epoch."""
         self.direct = DirectState(replica, self.load_state, self._direct_failed)
+        self.gap_since: float | None = None
+        """When updates causal delivery waits for were first found missing (None: no gap)."""
+        self.gap_backfilled: set[bytes] = set()
+        """Syncnodes backfilled from since then (none served them)."""
+        self.gap_asks = 0
+        """State requests made for the current gap."""
+        self._gap_last_ask = 0.0
+
+    def waiting_for(self) -> int:
+        """Updates of others that causal delivery waits for and this device does not hold."""
+        b = self.replica.buffer
+        return waiting_for(b.pending.values(), b.delivered)
+
+    def check_gap(self, backfilled: bytes | None = None) -> None:
+        """After a batch, or a full backfill from syncnode ``backfilled``: follow the gap, and
+        ask the members for the state when the syncnodes cannot fill it (module doc)."""
+        r = self.replica
+        missing = self.waiting_for()
+        if missing == 0:
+            if self.gap_asks:
+                log.info("gap filled", doc=short_id(r.group_id), asked=self.gap_asks)
+            self.gap_since, self.gap_backfilled, self.gap_asks = None, set(), 0
+            return
+        now = trio.current_time()
+        if self.gap_since is None:
+            self.gap_since, self.gap_backfilled = now, set()
+        if backfilled is not None:
+            self.gap_backfilled.add(backfilled)
+        cfg = r.host.config
+        if r.status != "active" or not gap_state_due(
+                missing=missing, since=self.gap_since, now=now, backfilled=self.gap_backfilled,
+                syncnodes=[e.node_id for e in r.manifest.syncnodes], wait=cfg.gap_wait,
+                asked=self.gap_asks, last_ask=self._gap_last_ask,
+                retry=cfg.sync_request_interval, retry_max=cfg.gap_retry_max):
+            return
+        log.warning("updates are missing on every syncnode; asking the members for the state",
+                    doc=short_id(r.group_id), missing=missing, asked_before=self.gap_asks)
+        self.gap_asks += 1
+        self._gap_last_ask = now
+        self._last_sync_request = -float("inf")  # this request is due whatever asked last
+        self.missing = True
+        self.request_state()
 
     def receive(self, envelopes: Sequence[Envelope]) -> int:
         """Process envelopes from a syncnode; returns how many payloads were delivered."""

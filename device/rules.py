@@ -163,6 +163,44 @@ def state_request_due(now: float, last: float, interval: float) -> bool:
     return not now - last < interval
 
 
+def waiting_for(pending: Iterable[Payload], delivered: Mapping[bytes, int]) -> int:
+    """How many updates of others causal delivery waits for that this device does not hold:
+    for each sender, the seqs up to the highest one a pending payload needs (its own sender's
+    predecessors, and its dependencies) that are neither delivered nor pending. Counted, not
+    listed, so a made-up dependency on seq 2**60 costs nothing."""
+    need: dict[bytes, int] = {}
+    held: dict[bytes, list[int]] = {}
+    for p in pending:
+        held.setdefault(p.sender, []).append(p.seq)
+        need[p.sender] = max(need.get(p.sender, 0), p.seq - 1)
+        for d in p.deps:
+            if d.sender != p.sender:
+                need[d.sender] = max(need.get(d.sender, 0), d.seq)
+    missing = 0
+    for sender, upto in need.items():
+        low = delivered.get(sender, 0)
+        if upto > low:
+            missing += upto - low - sum(low < q <= upto for q in held.get(sender, ()))
+    return missing
+
+
+def gap_state_due(*, missing: int, since: float | None, now: float,
+                  backfilled: Collection[bytes], syncnodes: Collection[bytes], wait: float,
+                  asked: int, last_ask: float, retry: float, retry_max: float) -> bool:
+    """Ask the members for the document's state because of a gap: updates that causal delivery
+    waits for (``missing``, since ``since``) came from no syncnode, although every syncnode of
+    the document was backfilled from since they were found missing, or ``wait`` seconds went
+    by (a syncnode is down). A gap nobody answered for is asked about again after ``retry``
+    seconds, doubling with each request (``asked`` so far, the last at ``last_ask``) up to
+    ``retry_max``: each request is an envelope, and the member that holds the updates may be
+    offline for days."""
+    if missing <= 0 or since is None:
+        return False
+    if not (set(syncnodes) <= set(backfilled) or now - since >= wait):
+        return False
+    return asked == 0 or now - last_ask >= min(retry_max, retry * 2 ** min(asked - 1, 40))
+
+
 # -- membership: whether a decision applies ------------------------------------------------------
 
 

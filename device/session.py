@@ -186,6 +186,7 @@ class Session:
                 self.inbox.receive(page.envelopes)
             more = backfill_again(page.more, before, r.buffer.watermarks())
             await trio.lowlevel.checkpoint()
+        self.inbox.check_gap(client.node_id if not more else None)
         self.inbox.ask_if_missing()
 
     async def _periodic_backfill(self, client: SyncnodeClient) -> None:
@@ -215,4 +216,5 @@ class Session:
                     self.membership.apply_decided_now(it)
                 if envelopes:
                     self.inbox.receive(envelopes)
+            self.inbox.check_gap()
             self.inbox.ask_if_missing()

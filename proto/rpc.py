@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from proto.address import Addresses, AddressRecord, GetAddresses, PutAddress
+from proto.antientropy import Digests, FetchDigests, FetchMarks, Marks
 from proto.codec import decode, encode, encode_struct
 from proto.envelope import Envelope
 from proto.errors import SyncnodeError, TransportError
@@ -238,6 +239,13 @@ class SyncnodeClient:
                        ) -> BackfillPage:
         return await self.call(Backfill(group_id, watermarks_of(watermarks), limit),
                                BackfillPage)
+
+    async def digests(self, group_ids: Sequence[bytes]) -> Digests:
+        """Digests of the groups' envelopes (syncnode to syncnode, :mod:`proto.antientropy`)."""
+        return await self.call(FetchDigests(tuple(group_ids)), Digests)
+
+    async def marks(self, group_id: bytes) -> Marks:
+        return await self.call(FetchMarks(group_id), Marks)
 
     @asynccontextmanager
     async def subscribe(self, group_id: bytes) -> AsyncIterator[Subscription]:

@@ -32,6 +32,8 @@ VARIANTS = {
     "readers-send": "readers edit and send, and syncnodes and members take their updates",
     "blind-witness": "devices keep syncnodes' signed acks but never check heads or backfill "
                      "answers against them (a withholding syncnode goes unreported)",
+    "no-reconcile": "syncnodes never reconcile: a wiped one holds only what devices send it "
+                    "after the wipe",
 }
 
 
@@ -71,6 +73,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         return
     if variant == "blind-witness":
         with _blind_witness():
+            yield
+        return
+    if variant == "no-reconcile":
+        with _no_reconcile():
             yield
         return
     if variant in ("members-govern", "readers-send"):
@@ -187,6 +193,20 @@ def _blind_witness() -> Iterator[None]:
     finally:
         Witness.check = honest_check  # type: ignore[method-assign]
         Witness.backfilled = honest_backfilled  # type: ignore[method-assign]
+def _no_reconcile() -> Iterator[None]:
+    """Anti-entropy switched off (what a syncnode did before issue 17 for quiet groups)."""
+    from syncnode.reconcile import Reconciler
+
+    honest_round = Reconciler.round
+
+    async def no_round(self: Reconciler) -> int:
+        return 0
+
+    Reconciler.round = no_round  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Reconciler.round = honest_round  # type: ignore[method-assign]
 
 
 def _anyone(*args: Any) -> bool:

@@ -22,6 +22,9 @@ Final (after faults heal and traffic stops):
 - **acked-delivered**: every member's document holds every update ever acknowledged durable;
 - **removed-blind**: a removed device cannot decrypt any update sealed after its removal;
 - **no-plaintext**: no syncnode's database or WAL contains an edit's marker;
+- **acked-stored** (scenarios with ``acked_everywhere``): every honest syncnode the document's
+  manifest names holds every update any device had acknowledged by a quorum, also after
+  syncnodes were wiped (anti-entropy, :mod:`syncnode.reconcile`);
 - **reader-silent**: no honest syncnode stores an update from a sender that was a reader at the
   update's epoch;
 - **detected**: with a colluding majority, any two devices whose logs differ include one that
@@ -63,10 +66,12 @@ class Violation:
 
 
 class Checker:
-    def __init__(self, world: World, *, colluding: bool, joins_complete: bool = False) -> None:
+    def __init__(self, world: World, *, colluding: bool, joins_complete: bool = False,
+                 acked_everywhere: bool = False) -> None:
         self.world = world
         self.colluding = colluding
         self.joins_complete = joins_complete
+        self.acked_everywhere = acked_everywhere
         self._verified: dict[int, int] = {}  # device index -> highest slot verified
 
     # -- continuous ------------------------------------------------------------------------------
@@ -165,6 +170,30 @@ class Checker:
             out += [*self.converged(), *self.acked_delivered(), *self.alarms()]
         if self.joins_complete:
             out += self.joins_done()
+        if self.acked_everywhere:
+            out += self.acked_stored()
+        return out
+
+    def acked_stored(self) -> list[Violation]:
+        """acked-stored: see the module doc."""
+        members = self.world.members()
+        if not members or members[0].doc is None:
+            return []
+        named = {e.node_id for e in members[0].doc.manifest.syncnodes}
+        acked = {d.fingerprint: d.acked_seq for d in self.world.devices if d.acked_seq}
+        out = []
+        for node in self.world.nodes:
+            if not node.honest or node.retired or node.key.public not in named:
+                continue
+            held = self.world.held(node)
+            lacking = {s: [q for q in range(1, top + 1) if q not in held.get(s, ())]
+                       for s, top in acked.items()}
+            count = sum(len(v) for v in lacking.values())
+            if count:
+                example = next((s, v[0]) for s, v in lacking.items() if v)
+                out.append(Violation("acked-stored", f"{node.name} lacks {count} acknowledged "
+                                     f"updates, e.g. seq {example[1]} of "
+                                     f"{example[0].hex()[:8]}"))
         return out
 
     def joins_done(self, devices: list[SimDevice] | None = None) -> list[Violation]:

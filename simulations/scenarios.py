@@ -43,6 +43,9 @@ class Scenario:
     extra: dict[str, int] = field(default_factory=dict)
     spares: int = 0
     """Syncnodes started besides ``nodes``, not named by the genesis (for replacements)."""
+    acked_everywhere: bool = False
+    """Invariant ``acked-stored``: once quiet, every honest syncnode of the document holds every
+    acknowledged update (anti-entropy, issue 17)."""
     joins_complete: bool = False
     """Nothing here may stop a join (no network or crash faults, an honest majority): a device
     that was added must complete its join (invariant ``join-done``)."""
@@ -91,6 +94,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "replaced syncnodes retire (stopped, data deleted)",
              frozenset({"crash", "partition"}), spares=3,
              extra={"replace": 8, "retire": 4, "partition-sets": 2}),
+    Scenario("wipe", "a syncnode's storage is wiped mid-run and it restarts with the same "
+             "key (never while an earlier wipe is not yet reconciled), while devices edit; "
+             "devices crash and go offline", frozenset({"contention"}), acked_everywhere=True,
+             extra={"node-wipe": 5, "device-crash": 2, "device-restart": 2}),
     Scenario("chaos", "every fault class at once, one withholding syncnode, role changes",
              frozenset({"partition", "lossy", "crash", "clock", "contention"}),
              nodes=("honest", "withhold", "honest"), extra={"role": 3}),

@@ -134,6 +134,8 @@ class SimDevice:
     """A crash is in progress (a background crash and a crash step may pick one device)."""
     durable_wal: int = 0
     counter: int = 0
+    acked_seq: int = 0
+    """Every update of this device up to this seq was acknowledged by a quorum."""
 
     @property
     def name(self) -> str:
@@ -213,6 +215,26 @@ class World:
         assert service is not None and transport is not None
         await transport.aclose()
         await service.store.aclose()  # its writer stopped with the node: nothing is drained
+
+    async def wipe_node(self, node: SimNode) -> None:
+        """Crash the node, delete its database, and start it again with the same key: an
+        operator who lost the disk and kept only the identity."""
+        if node.up:
+            await self.crash_node(node)
+        for p in _db_files(node.path.parent, node.path.name):
+            p.unlink()
+        await self.start_node(node)
+
+    def held(self, node: SimNode) -> dict[bytes, set[int]]:
+        """Sender -> seqs of the document's envelopes the node stores."""
+        out: dict[bytes, set[int]] = {}
+        if node.retired or not node.path.exists():
+            return out
+        with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
+            for sender, seq in db.execute("SELECT sender, seq FROM envelopes WHERE group_id=?",
+                                          (self.group_id,)):
+                out.setdefault(sender, set()).add(seq)
+        return out
 
     async def retire_node(self, node: SimNode) -> None:
         """Stop the node for good and delete its database (an operator who left)."""

@@ -75,6 +75,7 @@ class Config:
     cache_slots: int = 4096
     catchup_interval: float = 30.0
     reconcile_interval: float = 10.0
+    reconcile_groups_per_round: int = 256
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     peers: dict[str, list[str]] = field(default_factory=dict)
@@ -111,9 +112,13 @@ cache_groups = 1024
 cache_slots = 4096
 # Seconds between checks that this node has every decision its peers have.
 catchup_interval = 30.0
-# Seconds between rounds in which this node fills gaps in its copy of each group that had
-# traffic lately, from the group's other syncnodes (0: never).
+# Anti-entropy: seconds between rounds in which this node compares its copy of groups with
+# each group's other syncnodes (a 16-byte digest per group; envelopes only where they differ)
+# and fetches what it lacks (0: never). Each round covers the groups with traffic lately and
+# the next reconcile_groups_per_round of all hosted groups (round robin), so every group is
+# compared at least once per (groups / reconcile_groups_per_round) rounds.
 reconcile_interval = 10.0
+reconcile_groups_per_round = 256
 # debug, info, warning or error. Logs are JSON lines on stderr unless stderr is a terminal.
 log_level = "info"
 

@@ -101,7 +101,8 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
     overrides = {parse_node_id(k): v for k, v in config.peers.items()}
     peers = PeerSync(service, transport, overrides=overrides, interval=config.catchup_interval)
     history = HistoryPull(service, peers)
-    reconciler = Reconciler(service, peers, history, interval=config.reconcile_interval)
+    reconciler = Reconciler(service, peers, history, interval=config.reconcile_interval,
+                            groups_per_round=config.reconcile_groups_per_round)
     ready = False
     health = HealthServer(service.metrics.exposition, lambda: ready)
     http_host = parse_http(config.http_listen)[0]

@@ -11,10 +11,23 @@ envelope is pushed to the group's subscribers once it is durable.
 
 Both answers are signed statements (:mod:`syncnode.statements`): the ack once the envelope is
 durable, and each backfill page with what it returns, so withholding leaves evidence.
+For anti-entropy (:mod:`proto.antientropy`) it also answers a digest of each group's envelopes
+and their per-sender summary, both read from the summary the storage keeps with the envelopes
+(one row per sender: never a scan of the envelopes), to the group's syncnodes and members.
 """
 
 from __future__ import annotations
 
+from proto.antientropy import (
+    Digests,
+    FetchDigests,
+    FetchMarks,
+    GroupDigest,
+    Marks,
+    Summary,
+    group_digest,
+    marks_of,
+)
 from proto.codec import decode_as, encode
 from proto.envelope import Envelope
 from proto.manifest import Manifest, may_send
@@ -23,7 +36,7 @@ from proto.service import MAX_PAGE, Backfill, BackfillPage, Stored
 from syncnode.config import Limits
 from syncnode.decisions import PAGE_BYTES
 from syncnode.fanout import Publish
-from syncnode.groups import Groups, require_member
+from syncnode.groups import Groups, may_read, require_member
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
 from syncnode.statements import Notary
@@ -101,3 +114,29 @@ class Envelopes:
         self.metrics.messages_served.inc(len(out))
         return BackfillPage(out, more, at,
                             await self.notary.backfill_signature(msg, at, out, more))
+
+    async def summary(self, group_id: bytes) -> dict[bytes, Summary]:
+        return {s: Summary(*v) for s, v in (await self.store.envelope_summary(group_id)).items()}
+
+    async def digests(self, session: Session, msg: FetchDigests) -> Digests:
+        """Digests of the asked groups this node hosts and the session may read (the group's
+        syncnodes and members); the others are left out. Cost: one summary row per sender
+        of each group asked, at most :data:`proto.antientropy.MAX_DIGESTS` groups."""
+        out = []
+        for gid in dict.fromkeys(msg.group_ids):
+            g = await self.groups.get(gid)
+            if g is None or not may_read(session, g.manifest):
+                continue
+            summary = await self.summary(gid)
+            out.append(GroupDigest(gid, group_digest(summary),
+                                   sum(s.envelopes for s in summary.values())))
+        return Digests(tuple(out))
+
+    async def marks(self, session: Session, msg: FetchMarks) -> Marks:
+        g = await self.groups.require(msg.group_id)
+        if not may_read(session, g.manifest):
+            self.metrics.refuse("marks_not_member")
+            raise RequestError(ErrorCode.UNAUTHORIZED,
+                               "only a group's syncnodes and members read its marks")
+        senders, more = marks_of(await self.summary(g.group_id))
+        return Marks(g.group_id, senders, more)

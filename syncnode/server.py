@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from proto.antientropy import FetchMarks
 from proto.codec import decode, encode
 from proto.errors import DecodeError, FrameError, StreamClosed, TransportError
 from proto.holdings import FetchHoldings
@@ -59,7 +60,7 @@ PIPELINE_DEPTH = 256
 MAX_COALESCE = 64
 INLINE_DECODE = 1024 * 1024
 """Frames up to this size are decoded on the event loop; larger ones on a worker thread."""
-PAGE_REQUESTS = (Backfill, FetchDecided, MailboxFetch, FetchHoldings)
+PAGE_REQUESTS = (Backfill, FetchDecided, MailboxFetch, FetchHoldings, FetchMarks)
 """Requests whose answers are pages of up to several MiB, or that read a whole group's
 envelope index (``FetchHoldings``): two at a time per connection."""
 PAGES_AT_ONCE = 2

@@ -37,6 +37,7 @@ import trio
 
 from proto import entropy
 from proto.address import Addresses, GetAddresses, PutAddress
+from proto.antientropy import Digests, FetchDigests, FetchMarks, Marks
 from proto.envelope import Envelope
 from proto.holdings import FetchHoldings, Holdings
 from proto.identity import SecretKey, short_id
@@ -278,6 +279,12 @@ class Service:
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
         return await self.envelopes.backfill(session, msg)
 
+    async def _fetch_digests(self, session: Session, msg: FetchDigests) -> Digests:
+        return await self.envelopes.digests(session, msg)
+
+    async def _fetch_marks(self, session: Session, msg: FetchMarks) -> Marks:
+        return await self.envelopes.marks(session, msg)
+
     async def subscribe(self, session: Session, msg: Subscribe) -> tuple[Subscribed, Subscriber]:
         """Register a live subscriber (the driver streams its queue). Raises RequestError."""
         g = await self.groups.require(msg.group_id)
@@ -344,6 +351,8 @@ class Service:
         FetchHoldings: "_fetch_holdings",
         Envelope: "_store",
         Backfill: "_backfill",
+        FetchDigests: "_fetch_digests",
+        FetchMarks: "_fetch_marks",
         MailboxPut: "_mailbox_put",
         MailboxFetch: "_mailbox_fetch",
         MailboxAck: "_mailbox_ack",

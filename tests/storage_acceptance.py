@@ -28,9 +28,11 @@ from syncnode.storage import (
     MailboxQuota,
     MailboxRefusal,
     MailboxUsage,
+    SenderSummary,
     Storage,
     StorageClosed,
     StorageConflict,
+    digest_term,
 )
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "test_delete_group_removes_everything_of_it",
     "test_envelope_digests_answer_held_keys_only",
     "test_envelope_marks_stop_at_the_first_gap",
+    "test_envelope_summary_follows_every_store",
     "test_envelopes_after_orders_by_sender_and_pages",
     "test_envelopes_are_idempotent_and_conflicts_refused",
     "test_equivocation_keeps_the_first_proof",
@@ -361,6 +364,36 @@ async def test_statement_clock_only_rises_and_survives_reopening(
         await s.reserve_statement_clock(1_800_000_000_000)
     async with opened(storage_factory) as s:
         assert await s.statement_clock() == 1_800_000_000_000
+async def test_envelope_summary_follows_every_store(storage_factory: StorageFactory) -> None:
+    def summary(seqs: tuple[int, ...], contiguous: int) -> SenderSummary:
+        return SenderSummary(len(seqs), max(seqs), contiguous,
+                             sum(digest_term(b"d%d" % q) for q in seqs) % (1 << 63))
+
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        assert await s.envelope_summary(G1) == {}
+        for seq in (5, 3, 1, 2):  # out of order, with a gap at 4
+            await s.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+        await s.store_envelope(G1, A, 3, b"d3", b"e3")  # again: idempotent, not counted
+        await s.store_envelope(G1, B, 2, b"d2", b"e2")
+        await s.store_envelope(G2, A, 1, b"d1", b"e1")
+        assert await s.envelope_summary(G1) == {A: summary((1, 2, 3, 5), 3),
+                                                B: summary((2,), 0)}
+        with pytest.raises(StorageConflict):
+            await s.store_envelope(G1, A, 2, b"other", b"x")
+        await s.store_envelope(G1, A, 4, b"d4", b"e4")  # the gap filled: contiguous jumps
+        assert (await s.envelope_summary(G1))[A] == summary((1, 2, 3, 4, 5), 5)
+        assert await s.envelope_summary(G2) == {A: summary((1,), 1)}
+        # The same set stored in another order sums the same (what peers compare).
+        await new_group(s, G3)
+        for seq in (4, 2, 5, 1, 3):
+            await s.store_envelope(G3, A, seq, b"d%d" % seq, b"e%d" % seq)
+        assert (await s.envelope_summary(G3))[A] == (await s.envelope_summary(G1))[A]
+        assert await s.delete_group(G1)
+        assert await s.envelope_summary(G1) == {}
+    async with opened(storage_factory) as s:  # kept across reopening
+        assert await s.envelope_summary(G2) == {A: summary((1,), 1)}
 
 
 async def test_equivocation_keeps_the_first_proof(storage_factory: StorageFactory) -> None:

@@ -20,6 +20,7 @@ from device.rules import (
     decision_fit,
     durable_count,
     fits_one_message,
+    gap_state_due,
     has_quorum,
     is_durable,
     lacks_something,
@@ -36,6 +37,7 @@ from device.rules import (
     status_after,
     take_batch,
     triage,
+    waiting_for,
     watchdog_wait,
 )
 from proto.envelope import Envelope
@@ -254,3 +256,40 @@ def test_an_address_record_is_news_when_newer_and_different() -> None:
     assert not address_is_news((50.0, addrs), 100.0, addrs)  # the same addresses
     assert not address_is_news((100.0, ("10.0.0.9:7700",)), 100.0, addrs)  # not newer
     assert not address_is_news((150.0, ("10.0.0.9:7700",)), 100.0, addrs)
+
+
+def test_waiting_for_counts_what_causal_delivery_needs_and_nothing_holds() -> None:
+    # alice 5 waits for 3 and 4 (2 delivered); 4 is here: only 3 is missing.
+    pending = [payload(sender=ALICE, seq=5), payload(sender=ALICE, seq=4)]
+    assert waiting_for(pending, {ALICE: 2}) == 1
+    # bob 1 depends on alice 7: alice 3 and 6, 7 are missing too (5 and 4 are here).
+    pending.append(payload(sender=BOB, seq=1, deps=(Dep(ALICE, 7),)))
+    assert waiting_for(pending, {ALICE: 2}) == 3
+    assert waiting_for(pending, {ALICE: 7}) == 0  # a state covered them all
+    assert waiting_for([], {ALICE: 2}) == 0
+    # A made-up dependency far ahead is counted, not enumerated.
+    huge = [payload(sender=BOB, seq=1, deps=(Dep(ALICE, 2 ** 60),))]
+    assert waiting_for(huge, {}) == 2 ** 60
+
+
+def test_a_gap_is_asked_about_once_every_syncnode_was_tried_or_after_a_wait() -> None:
+    def due(**kw: object) -> bool:
+        args: dict[str, object] = dict(missing=1, since=100.0, now=101.0, backfilled={N1},
+                                       syncnodes=[N1, N2, N3], wait=30.0, asked=0,
+                                       last_ask=0.0, retry=3.0, retry_max=600.0)
+        args.update(kw)
+        return gap_state_due(**args)  # type: ignore[arg-type]
+
+    assert not due()  # N2 and N3 may still have them
+    assert not due(missing=0, backfilled={N1, N2, N3})
+    assert not due(since=None, backfilled={N1, N2, N3})
+    assert due(backfilled={N1, N2, N3})  # none of them did
+    assert due(now=130.0)  # a syncnode is down: asked after the wait anyway
+    # Nobody answered: asked again after 3 s, then 6, 12, ... at most every 600 s.
+    assert not due(backfilled={N1, N2, N3}, asked=1, last_ask=100.0, now=102.0)
+    assert due(backfilled={N1, N2, N3}, asked=1, last_ask=100.0, now=103.0)
+    assert not due(backfilled={N1, N2, N3}, asked=3, last_ask=100.0, now=111.0)
+    assert due(backfilled={N1, N2, N3}, asked=3, last_ask=100.0, now=112.0)
+    assert not due(backfilled={N1, N2, N3}, asked=30, last_ask=100.0, now=699.0)
+    assert due(backfilled={N1, N2, N3}, asked=30, last_ask=100.0, now=700.0)
+    assert due(backfilled={N1, N2, N3}, asked=10_000, last_ask=100.0, now=700.0)

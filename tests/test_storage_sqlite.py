@@ -44,3 +44,24 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(RuntimeError, match="schema version 99"):
         SqliteStorage(path)
+
+
+async def test_a_version_1_database_gets_its_envelope_summary(tmp_path: Path) -> None:
+    """Version 2 keeps a per-sender summary of each group's envelopes; opening a version 1
+    database builds it from the envelopes already there."""
+    path = tmp_path / "syncnode.db"
+    async with opened(lambda: SqliteStorage(path)) as s:
+        await new_group(s)
+        for seq in (1, 2, 4):
+            await s.store_envelope(b"\x01" * 16, b"a" * 32, seq, b"d%d" % seq, b"e")
+        want = await s.envelope_summary(b"\x01" * 16)
+    with sqlite3.connect(path) as db:  # what a version 1 syncnode left
+        db.execute("DROP TABLE envelope_senders")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.close()
+    async with opened(lambda: SqliteStorage(path)) as s:
+        assert await s.envelope_summary(b"\x01" * 16) == want
+        assert await s.envelope_marks(b"\x01" * 16) == {b"a" * 32: 2}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    db.close()

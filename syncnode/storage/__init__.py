@@ -13,9 +13,11 @@ from syncnode.storage.base import (
     MailboxRecord,
     MailboxRefusal,
     MailboxUsage,
+    SenderSummary,
     Storage,
     StorageClosed,
     StorageConflict,
+    digest_term,
 )
 
 __all__ = [
@@ -30,7 +32,9 @@ __all__ = [
     "MailboxRecord",
     "MailboxRefusal",
     "MailboxUsage",
+    "SenderSummary",
     "Storage",
     "StorageClosed",
     "StorageConflict",
+    "digest_term",
 ]

@@ -97,6 +97,29 @@ class HostingRecord(NamedTuple):
     """When this node learned it was removed (the retention of its data counts from then)."""
 
 
+class SenderSummary(NamedTuple):
+    """What a syncnode holds of one sender's envelopes in one group, kept up to date on every
+    store (so comparing two syncnodes' copies never rescans the envelopes)."""
+
+    envelopes: int
+    """Envelopes stored."""
+    top: int
+    """The highest seq stored."""
+    contiguous: int
+    """The highest seq such that ``1..contiguous`` are all stored (0: seq 1 is missing)."""
+    setsum: int
+    """The sum, modulo 2**63, of :func:`digest_term` of every stored envelope's digest: equal
+    sums mean equal sets (up to a collision), whatever order they were stored in."""
+
+
+def digest_term(digest: bytes) -> int:
+    """One envelope's term of :attr:`SenderSummary.setsum` (the first 8 bytes of its digest)."""
+    return int.from_bytes(digest[:8].ljust(8, b"\0"), "big") & SETSUM_MASK
+
+
+SETSUM_MASK = (1 << 63) - 1
+
+
 class MailboxRecord(NamedTuple):
     item_id: int
     kind: int
@@ -268,7 +291,7 @@ class Storage(Protocol):
     async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
         """Per sender, the highest ``seq`` such that ``1..seq`` are all stored (senders whose
         seq 1 is missing are left out): the watermarks a backfill resumes from, whatever
-        arrived out of order."""
+        arrived out of order (the ``contiguous`` of :meth:`envelope_summary`)."""
 
     async def envelope_count(self, group_id: bytes) -> int:
         """Envelopes stored for the group."""
@@ -285,6 +308,10 @@ class Storage(Protocol):
     async def reserve_statement_clock(self, until: int) -> None:
         """Durably raise the reservation to ``until`` (never lowers it): a restarted node stamps
         above every stamp it may have issued."""
+    async def envelope_summary(self, group_id: bytes) -> dict[bytes, SenderSummary]:
+        """Per sender of the group, a :class:`SenderSummary` of its stored envelopes. Kept with
+        the envelopes (updated in the transaction of each store), so reading it costs one row
+        per sender, never a scan of the envelopes: the reconciler compares groups with it."""
 
     # -- equivocation evidence ------------------------------------------------------------------
 

@@ -28,9 +28,10 @@ from syncnode.storage.base import (
     MailboxRecord,
     MailboxRefusal,
     MailboxUsage,
+    SenderSummary,
     StorageConflict,
 )
-from syncnode.storage.sqlite_schema import open_database, storage_bytes
+from syncnode.storage.sqlite_schema import add_to_summary, open_database, storage_bytes
 from syncnode.storage.sqlite_writer import Writer
 
 JOIN_CLASS, OTHER_CLASS = b"j", b"m"
@@ -117,8 +118,8 @@ class SqliteStorage:
 
     async def delete_group(self, group_id: bytes) -> bool:
         def write(c: sqlite3.Connection) -> bool:
-            for table in ("decided", "manifests", "acceptor", "envelopes", "equivocations",
-                          "hosting"):
+            for table in ("decided", "manifests", "acceptor", "envelopes", "envelope_senders",
+                          "equivocations", "hosting"):
                 c.execute(f"DELETE FROM {table} WHERE group_id=?", (group_id,))
             return c.execute("DELETE FROM groups WHERE group_id=?", (group_id,)).rowcount == 1
 
@@ -238,6 +239,7 @@ class SqliteStorage:
                 return False
             c.execute("UPDATE groups SET bytes_used=bytes_used+? WHERE group_id=?",
                       (len(envelope), group_id))
+            add_to_summary(c, group_id, sender, seq, digest)
             return True
 
         return bool(await self.writer.execute(write))
@@ -261,14 +263,14 @@ class SqliteStorage:
         return out, False
 
     async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
-        # Per sender: the first stored seq whose successor is missing, if the run starts at 1
-        # (primary-key lookups only).
         return dict(self.db.execute(
-            "SELECT sender, min(seq) FROM envelopes e WHERE group_id=? AND NOT EXISTS ("
-            "SELECT 1 FROM envelopes n WHERE n.group_id=e.group_id AND n.sender=e.sender AND "
-            "n.seq=e.seq+1) AND EXISTS (SELECT 1 FROM envelopes f WHERE "
-            "f.group_id=e.group_id AND f.sender=e.sender AND f.seq=1) GROUP BY sender",
+            "SELECT sender, contiguous FROM envelope_senders WHERE group_id=? AND contiguous>0",
             (group_id,)))
+
+    async def envelope_summary(self, group_id: bytes) -> dict[bytes, SenderSummary]:
+        return {row[0]: SenderSummary(*row[1:]) for row in self.db.execute(
+            "SELECT sender, count, top, contiguous, setsum FROM envelope_senders "
+            "WHERE group_id=?", (group_id,))}
 
     async def envelope_count(self, group_id: bytes) -> int:
         row = self._one("SELECT count(*) FROM envelopes WHERE group_id=?", group_id)

@@ -3,7 +3,7 @@
 One file (``syncnode.db`` in the data dir) in WAL mode with ``synchronous=FULL``: a commit is
 on disk when it returns. The schema version is checked at open (a database of another version
 is refused, not guessed at) and additive changes are migrated in place
-(:func:`_migrate_mailbox`).
+(:func:`_migrate_mailbox`; version 1 to 2: :func:`_migrate_summary`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD
+from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD, SETSUM_MASK, digest_term
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``envelope_senders``, the per-sender summary of each group's envelopes."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
@@ -40,6 +41,12 @@ CREATE TABLE IF NOT EXISTS envelopes (
     group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
     digest BLOB NOT NULL, envelope BLOB NOT NULL,
     PRIMARY KEY (group_id, sender, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS envelope_senders ( -- per (group, sender): add_to_summary keeps it
+    group_id BLOB NOT NULL, sender BLOB NOT NULL,
+    count INTEGER NOT NULL, top INTEGER NOT NULL, contiguous INTEGER NOT NULL,
+    setsum INTEGER NOT NULL,
+    PRIMARY KEY (group_id, sender)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mailbox (
     item_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,6 +128,41 @@ def _migrate_mailbox(conn: sqlite3.Connection) -> None:
         raise
 
 
+def add_to_summary(c: sqlite3.Connection, group_id: bytes, sender: bytes, seq: int,
+                   digest: bytes) -> None:
+    """Count a newly stored envelope in its sender's row of ``envelope_senders`` (inside the
+    transaction that stored it). The contiguous mark moves on over what is stored after it:
+    primary-key lookups, each seq passed over once in the life of the group."""
+    row = c.execute("SELECT count, top, contiguous, setsum FROM envelope_senders WHERE "
+                    "group_id=? AND sender=?", (group_id, sender)).fetchone()
+    count, top, contiguous, setsum = row if row is not None else (0, 0, 0, 0)
+    if seq == contiguous + 1:
+        contiguous = seq
+        while c.execute("SELECT 1 FROM envelopes WHERE group_id=? AND sender=? AND seq=?",
+                        (group_id, sender, contiguous + 1)).fetchone() is not None:
+            contiguous += 1
+    c.execute("INSERT OR REPLACE INTO envelope_senders VALUES (?,?,?,?,?,?)",
+              (group_id, sender, count + 1, max(top, seq), contiguous,
+               (setsum + digest_term(digest)) & SETSUM_MASK))
+
+
+def _migrate_summary(conn: sqlite3.Connection) -> None:
+    """Version 1 to 2: build ``envelope_senders`` from the envelopes already stored (one pass
+    over them, once)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM envelope_senders")
+        rows = conn.execute("SELECT group_id, sender, seq, digest FROM envelopes "
+                            "ORDER BY group_id, sender, seq").fetchall()
+        for group_id, sender, seq, digest in rows:
+            add_to_summary(conn, group_id, sender, seq, digest)
+        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
@@ -141,6 +183,8 @@ def open_database(path: Path) -> sqlite3.Connection:
     row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) == 1:
+        _migrate_summary(conn)
     elif int(row[0]) != SCHEMA_VERSION:
         raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
                            f"{SCHEMA_VERSION}")
