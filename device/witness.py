@@ -45,7 +45,6 @@ from proto.holdings import (
     SignedBackfill,
     SignedHeads,
     WithholdingProof,
-    backdated,
     contradiction,
     verify,
 )
@@ -54,6 +53,7 @@ from proto.logs import get_logger
 from proto.manifest import Manifest
 from proto.rpc import RemoteError, SyncnodeClient, watermarks_of
 from proto.service import BackfillPage, Stored
+from proto.stampclock import backdated
 
 log = get_logger("device.witness")
 

@@ -35,11 +35,11 @@ from proto.holdings import (
     Holdings,
     Probe,
     SignedHeads,
-    StampClock,
 )
 from proto.identity import SecretKey
 from proto.messages import ErrorCode
 from proto.service import Backfill, Stored, Watermark
+from proto.stampclock import StampClock
 from syncnode.groups import Groups, may_read
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session

@@ -14,7 +14,6 @@ from proto.holdings import (
     ACK_CTX,
     BACKFILL_CTX,
     HEADS_CTX,
-    RESERVE_MS,
     AckBody,
     BackfillBody,
     Entry,
@@ -24,15 +23,14 @@ from proto.holdings import (
     SignedAck,
     SignedBackfill,
     SignedHeads,
-    StampClock,
     WithholdingProof,
-    backdated,
     contradiction,
     verify,
 )
 from proto.identity import SecretKey
 from proto.rpc import watermarks_of
 from proto.service import Watermark
+from proto.stampclock import RESERVE_MS, StampClock, backdated
 from simulations.byzantine import WithholdingService
 from tests.syncnode_kit import Device, MemoryCluster, new_group
 from tests.test_syncnode_history import cluster, seal  # noqa: F401
