@@ -38,6 +38,10 @@ from proto.paxos.messages import Decided, GroupId
 AUTH_CTX = register_context("syncnode/auth/v1")
 PUT_PROOF_CTX = register_context("syncnode/mailbox-put/v1")
 MAX_PAGE = 1024
+INCARNATION_BYTES = 16
+Incarnation = Annotated[bytes, Len(INCARNATION_BYTES)]
+"""Which life of a syncnode's storage signed a statement: random bytes made with its database,
+new when the database is lost and made again (:mod:`proto.holdings`)."""
 MAX_HEADS = 256
 MAX_MAILBOX_PAYLOAD = 256 * 1024
 MAX_JOIN_REQUEST = 64 * 1024

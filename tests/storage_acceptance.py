@@ -3,7 +3,9 @@ says what each method promises; this checks it).
 
 A backend's test module provides a ``storage_factory`` fixture -- a callable that returns a new,
 not yet started :class:`~syncnode.storage.Storage` over the same data every time it is called
-(so calling it again after closing the first one reopens the data) -- and imports the tests::
+(so calling it again after closing the first one reopens the data) -- and a
+``fresh_storage_factory`` fixture, the same over other, new data (a lost data directory made
+again) -- and imports the tests::
 
     from tests.storage_acceptance import *  # noqa: F403
 
@@ -54,6 +56,7 @@ __all__ = [
     "test_everything_survives_reopening",
     "test_group_ids_page_in_order",
     "test_groups_are_created_once",
+    "test_incarnation_is_kept_for_life_and_new_storage_gets_another",
     "test_mailbox_make_room_evicts_the_oldest_of_the_class",
     "test_mailbox_node_quota_is_per_class",
     "test_mailbox_orders_pages_acks_and_expires",
@@ -635,3 +638,26 @@ async def test_no_writes_after_close(storage_factory: StorageFactory) -> None:
         await new_group(s)
     with pytest.raises(StorageClosed):
         await s.put_acceptor_records([(G1, 1, b"late")])
+
+
+async def test_incarnation_is_kept_for_life_and_new_storage_gets_another(
+        storage_factory: StorageFactory, fresh_storage_factory: StorageFactory) -> None:
+    """The incarnation every signed statement names (proto.holdings): the same for the whole
+    life of the storage (reopened, crashed), or an honest node would look like one that lost
+    its data; different for new storage, or a node that lost its data would be convicted of
+    withholding what it acknowledged before."""
+    async with opened(storage_factory) as s:
+        first = await s.incarnation()
+        assert len(first) == 16
+        assert await s.incarnation() == first
+        await new_group(s)
+    async with crashing(storage_factory) as s:
+        assert await s.incarnation() == first
+        await s.store_envelope(G1, A, 1, b"d1", b"e1")
+    async with opened(storage_factory) as s:
+        assert await s.incarnation() == first
+    async with opened(fresh_storage_factory) as s:
+        fresh = await s.incarnation()
+        assert len(fresh) == 16 and fresh != first
+    async with opened(fresh_storage_factory) as s:
+        assert await s.incarnation() == fresh

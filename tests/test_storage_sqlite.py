@@ -25,6 +25,12 @@ def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StorageFa
     return make
 
 
+@pytest.fixture
+def fresh_storage_factory(tmp_path: Path) -> StorageFactory:
+    """Another database file: a lost data directory made again."""
+    return lambda: SqliteStorage(tmp_path / "fresh.db")
+
+
 async def test_without_group_commit_every_write_commits_alone(tmp_path: Path) -> None:
     batches: list[int] = []
     store = SqliteStorage(tmp_path / "syncnode.db", batching=False)
@@ -62,6 +68,23 @@ async def test_a_version_1_database_gets_its_envelope_summary(tmp_path: Path) ->
     async with opened(lambda: SqliteStorage(path)) as s:
         assert await s.envelope_summary(b"\x01" * 16) == want
         assert await s.envelope_marks(b"\x01" * 16) == {b"a" * 32: 2}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    db.close()
+
+
+async def test_a_database_made_before_incarnations_gets_one_that_stays(tmp_path: Path) -> None:
+    """The incarnation lives in ``meta`` (no schema bump): a version 2 database an older
+    syncnode made has none, gets one when opened, and keeps it."""
+    path = tmp_path / "syncnode.db"
+    SqliteStorage(path).db.close()
+    with sqlite3.connect(path) as db:  # what an older syncnode left
+        db.execute("DELETE FROM meta WHERE key='incarnation'")
+    db.close()
+    async with opened(lambda: SqliteStorage(path)) as s:
+        made = await s.incarnation()
+    async with opened(lambda: SqliteStorage(path)) as s:
+        assert await s.incarnation() == made
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
     db.close()

@@ -300,7 +300,13 @@ class Storage(Protocol):
                                ) -> dict[tuple[bytes, int], bytes]:
         """The digest held under each ``(sender, seq)`` of ``keys`` (absent keys left out)."""
 
-    # -- the statement clock (proto.holdings) ---------------------------------------------------
+    # -- the statement clock and incarnation (proto.holdings) ------------------------------------
+
+    async def incarnation(self) -> bytes:
+        """16 random bytes made with the storage and kept for its whole life, the same after
+        every reopening; new storage (a lost database made again) gets new ones. Every statement
+        the node signs names it, so a node that lost its data is not taken for one that
+        withholds it (:mod:`proto.holdings`)."""
 
     async def statement_clock(self) -> int:
         """The highest statement stamp reserved so far (0 on a new database)."""
@@ -308,6 +314,7 @@ class Storage(Protocol):
     async def reserve_statement_clock(self, until: int) -> None:
         """Durably raise the reservation to ``until`` (never lowers it): a restarted node stamps
         above every stamp it may have issued."""
+
     async def envelope_summary(self, group_id: bytes) -> dict[bytes, SenderSummary]:
         """Per sender of the group, a :class:`SenderSummary` of its stored envelopes. Kept with
         the envelopes (updated in the transaction of each store), so reading it costs one row

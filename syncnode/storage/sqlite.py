@@ -286,7 +286,13 @@ class SqliteStorage:
                 out[(sender, seq)] = digest
         return out
 
-    # -- the statement clock --------------------------------------------------------------------
+    # -- the statement clock and incarnation -----------------------------------------------------
+
+    async def incarnation(self) -> bytes:
+        row = self._one("SELECT value FROM meta WHERE key='incarnation'")
+        if row is None:  # open_database made it: only a hand-edited database lacks it
+            raise RuntimeError(f"{self.path}: the database has no incarnation")
+        return bytes.fromhex(row[0])
 
     async def statement_clock(self) -> int:
         row = self._one("SELECT value FROM meta WHERE key='statement_clock'")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from proto import entropy
+from proto.service import INCARNATION_BYTES
 from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD, SETSUM_MASK, digest_term
 
 SCHEMA_VERSION = 2
@@ -188,10 +190,21 @@ def open_database(path: Path) -> sqlite3.Connection:
     elif int(row[0]) != SCHEMA_VERSION:
         raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
                            f"{SCHEMA_VERSION}")
+    _ensure_incarnation(conn)
     check = conn.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
         raise RuntimeError(f"{path}: database integrity check failed: {check}")
     return conn
+
+
+def _ensure_incarnation(conn: sqlite3.Connection) -> None:
+    """Give the database its incarnation (:meth:`~syncnode.storage.Storage.incarnation`) if it
+    has none: a new one, or one an older syncnode made (its statements named none). It lives
+    in ``meta``, which every schema version has, so no version bump: an older syncnode simply
+    ignores it. Autocommit with ``synchronous=FULL``: durable before any statement names it."""
+    if conn.execute("SELECT 1 FROM meta WHERE key='incarnation'").fetchone() is None:
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('incarnation', ?)",
+                     (entropy.token_bytes(INCARNATION_BYTES).hex(),))
 
 
 def storage_bytes(path: Path) -> int:
