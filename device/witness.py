@@ -63,8 +63,8 @@ class BadAck(SyncnodeError):
 
 
 def ack_of(node: bytes, stored: Stored) -> SignedAck:
-    return SignedAck(node, stored.group_id, stored.sender, stored.seq, stored.digest,
-                     stored.at, stored.signature)
+    return SignedAck(node, stored.incarnation, stored.group_id, stored.sender, stored.seq,
+                     stored.digest, stored.at, stored.signature)
 
 
 def named_throughout(manifests: Sequence[Manifest], node: bytes) -> bool:
@@ -150,7 +150,7 @@ class Witness:
     def backfilled(self, node: bytes, marks: dict[bytes, int], page: BackfillPage) -> None:
         """Check a backfill page from ``node`` answering our ``marks``."""
         r = self.replica
-        st = SignedBackfill(node, r.group_id, watermarks_of(marks),
+        st = SignedBackfill(node, page.incarnation, r.group_id, watermarks_of(marks),
                             tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
                             page.more, page.at, page.signature)
         if not st.valid():

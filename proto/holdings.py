@@ -2,8 +2,9 @@
 
 A syncnode is trusted for availability only, so it can *withhold*: store and acknowledge an
 update and then not serve it. To make that provable rather than merely visible, a syncnode signs
-three kinds of statement with its node key (the key that is its node id), each stamped with its
-**statement clock** ``at`` (milliseconds, see below):
+three kinds of statement with its node key (the key that is its node id), each naming the
+**incarnation** of its storage and stamped with its **statement clock** ``at`` (milliseconds;
+both below):
 
 * **ack** (:class:`SignedAck`, inside every ``Stored`` reply): "I durably hold envelope
   ``(group, sender, seq)`` with this digest". Signed *after* the write is durable.
@@ -24,13 +25,28 @@ Each statement is a **held** claim or a **lack** claim about ``(sender, seq)``:
   request watermark of the sender is below ``seq`` and that does not return it.
 
 An honest syncnode never deletes an envelope of a group it serves (compaction, when it comes,
-must count covered envelopes as held), and its statement clock strictly increases, also across
-restarts. So an honest node never signs a held claim at ``t1`` and a lack claim for the same
-envelope at ``t2 > t1``: a :class:`WithholdingProof` holding such a pair convicts the node whose
-key signed both, and :func:`verify` checks it with nothing but the statements themselves.
+must count covered envelopes as held), and within one incarnation its statement clock strictly
+increases, also across restarts. So an honest node never signs, in one incarnation, a held
+claim at ``t1`` and a lack claim for the same envelope at ``t2 > t1``: a
+:class:`WithholdingProof` holding such a pair convicts the node whose key signed both, and
+:func:`verify` checks it with nothing but the statements themselves.
+
+**Incarnation.** 16 random bytes a syncnode's database makes when it is created and keeps
+(:meth:`syncnode.storage.Storage.incarnation`). A node whose data directory is lost and that
+restarts with the same key (anti-entropy then refills it, :mod:`syncnode.reconcile`) honestly
+lacks what it acked before, and its statement clock starts over with its reservation; but its
+new database has a new incarnation, and :func:`verify` refuses a pair of statements from two
+incarnations. A new incarnation does not let a node escape a proof about the old one: two
+statements of one incarnation that contradict each other stay a proof whatever the node signs
+later. What a node can do is *forget* everything, but only publicly: a device that sees a new
+incarnation raises a ``syncnode-reset`` alarm carrying both signed statements (a
+:class:`proto.resets.StorageReset`, which anyone can check) and checks on within the new one
+(:mod:`device.witness`). A node that resets often is unreliable, and that is what its users
+are told.
 
 **Statement clock.** ``at`` is the node's wall clock in milliseconds, but never lower than one
-past the last stamp it issued, also across restarts: :mod:`proto.stampclock`.
+past the last stamp it issued, also across restarts (not across a lost database: its
+reservation is lost with it, another reason for the incarnation): :mod:`proto.stampclock`.
 
 Bounds: a heads answer covers at most :data:`MAX_HOLDING_SENDERS` senders and
 :data:`MAX_PROBES` probes (the device asks about itself and at most 255 other senders;
@@ -47,7 +63,7 @@ from proto.codec import U64, Hash32, MaxItems, PublicKey, Signature64, encode_st
 from proto.errors import SyncnodeError
 from proto.identity import is_valid_signature, register_context, short_id
 from proto.paxos.messages import GroupId
-from proto.service import MAX_PAGE, Watermark
+from proto.service import MAX_PAGE, Incarnation, Watermark
 
 ACK_CTX = register_context("syncnode/holdings/ack/v1")
 HEADS_CTX = register_context("syncnode/holdings/heads/v1")
@@ -71,6 +87,7 @@ class ProofError(SyncnodeError):
 @dataclass(frozen=True)
 class AckBody:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     sender: Hash32
     seq: U64
@@ -81,6 +98,7 @@ class AckBody:
 @dataclass(frozen=True)
 class SignedAck:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     sender: Hash32
     seq: U64
@@ -89,8 +107,8 @@ class SignedAck:
     signature: Signature64
 
     def body(self) -> AckBody:
-        return AckBody(self.node_id, self.group_id, self.sender, self.seq, self.digest,
-                       self.at)
+        return AckBody(self.node_id, self.incarnation, self.group_id, self.sender, self.seq,
+                       self.digest, self.at)
 
     def valid(self) -> bool:
         return is_valid_signature(self.node_id, ACK_CTX, encode_struct(self.body()),
@@ -108,6 +126,7 @@ class Probe:
 @dataclass(frozen=True)
 class HeadsBody:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     top: U64
     marks: Annotated[tuple[Watermark, ...], MaxItems(MAX_HOLDING_SENDERS)]
@@ -118,6 +137,7 @@ class HeadsBody:
 @dataclass(frozen=True)
 class SignedHeads:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     top: U64
     marks: Annotated[tuple[Watermark, ...], MaxItems(MAX_HOLDING_SENDERS)]
@@ -126,8 +146,8 @@ class SignedHeads:
     signature: Signature64
 
     def body(self) -> HeadsBody:
-        return HeadsBody(self.node_id, self.group_id, self.top, self.marks, self.probes,
-                         self.at)
+        return HeadsBody(self.node_id, self.incarnation, self.group_id, self.top, self.marks,
+                         self.probes, self.at)
 
     def valid(self) -> bool:
         return is_valid_signature(self.node_id, HEADS_CTX, encode_struct(self.body()),
@@ -150,6 +170,7 @@ class Entry:
 @dataclass(frozen=True)
 class BackfillBody:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     watermarks: Annotated[tuple[Watermark, ...], MaxItems(MAX_BACKFILL_MARKS)]
     entries: Annotated[tuple[Entry, ...], MaxItems(MAX_PAGE)]
@@ -160,6 +181,7 @@ class BackfillBody:
 @dataclass(frozen=True)
 class SignedBackfill:
     node_id: PublicKey
+    incarnation: Incarnation
     group_id: GroupId
     watermarks: Annotated[tuple[Watermark, ...], MaxItems(MAX_BACKFILL_MARKS)]
     entries: Annotated[tuple[Entry, ...], MaxItems(MAX_PAGE)]
@@ -168,8 +190,8 @@ class SignedBackfill:
     signature: Signature64
 
     def body(self) -> BackfillBody:
-        return BackfillBody(self.node_id, self.group_id, self.watermarks, self.entries,
-                            self.more, self.at)
+        return BackfillBody(self.node_id, self.incarnation, self.group_id, self.watermarks,
+                            self.entries, self.more, self.at)
 
     def valid(self) -> bool:
         return is_valid_signature(self.node_id, BACKFILL_CTX, encode_struct(self.body()),
@@ -288,7 +310,8 @@ def _kind(st: Statement) -> str:
 
 def verify(proof: WithholdingProof) -> Finding:
     """The finding a proof establishes, or :class:`ProofError`. Needs nothing but the proof:
-    both statements must be signed by the node id they carry, and it must be the same one."""
+    both statements must be signed by the node id they carry, and it must be the same one, in
+    the same incarnation (a node that lost its storage in between is not withholding)."""
     held_count = (proof.held_ack is not None) + (proof.held_heads is not None)
     lack_count = (proof.lack_heads is not None) + (proof.lack_backfill is not None)
     held, lack = proof.held, proof.lack
@@ -302,6 +325,9 @@ def verify(proof: WithholdingProof) -> Finding:
         raise ProofError("the held statement's signature does not verify")
     if not lack.valid():
         raise ProofError("the lack statement's signature does not verify")
+    if held.incarnation != lack.incarnation:
+        raise ProofError("the statements come from different incarnations of the node's "
+                         "storage: it lost its data in between, which is not withholding")
     if held.at >= lack.at:
         raise ProofError("the lack statement is not later than the held one")
     ok, digest = held_digest(held, proof.sender, proof.seq)
@@ -342,7 +368,8 @@ def _candidates(held: SignedAck | SignedHeads, lack: Statement) -> list[tuple[by
 def contradiction(held: SignedAck | SignedHeads, lack: SignedHeads | SignedBackfill
                   ) -> WithholdingProof | None:
     """A proof from two (already verified) statements of one node, if they contradict."""
-    if held.node_id != lack.node_id or held.group_id != lack.group_id or held.at >= lack.at:
+    if (held.node_id != lack.node_id or held.incarnation != lack.incarnation
+            or held.group_id != lack.group_id or held.at >= lack.at):
         return None
     for sender, seq in _candidates(held, lack):
         ok, digest = held_digest(held, sender, seq)

@@ -144,13 +144,14 @@ class Heads:
 class Stored:
     """The envelope ``(group, sender, seq)`` is durable on this syncnode: a signed ack
     (:class:`proto.holdings.AckBody`, under the syncnode's node key) of the envelope's
-    ``digest``, stamped ``at`` on the node's statement clock, so that a later loss is
-    provable (:mod:`proto.holdings`)."""
+    ``digest``, by the ``incarnation`` of the node's storage that holds it, stamped ``at`` on
+    the node's statement clock, so that a later loss is provable (:mod:`proto.holdings`)."""
 
     group_id: GroupId
     sender: Hash32
     seq: U64
     digest: Hash32
+    incarnation: Incarnation
     at: U64
     signature: Signature64
 
@@ -175,11 +176,13 @@ class Backfill:
 @dataclass(frozen=True)
 class BackfillPage:
     """``signature``: the syncnode's over :class:`proto.holdings.BackfillBody` (the request's
-    watermarks, what this page returns, ``more``, stamped ``at``): a complete answer that
-    leaves out an envelope the node said it held is provable (:mod:`proto.holdings`)."""
+    watermarks, what this page returns, ``more``, the storage ``incarnation`` that answered,
+    stamped ``at``): a complete answer that leaves out an envelope the node said it held is
+    provable (:mod:`proto.holdings`)."""
 
     envelopes: Annotated[tuple[Envelope, ...], MaxItems(MAX_PAGE)]
     more: bool
+    incarnation: Incarnation
     at: U64
     signature: Signature64
 

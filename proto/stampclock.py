@@ -1,13 +1,14 @@
 """A syncnode's statement clock: the stamps ``at`` of its signed statements
 (:mod:`proto.holdings`), sans-IO.
 
-``at`` is the node's wall clock in milliseconds, but never lower than one
-past the last stamp it issued (:class:`StampClock`), and a restarted node starts above every
-stamp it may have issued before (it persists a reservation, ``RESERVE_MS`` ahead). So an ack
-stamped after its write and a heads statement stamped before its read are ordered as they
-happened, whatever the wall clock does. A dishonest node can stamp anything; that only lets it
-avoid signing a contradiction, which a device notices (a statement stamped before an ack it
-already received: *backdated*, suspected but not provable, see SECURITY.md).
+``at`` is the node's wall clock in milliseconds, but never lower than one past the last stamp
+it issued (:class:`StampClock`), and a restarted node starts above every stamp it may have
+issued before (it persists a reservation, ``RESERVE_MS`` ahead, in its database; a node that
+lost its database starts over, in a new incarnation: :mod:`proto.holdings`). So an ack stamped
+after its write and a heads statement stamped before its read are ordered as they happened,
+whatever the wall clock does. A dishonest node can stamp anything; that only lets it avoid
+signing a contradiction, which a device notices (a statement stamped before an ack it already
+received from the same incarnation: *backdated*, suspected but not provable, see SECURITY.md).
 """
 
 from __future__ import annotations

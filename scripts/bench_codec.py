@@ -49,7 +49,7 @@ def typical_messages() -> dict[str, Any]:
         "Accept (2 KiB value)": Accept(b"g" * 32, 12, Ballot(3, b"p" * 32), b"v" * 2048,
                                        b"x" * 64),
         "BackfillPage (100 x 1 KiB envelopes)": BackfillPage(
-            tuple(envelope(i) for i in range(100)), True, 1, b"x" * 64),
+            tuple(envelope(i) for i in range(100)), True, b"i" * 16, 1, b"x" * 64),
     }
 
 
@@ -61,7 +61,7 @@ def valid_16mib_frame() -> bytes:
 
     envs = tuple(Envelope(b"g" * 32, b"s" * 32, i, 1, b"c" * 16_500, b"x" * 64)
                  for i in range(1000))
-    return encode(BackfillPage(envs, False, 1, b"x" * 64))
+    return encode(BackfillPage(envs, False, b"i" * 16, 1, b"x" * 64))
 
 
 def dense_frame() -> bytes:

@@ -19,7 +19,7 @@ N = 2000
 def main() -> None:
     node, dev = SecretKey.generate(), SecretKey.generate()
     env = Envelope.seal(dev, b"g" * 32, 1, 0, b"c" * 1024)
-    body = AckBody(node.public, env.group_id, env.sender, env.seq, env.digest(), 1)
+    body = AckBody(node.public, b"i" * 16, env.group_id, env.sender, env.seq, env.digest(), 1)
     t = time.perf_counter()
     for _ in range(N):
         node.sign(ACK_CTX, encode_struct(body))

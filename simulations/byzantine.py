@@ -43,7 +43,7 @@ class WithholdingService(Service):
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
         self._require_member(session, await self.require_group(msg.group_id))
         at = await self.notary.stamp()
-        return BackfillPage((), False, at,
+        return BackfillPage((), False, self.notary.incarnation, at,
                             await self.notary.backfill_signature(msg, at, (), False))
 
     async def _fetch_holdings(self, session: Session, msg: FetchHoldings) -> Holdings:

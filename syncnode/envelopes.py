@@ -112,7 +112,7 @@ class Envelopes:
                                                       max_bytes=PAGE_BYTES)
         out = tuple(decode_as(raw, Envelope) for raw in raws)
         self.metrics.messages_served.inc(len(out))
-        return BackfillPage(out, more, at,
+        return BackfillPage(out, more, self.notary.incarnation, at,
                             await self.notary.backfill_signature(msg, at, out, more))
 
     async def summary(self, group_id: bytes) -> dict[bytes, Summary]:

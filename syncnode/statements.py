@@ -5,7 +5,10 @@ The :class:`Notary` owns the statement clock: stamps strictly increase, and are 
 reservation kept durably in storage (one write every ``RESERVE_MS`` of stamps), so a restarted
 node, whatever its wall clock says, stamps above everything it signed before. That is what
 makes "signed later" mean "happened later" for an honest node, and so what keeps proofs
-against it impossible.
+against it impossible. Every statement also names the storage's **incarnation**
+(:meth:`~syncnode.storage.Storage.incarnation`, read with the clock's reservation before the
+first stamp): a node restarted on a lost, re-made database signs under a new one, so what it
+acked before the loss cannot be held against what it holds now (:mod:`proto.holdings`).
 
 Cost: one Ed25519 signature per ``Stored``, per backfill page and per ``FetchHoldings`` (about
 60 µs on the development machine, against about 95 µs for the envelope signature a Store
@@ -58,6 +61,7 @@ class Notary:
         self.metrics = metrics
         self.clock = clock
         self._stamps: StampClock | None = None
+        self._incarnation: bytes | None = None
         self._lock = trio.Lock()
 
     async def stamp(self) -> int:
@@ -69,6 +73,7 @@ class Notary:
                     return t
             async with self._lock:
                 if self._stamps is None:
+                    self._incarnation = await self.store.incarnation()
                     self._stamps = StampClock(await self.store.statement_clock())
                 stamps, wall = self._stamps, int(self.clock() * 1000)
                 if max(wall, stamps.last + 1) > stamps.reserved:  # another task may have
@@ -76,18 +81,28 @@ class Notary:
                     await self.store.reserve_statement_clock(want)
                     stamps.reserved = max(stamps.reserved, want)
 
+    @property
+    def incarnation(self) -> bytes:
+        """The storage's incarnation; known once :meth:`stamp` ran (every statement is stamped
+        before it is signed)."""
+        if self._incarnation is None:
+            raise RuntimeError("a statement must be stamped before it is signed")
+        return self._incarnation
+
     async def ack(self, env: Envelope) -> Stored:
         """The signed ack of an envelope that is durable here (stamped after the write)."""
         digest, at = env.digest(), await self.stamp()
-        body = AckBody(self.node_id, env.group_id, env.sender, env.seq, digest, at)
+        body = AckBody(self.node_id, self.incarnation, env.group_id, env.sender, env.seq, digest,
+                       at)
         sig = self.key.sign(ACK_CTX, encode_struct(body))
-        return Stored(env.group_id, env.sender, env.seq, digest, at, sig)
+        return Stored(env.group_id, env.sender, env.seq, digest, self.incarnation, at, sig)
 
     async def backfill_signature(self, msg: Backfill, at: int, envelopes: tuple[Envelope, ...],
                                  more: bool) -> bytes:
         """Sign a backfill answer; ``at`` was stamped before the envelopes were read."""
         entries = tuple(Entry(e.sender, e.seq, e.digest()) for e in envelopes)
-        body = BackfillBody(self.node_id, msg.group_id, msg.watermarks, entries, more, at)
+        body = BackfillBody(self.node_id, self.incarnation, msg.group_id, msg.watermarks,
+                            entries, more, at)
         return self.key.sign(BACKFILL_CTX, encode_struct(body))
 
     async def holdings(self, session: Session, msg: FetchHoldings) -> Holdings:
@@ -110,6 +125,6 @@ class Notary:
 
     def sign_heads(self, group_id: bytes, top: int, marks: tuple[Watermark, ...],
                    probes: tuple[Probe, ...], at: int) -> SignedHeads:
-        body = HeadsBody(self.node_id, group_id, top, marks, probes, at)
+        body = HeadsBody(self.node_id, self.incarnation, group_id, top, marks, probes, at)
         sig = self.key.sign(HEADS_CTX, encode_struct(body))
-        return SignedHeads(self.node_id, group_id, top, marks, probes, at, sig)
+        return SignedHeads(self.node_id, self.incarnation, group_id, top, marks, probes, at, sig)

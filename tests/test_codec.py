@@ -49,7 +49,8 @@ from tests.strategies import (
 
 def _all_messages() -> list[type[Any]]:
     # Import every module that registers messages so the registry is complete.
-    import proto.paxos  # noqa: F401
+    import proto.paxos
+    import proto.resets  # noqa: F401
 
     return list(codec.registered_messages().values())
 

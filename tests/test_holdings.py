@@ -1,14 +1,18 @@
 """Signed holdings statements and withholding proofs (:mod:`proto.holdings`): every kind of
-contradiction is proven, every forged or tampered proof is refused, honest statements never
-contradict each other; and the syncnode's real statements (SQLite, memory transport) follow
-the rules, its statement clock across a restart with the wall clock set back included."""
+contradiction is proven, every forged or tampered proof is refused, statements of two
+incarnations of a node's storage prove nothing, honest statements never contradict each other;
+and the syncnode's real statements (SQLite, memory transport) follow the rules, its statement
+clock across a restart with the wall clock set back included, its incarnation across a restart
+kept and across a lost database new."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
+from device.witness import ack_of
 from proto.codec import decode_as, encode, encode_struct
 from proto.holdings import (
     ACK_CTX,
@@ -28,6 +32,7 @@ from proto.holdings import (
     verify,
 )
 from proto.identity import SecretKey
+from proto.resets import StorageReset, reset_between, verify_reset
 from proto.rpc import watermarks_of
 from proto.service import Watermark
 from proto.stampclock import RESERVE_MS, StampClock, backdated
@@ -39,27 +44,28 @@ NODE, OTHER = SecretKey(b"n" * 32), SecretKey(b"o" * 32)
 G, G2 = b"g" * 16, b"h" * 16
 S, T = b"s" * 32, b"t" * 32
 D5, DX = b"5" * 32, b"x" * 32
+INC, INC2 = b"i" * 16, b"j" * 16
 
 
 def ack(seq: int = 5, at: int = 100, *, key: SecretKey = NODE, group: bytes = G,
-        digest: bytes = D5) -> SignedAck:
-    body = AckBody(key.public, group, S, seq, digest, at)
+        digest: bytes = D5, inc: bytes = INC) -> SignedAck:
+    body = AckBody(key.public, inc, group, S, seq, digest, at)
     return SignedAck(*dataclasses.astuple(body), key.sign(ACK_CTX, encode_struct(body)))
 
 
 def heads(marks: dict[bytes, int], at: int = 200, probes: tuple[Probe, ...] = (), *,
-          key: SecretKey = NODE, group: bytes = G) -> SignedHeads:
-    body = HeadsBody(key.public, group, 3, tuple(Watermark(s, q) for s, q in marks.items()),
-                     probes, at)
-    return SignedHeads(key.public, group, 3, body.marks, probes, at,
+          key: SecretKey = NODE, group: bytes = G, inc: bytes = INC) -> SignedHeads:
+    body = HeadsBody(key.public, inc, group, 3,
+                     tuple(Watermark(s, q) for s, q in marks.items()), probes, at)
+    return SignedHeads(key.public, inc, group, 3, body.marks, probes, at,
                        key.sign(HEADS_CTX, encode_struct(body)))
 
 
 def backfill(marks: dict[bytes, int], entries: tuple[Entry, ...] = (), *, more: bool = False,
-             at: int = 200, key: SecretKey = NODE) -> SignedBackfill:
+             at: int = 200, key: SecretKey = NODE, inc: bytes = INC) -> SignedBackfill:
     wm = tuple(Watermark(s, q) for s, q in marks.items())
-    body = BackfillBody(key.public, G, wm, entries, more, at)
-    return SignedBackfill(key.public, G, wm, entries, more, at,
+    body = BackfillBody(key.public, inc, G, wm, entries, more, at)
+    return SignedBackfill(key.public, inc, G, wm, entries, more, at,
                           key.sign(BACKFILL_CTX, encode_struct(body)))
 
 
@@ -104,6 +110,9 @@ def test_each_contradiction_is_found_and_proves_itself(held: SignedAck | SignedH
     (ack(at=300), heads({S: 0})),  # the heads are older than the ack
     (ack(), heads({S: 0}, key=OTHER)),  # another syncnode's
     (ack(), heads({S: 0}, group=G2)),
+    (ack(), heads({S: 0}, inc=INC2)),  # it lost its storage in between: not withholding
+    (ack(), backfill({S: 2}, inc=INC2)),
+    (heads({S: 9}, at=100), heads({S: 6}, inc=INC2)),
     (heads({S: 9}, at=100), heads({S: 9})),
     (heads({S: 9}, at=100), heads({T: 0})),  # nothing said about S later
     (heads({S: 9}, at=100), backfill({S: 3}, tuple(Entry(S, q, D5) for q in range(4, 12)))),
@@ -133,6 +142,9 @@ def resign_ack(a: SignedAck, **change: object) -> SignedAck:
     (dataclasses.replace(GOOD, held_ack=ack(group=G2)), "different groups"),
     (dataclasses.replace(GOOD, held_ack=resign_ack(ack(), seq=6)), "signature"),
     (dataclasses.replace(GOOD, held_ack=resign_ack(ack(), at=10)), "signature"),
+    (dataclasses.replace(GOOD, held_ack=resign_ack(ack(), incarnation=INC2)), "signature"),
+    (dataclasses.replace(GOOD, lack_heads=dataclasses.replace(heads({S: 4}), incarnation=INC2)),
+     "signature"),
     (dataclasses.replace(GOOD, lack_heads=dataclasses.replace(heads({S: 4}), top=9)),
      "signature"),
     (dataclasses.replace(GOOD, lack_heads=dataclasses.replace(
@@ -151,6 +163,30 @@ def test_forged_or_tampered_proofs_are_refused(proof: WithholdingProof, why: str
     verify(GOOD)  # the untouched one holds
     with pytest.raises(ProofError, match=why):
         verify(roundtrip(proof))
+
+
+@pytest.mark.parametrize("lack_in", [
+    lambda inc: heads({S: 4}, inc=inc),
+    lambda inc: heads({}, probes=(Probe(S, 5, None),), inc=inc),
+    lambda inc: backfill({S: 2}, inc=inc),
+], ids=["heads-mark", "heads-probe", "backfill"])
+def test_statements_of_two_incarnations_prove_nothing(
+        lack_in: Callable[[bytes], SignedHeads | SignedBackfill]) -> None:
+    """The same pair convicts within one incarnation; when the lack statement is signed by
+    another incarnation (the node lost its database in between), it is refused, by name."""
+    held = ack()
+
+    def proof(lack: SignedHeads | SignedBackfill) -> WithholdingProof:
+        return WithholdingProof(
+            S, 5, held_ack=held, lack_heads=lack if isinstance(lack, SignedHeads) else None,
+            lack_backfill=lack if isinstance(lack, SignedBackfill) else None)
+
+    assert verify(roundtrip(proof(lack_in(INC)))).seq == 5
+    other = lack_in(INC2)
+    assert other.valid()
+    with pytest.raises(ProofError, match=r"different incarnations .* not withholding"):
+        verify(roundtrip(proof(other)))
+    assert contradiction(held, other) is None
 
 
 def test_a_signature_by_another_key_under_the_claimed_node_id_is_refused() -> None:
@@ -209,8 +245,7 @@ async def test_an_honest_syncnode_never_contradicts_itself(
         for seq in (1, 3):
             env = seal(alice, g, seq, 0)
             st = await c.store(env)
-            a = SignedAck(node.key.public, st.group_id, st.sender, st.seq, st.digest, st.at,
-                          st.signature)
+            a = ack_of(node.key.public, st)
             assert a.valid() and a.digest == env.digest()
             statements.append(a)
         h = await c.holdings(g.group_id, [alice.key_fpr], [(alice.key_fpr, 3),
@@ -220,7 +255,7 @@ async def test_an_honest_syncnode_never_contradicts_itself(
         assert h.probe(alice.key_fpr, 2) == Probe(alice.key_fpr, 2, None)
         statements.append(h)
         page = await c.backfill(g.group_id, {})
-        b = SignedBackfill(node.key.public, g.group_id, watermarks_of({}),
+        b = SignedBackfill(node.key.public, page.incarnation, g.group_id, watermarks_of({}),
                            tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
                            page.more, page.at, page.signature)
         assert b.valid() and not b.more and len(b.entries) == 2
@@ -231,9 +266,9 @@ async def test_an_honest_syncnode_never_contradicts_itself(
     restarted.service.notary.clock = restarted.service.clock
     async with cluster.clients(alice, [restarted]) as (c,):
         st = await c.store(seal(alice, g, 2, 0))
-        later = SignedAck(node.key.public, st.group_id, st.sender, st.seq, st.digest, st.at,
-                          st.signature)
+        later = ack_of(node.key.public, st)
         assert later.valid() and later.at > max(s.at for s in statements)
+        assert {s.incarnation for s in statements} == {later.incarnation}  # one life
         h2 = await c.holdings(g.group_id, [alice.key_fpr], [(alice.key_fpr, 3)])
         assert h2.at > later.at and h2.mark(alice.key_fpr) == 3
         statements += [later, h2]
@@ -253,9 +288,39 @@ async def test_a_withholding_syncnode_signs_its_own_conviction(
     async with cluster.clients(alice, [node]) as (c,):
         await c.register_group(g.values[0])
         st = await c.store(seal(alice, g, 1, 0))
-        a = SignedAck(node.key.public, st.group_id, st.sender, st.seq, st.digest, st.at,
-                      st.signature)
+        a = ack_of(node.key.public, st)
         h = await c.holdings(g.group_id, [alice.key_fpr], [(alice.key_fpr, 1)])
     proof = contradiction(a, h)
     assert proof is not None
     assert verify(roundtrip(proof)).node_id == node.key.public
+
+
+async def test_a_syncnode_that_lost_its_database_signs_under_a_new_incarnation(
+        cluster: MemoryCluster) -> None:  # noqa: F811
+    """Its data deleted, restarted with the same key: it honestly lacks what it acked, and
+    its wall clock is behind the stamps it issued (the reservation went with the data). Its
+    statements name a new incarnation, so the pair proves no withholding; it proves a reset."""
+    alice = Device("alice")
+    node = cluster.nodes[0]
+    g = new_group(alice, [node.entry])
+    async with cluster.clients(alice, [node]) as (c,):
+        await c.register_group(g.values[0])
+        before = ack_of(node.key.public, await c.store(seal(alice, g, 1, 0)))
+    await cluster.stop_node(node)
+    for p in node.path.parent.glob(node.path.name + "*"):
+        p.unlink()
+    wiped = await cluster.start_node(node.key)
+    async with cluster.clients(alice, [wiped]) as (c,):
+        await c.register_group(g.values[0])
+        after = await c.holdings(g.group_id, [alice.key_fpr], [(alice.key_fpr, 1)])
+    assert after.valid() and after.mark(alice.key_fpr) == 0
+    assert after.probe(alice.key_fpr, 1) == Probe(alice.key_fpr, 1, None)
+    assert after.incarnation != before.incarnation
+    assert contradiction(before, after) is None
+    with pytest.raises(ProofError, match="different incarnations"):
+        verify(WithholdingProof(alice.key_fpr, 1, held_ack=before, lack_heads=after))
+    evidence = reset_between(before, after)
+    assert evidence is not None
+    shown = verify_reset(decode_as(encode(evidence), StorageReset))
+    assert (shown.node_id, shown.old_incarnation, shown.new_incarnation) == (
+        node.key.public, before.incarnation, after.incarnation)

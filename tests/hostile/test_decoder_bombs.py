@@ -89,7 +89,7 @@ def valid_frame() -> bytes:
 
     envs = tuple(Envelope(b"g" * 32, b"s" * 32, i, 1, b"c" * 16_500, b"x" * 64)
                  for i in range(1000))
-    return codec.encode(BackfillPage(envs, False, 1, b"x" * 64))
+    return codec.encode(BackfillPage(envs, False, b"i" * 16, 1, b"x" * 64))
 
 
 BOMBS = ["wide-arrays", "wide-maps", "deep", "tagged-prefix", "ints-for-bytes", "extra-items",
