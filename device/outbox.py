@@ -70,6 +70,7 @@ class Outbox:
         self.durable_changed = Signal()
         """Fires when an envelope became durable (or the document stopped being active)."""
         self._dirty = trio.Event()
+        witness.on_reset.append(self._node_reset)
         if self.store.one("SELECT 1 FROM local_pending WHERE group_id=? LIMIT 1", gid):
             self._dirty.set()
 
@@ -224,6 +225,12 @@ class Outbox:
             self._acked(out, client.node_id)
         finally:
             limiter.release()
+
+    def _node_reset(self, node: bytes) -> None:
+        """``node`` lost its storage: what it acked and is not yet durable goes to it again
+        (what is durable its peers give back: :mod:`device.witness`)."""
+        self.pending.forget(node)
+        self.changed.fire()
 
     def _acked(self, out: Outgoing, node: bytes) -> None:
         r = self.replica

@@ -109,6 +109,12 @@ class PendingAcks:
     def settle(self, seq: int) -> None:
         del self.waiting[seq]
 
+    def forget(self, node: bytes) -> None:
+        """``node`` lost its storage (a new incarnation, :mod:`device.witness`): its acks of
+        envelopes not yet durable no longer hold, so they are sent to it again."""
+        for out in self.waiting.values():
+            out.acks.discard(node)
+
 
 def durable_count(next_seq: int, waiting: int) -> int:
     """How many of our updates are durable: every seq sealed so far but those still waiting."""

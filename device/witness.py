@@ -20,23 +20,40 @@ When they are checked:
 
 A contradiction is proven only between statements made while the syncnode stayed one of the
 document's syncnodes (:func:`named_throughout`): a syncnode removed from the document may
-delete its data, and one added back later starts over. What is only **suspected** -- heads or
-pages whose signature does not verify, statements stamped before an ack we already held
-(``backdated``), refusals to sign heads, serving less than the other syncnodes -- is logged,
-and the first two raise ``withholding-suspected`` (without a proof: nobody else could check
-it). The pure parts are in :mod:`proto.holdings`.
+delete its data, and one added back later starts over. And only within one **incarnation** of
+its storage (:mod:`proto.holdings`): when a statement (ack, heads or backfill page) names
+another incarnation than the kept ones, the syncnode lost its database and restarted with the
+same key. That is logged and raised as a ``syncnode-reset`` alarm carrying the two statements
+(:class:`proto.resets.StorageReset`, no accusation: the user learns the node forgot what it
+had acknowledged); the kept statements are dropped, so the old incarnation's acks are never
+compared with the new one's statements, and checking goes on within the new incarnation.
+
+What is only **suspected** -- heads or pages whose signature does not verify, statements
+stamped before an ack of the same incarnation we already held (``backdated``), refusals to sign
+heads, serving less than the other syncnodes -- is logged, and the first two raise
+``withholding-suspected`` (without a proof: nobody else could check it). The pure parts are in
+:mod:`proto.holdings` and :mod:`proto.resets`.
+
+**Re-sending after a reset: decided against** for envelopes already durable (a quorum had
+acknowledged them, the old incarnation among it). The node's peers refill it with everything
+they hold (anti-entropy, :mod:`syncnode.reconcile`, checked by the simulator's ``wipe``
+scenario): that covers every sender's envelopes, not only ours, and works while we are
+offline; and a device no longer keeps an envelope once it is durable, so it could re-send only
+the few it has not settled yet. Those it does re-send: envelopes still waiting for a quorum
+stop counting the old incarnation's ack (:attr:`Witness.on_reset`; the outbox sends them to the
+node again), or a copy the node lost would count toward durability.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from device.replica import Replica
 from proto.codec import decode_as, encode
 from proto.envelope import Envelope
-from proto.errors import SyncnodeError
+from proto.errors import DecodeError, SyncnodeError
 from proto.holdings import (
     MAX_HOLDING_SENDERS,
     Entry,
@@ -51,6 +68,7 @@ from proto.holdings import (
 from proto.identity import short_id
 from proto.logs import get_logger
 from proto.manifest import Manifest
+from proto.resets import reset_between, reset_detail
 from proto.rpc import RemoteError, SyncnodeClient, watermarks_of
 from proto.service import BackfillPage, Stored
 from proto.stampclock import backdated
@@ -82,13 +100,19 @@ class Witness:
         """Syncnode -> (our epoch when it arrived, its ack of our highest seq)."""
         self.heads: dict[bytes, tuple[int, SignedHeads]] = {}
         self.convicted: set[bytes] = set()
+        self.on_reset: list[Callable[[bytes], None]] = []
+        """Told the node id of each syncnode found to have a new incarnation."""
         for node, kind, epoch, raw in self.store.all(
                 "SELECT node_id, kind, epoch, statement FROM witness WHERE group_id=?",
                 replica.group_id):
-            if kind == "ack":
-                self.acks[node] = (epoch, ack_of(node, decode_as(raw, Stored)))
-            else:
-                self.heads[node] = (epoch, decode_as(raw, Holdings).heads)
+            try:
+                if kind == "ack":
+                    self.acks[node] = (epoch, ack_of(node, decode_as(raw, Stored)))
+                else:
+                    self.heads[node] = (epoch, decode_as(raw, Holdings).heads)
+            except DecodeError:  # kept before statements named an incarnation: start over
+                log.info("old witness statement dropped", doc=short_id(replica.group_id),
+                         node=short_id(node), kind=kind)
 
     # -- keeping statements ---------------------------------------------------------------------
 
@@ -107,6 +131,7 @@ class Witness:
                 (env.group_id, env.sender, env.seq, env.digest()) or not ack.valid():
             self._suspect(node, "its ack of our update is not validly signed")
             raise BadAck(f"syncnode {short_id(node)} sent an ack that does not verify")
+        self._renewed(node, ack)
         kept = self.acks.get(node)
         if kept is None or ack.seq > kept[1].seq:
             self.acks[node] = (self.replica.epoch, ack)
@@ -137,6 +162,9 @@ class Witness:
         if heads.node_id != node or heads.group_id != r.group_id or not heads.valid():
             self._suspect(node, "its signed heads do not verify")
             return
+        self._renewed(node, heads)
+        if kept is not None and kept[1].incarnation != heads.incarnation:
+            kept = None  # an ack of its old storage (a reset while we asked): not comparable
         if backdated(kept[1].at if kept else None, heads.at):
             self._suspect(node, "its heads are stamped before an ack it gave us earlier")
             return
@@ -156,6 +184,7 @@ class Witness:
         if not st.valid():
             self._suspect(node, "its backfill answer is not validly signed")
             return
+        self._renewed(node, st)
         if not page.more:
             self._compare(node, [self.acks.get(node), self.heads.get(node)], st)
 
@@ -173,6 +202,28 @@ class Witness:
             proof = contradiction(statement, lack)
             if proof is not None:
                 self._convict(node, proof)
+
+    def _renewed(self, node: bytes, new: SignedAck | SignedHeads | SignedBackfill) -> bool:
+        """If ``new`` (verified) names another incarnation than what we kept of ``node``: raise
+        ``syncnode-reset`` with the evidence, forget the kept statements (here and stored) and
+        tell :attr:`on_reset`. Whether it did. A node convicted before stays convicted."""
+        kept = [k[1] for k in (self.acks.get(node), self.heads.get(node)) if k is not None]
+        evidence = next((e for e in (reset_between(old, new) for old in kept) if e), None)
+        if evidence is None or evidence.old is None:
+            return False
+        r = self.replica
+        old = evidence.old.incarnation
+        log.warning("syncnode lost its storage: new incarnation", doc=short_id(r.group_id),
+                    node=short_id(node), old=old.hex(), new=new.incarnation.hex())
+        r.alarm("syncnode-reset", reset_detail(node, old, new.incarnation),
+                evidence=encode(evidence))
+        self.acks.pop(node, None)
+        self.heads.pop(node, None)
+        with self.store.transaction(durable=False) as db:
+            db.execute("DELETE FROM witness WHERE group_id=? AND node_id=?", (r.group_id, node))
+        for told in self.on_reset:
+            told(node)
+        return True
 
     def _convict(self, node: bytes, proof: WithholdingProof) -> None:
         finding = verify(proof)  # ours must hold up on its own, as anyone will check it

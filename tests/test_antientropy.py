@@ -114,9 +114,19 @@ async def test_wiped_and_frozen_syncnodes_get_every_acknowledged_update_back(tmp
                 nursery.start_soon(edit_until, doc_b, "b", stop, made["b"])
                 await trio.sleep(1.0)
                 # Wiped while the devices edit: it comes back with the same key and no data.
+                # Both hold node2's signed ack before: what it signs after is compared to it.
+                assert cluster[2].ticket is not None
+                node2 = cluster[2].ticket.node_id
+                await eventually(lambda: all(node2 in d.witness.acks for d in (doc_a, doc_b)),
+                                 WAIT, "both devices to hold an ack of node2")
                 before = acked([doc_a, doc_b])
                 wipe(cluster[2])
                 await everywhere(cluster, gid, before, "after the wipe of node2")
+                # Its statements name a new incarnation: told as a reset, not as withholding.
+                for doc in (doc_a, doc_b):
+                    await eventually(lambda doc=doc: any(
+                        a.kind == "syncnode-reset" and node2.hex() in a.detail
+                        for a in doc.alarms()), WAIT, "a syncnode-reset alarm naming node2")
                 # Frozen while the devices edit: the other two are a quorum meanwhile.
                 assert cluster[1].proc is not None
                 os.kill(cluster[1].proc.pid, signal.SIGSTOP)
@@ -134,6 +144,9 @@ async def test_wiped_and_frozen_syncnodes_get_every_acknowledged_update_back(tmp
             await everywhere(cluster, gid, sent, "after node1 was frozen")
             value = await converged([doc_a, doc_b], timeout=30)
             assert set(value["m"]) == set(made["a"]) | set(made["b"])
+            accused = [a for d in (doc_a, doc_b) for a in d.alarms()
+                       if a.kind.startswith("withholding")]
+            assert not accused, accused  # the wiped node lacked what it acked: no accusation
 
         # No device online at all: a wiped syncnode is handed the group by its peers and
         # pulls its log and every envelope from them.

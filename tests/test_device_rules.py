@@ -116,6 +116,22 @@ def test_pending_acks_settle_each_envelope_once_at_its_quorum() -> None:
     assert durable_count(next_seq=3, waiting=len(acks)) == 1
 
 
+def test_a_reset_syncnode_acks_count_no_more_until_it_acks_again() -> None:
+    """A syncnode that lost its storage (a new incarnation) no longer holds what it acked:
+    its acks of envelopes not yet durable are forgotten, so they go to it again, and the
+    envelope needs a quorum of acks that still hold."""
+    first, second = envelope(sender=ME, seq=1), envelope(sender=ME, seq=2)
+    acks = PendingAcks([(1, first), (2, second)])
+    one, two = acks.waiting[1], acks.waiting[2]
+    assert not acks.ack(one, N1, THREE) and not acks.ack(two, N1, THREE)
+    assert acks.ack(two, N2, THREE)  # durable already: forgetting N1 does not undo that
+    acks.settle(2)
+    acks.forget(N1)
+    assert [o.envelope.seq for o in acks.unacked_by(N1)] == [1]
+    assert not acks.ack(one, N2, THREE)  # N2 alone is no quorum: N1's lost copy no longer counts
+    assert acks.ack(one, N1, THREE)  # acked again, by the new incarnation
+
+
 # -- inbox ----------------------------------------------------------------------------------------
 
 
