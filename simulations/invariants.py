@@ -30,39 +30,34 @@ Final (after faults heal and traffic stops):
 - **detected**: with a colluding majority, any two devices whose logs differ include one that
   raised an equivocation alarm with a verifiable EquivocationProof;
 - **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
-  alarm and no document failed;
+  alarm and no document failed; and in every scenario, every ``syncnode-reset`` alarm holds a
+  :class:`~proto.resets.StorageReset` that verifies and names a syncnode whose database was
+  wiped (an honest node's incarnation changes with nothing else);
 - **never-accused**: every ``withholding`` alarm holds a :class:`WithholdingProof` that verifies
   on its own, and none (nor a ``withholding-suspected`` alarm) names an honest syncnode: a proof
   against an honest node must be impossible, in every scenario;
 - **withholding-detected**: a withholding syncnode (``withhold`` behaviour) from which a current
   member holds a signed ack is named by some device's ``withholding`` alarm whose proof
   verifies (issue 17: withholding leaves evidence).
+
+The last two, and the ``syncnode-reset`` part of **alarms**, are checked in
+:mod:`simulations.evidence`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from device.mls import MlsError
 from proto.codec import decode_as
 from proto.errors import SyncnodeError
-from proto.holdings import WithholdingProof, verify
 from proto.manifest import LogValue, ManifestError, Role, validate_genesis, verify_decided
 from proto.paxos.messages import EquivocationProof, value_hash
 from proto.paxos.quorum import CertificateError, verify_certificate
+from simulations.evidence import never_accused, resets, withholding_detected
+from simulations.violation import Violation
 from simulations.world import SimDevice, World
 
 MARK = b"MARK-"
 """Every edit writes a marker starting with this; a syncnode must never store it readable."""
-
-
-@dataclass(frozen=True)
-class Violation:
-    invariant: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.invariant}: {self.detail}"
 
 
 class Checker:
@@ -163,7 +158,8 @@ class Checker:
 
     def final(self) -> list[Violation]:
         out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext(),
-               *self.reader_silent(), *self.never_accused(), *self.withholding_detected()]
+               *self.reader_silent(), *never_accused(self.world),
+               *withholding_detected(self.world), *resets(self.world)]
         if self.colluding:
             out += self.detected()
         else:
@@ -335,58 +331,6 @@ class Checker:
             for alarm in dev.doc.alarms():
                 if alarm.kind in ("equivocation", "invalid-decision", "bad-update"):
                     out.append(Violation("alarms", f"{dev.name}: {alarm.kind}: {alarm.detail}"))
-        return out
-
-
-    def convictions(self) -> tuple[dict[bytes, str], list[Violation]]:
-        """Syncnode id -> a device whose ``withholding`` alarm proves it withheld; and the
-        alarms whose proof does not verify."""
-        convicted: dict[bytes, str] = {}
-        bad = []
-        for dev in self.world.devices:
-            if dev.doc is None:
-                continue
-            for (evidence,) in dev.doc.store.all("SELECT evidence FROM alarms WHERE group_id=? "
-                                                 "AND kind='withholding'", dev.doc.group_id):
-                try:
-                    finding = verify(decode_as(evidence, WithholdingProof))
-                except SyncnodeError as exc:
-                    bad.append(Violation("never-accused", f"{dev.name}'s withholding alarm "
-                                         f"holds no valid proof: {exc}"))
-                    continue
-                convicted.setdefault(finding.node_id, dev.name)
-        return convicted, bad
-
-    def never_accused(self) -> list[Violation]:
-        convicted, out = self.convictions()
-        honest = {n.key.public: n.name for n in self.world.nodes if n.honest}
-        for node_id, who in convicted.items():
-            if node_id in honest:
-                out.append(Violation("never-accused", f"{who} holds a proof that honest "
-                                     f"{honest[node_id]} withheld"))
-        for dev in self.world.devices:
-            if dev.doc is None:
-                continue
-            for alarm in dev.doc.alarms():
-                if alarm.kind == "withholding-suspected" and any(
-                        node_id.hex() in alarm.detail for node_id in honest):
-                    out.append(Violation("never-accused", f"{dev.name} suspects an honest "
-                                         f"syncnode: {alarm.detail}"))
-        return out
-
-    def withholding_detected(self) -> list[Violation]:
-        convicted, _ = self.convictions()
-        out = []
-        for node in self.world.nodes:
-            if node.behaviour != "withhold" or node.key.public in convicted:
-                continue
-            holders = [d.name for d in self.world.members() if d.doc is not None and
-                       d.doc.store.one("SELECT 1 FROM witness WHERE group_id=? AND node_id=? "
-                                       "AND kind='ack'", d.doc.group_id, node.key.public)]
-            if holders:
-                out.append(Violation("withholding-detected", f"{node.name} withholds, "
-                                     f"{', '.join(holders)} hold its signed acks, and no "
-                                     "device raised a withholding alarm with a proof"))
         return out
 
 

@@ -87,6 +87,8 @@ class SimNode:
     """Named by some manifest (a spare once a replacement picked it)."""
     retired: bool = False
     """Stopped for good, its database deleted (after the document moved away from it)."""
+    wipes: int = 0
+    """Times its database was deleted and made again (same key): each is a new incarnation."""
     clock: SimClock = field(default_factory=SimClock)
     service: Service | None = None
     transport: MemoryTransport | None = None
@@ -223,6 +225,7 @@ class World:
             await self.crash_node(node)
         for p in _db_files(node.path.parent, node.path.name):
             p.unlink()
+        node.wipes += 1
         await self.start_node(node)
 
     def held(self, node: SimNode) -> dict[bytes, set[int]]:
