@@ -110,7 +110,7 @@ def test_each_contradiction_is_found_and_proves_itself(held: SignedAck | SignedH
     (ack(at=300), heads({S: 0})),  # the heads are older than the ack
     (ack(), heads({S: 0}, key=OTHER)),  # another syncnode's
     (ack(), heads({S: 0}, group=G2)),
-    (ack(), heads({S: 0}, inc=INC2)),  # it lost its storage in between: not withholding
+    (ack(), heads({S: 4}, inc=INC2)),  # it lost its storage in between: not withholding
     (ack(), backfill({S: 2}, inc=INC2)),
     (heads({S: 9}, at=100), heads({S: 6}, inc=INC2)),
     (heads({S: 9}, at=100), heads({S: 9})),
