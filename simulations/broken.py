@@ -193,6 +193,9 @@ def _blind_witness() -> Iterator[None]:
     finally:
         Witness.check = honest_check  # type: ignore[method-assign]
         Witness.backfilled = honest_backfilled  # type: ignore[method-assign]
+
+
+@contextmanager
 def _no_reconcile() -> Iterator[None]:
     """Anti-entropy switched off (what a syncnode did before issue 17 for quiet groups)."""
     from syncnode.reconcile import Reconciler
