@@ -34,6 +34,8 @@ VARIANTS = {
                      "answers against them (a withholding syncnode goes unreported)",
     "no-reconcile": "syncnodes never reconcile: a wiped one holds only what devices send it "
                     "after the wipe",
+    "silent-reset": "devices do not notice that a wiped syncnode signs under a new incarnation "
+                    "of its storage (no syncnode-reset alarm; its old acks stay kept)",
 }
 
 
@@ -81,6 +83,10 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
         return
     if variant in ("members-govern", "readers-send"):
         with _patched(*_ROLE_BUGS[variant]):
+            yield
+        return
+    if variant == "silent-reset":
+        with _patched(("device.witness", "reset_between", _no_reset)):
             yield
         return
     if variant != "early-apply":
@@ -220,6 +226,10 @@ def _no_refusal(*args: Any) -> None:
     return None
 
 
+def _no_reset(*_: Any) -> None:
+    return None
+
+
 _ROLE_BUGS: dict[str, tuple[tuple[str, str, Any], ...]] = {
     # (module, attribute, replacement): everywhere the rule is looked up by name
     "members-govern": (("proto.manifest", "_check_own_update", _no_refusal),
@@ -233,8 +243,8 @@ _ROLE_BUGS: dict[str, tuple[tuple[str, str, Any], ...]] = {
 
 @contextmanager
 def _patched(*patches: tuple[str, str, Any]) -> Iterator[None]:
-    """The role rules as they were before issue 16 (any member governs; a reader's updates
-    count), by replacing the rule functions where the code looks them up."""
+    """Rule functions replaced where the code looks them up: the role rules as they were
+    before issue 16 (any member governs; a reader's updates count), the witness's reset rule."""
     import importlib
 
     saved = []

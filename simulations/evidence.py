@@ -11,11 +11,13 @@ from proto.errors import SyncnodeError
 from proto.holdings import WithholdingProof, verify
 from proto.resets import StorageReset, verify_reset
 from simulations.violation import Violation
-from simulations.world import World
+from simulations.world import World, kept_incarnations
 
 
 def resets(world: World) -> list[Violation]:
-    """The ``syncnode-reset`` part of **alarms** (see the module doc)."""
+    """The ``syncnode-reset`` part of **alarms** (see the module doc): every such alarm is
+    valid evidence about a wiped node; and a device that kept statements of a node when it was
+    wiped, and keeps statements of another incarnation of it now, raised one."""
     wiped = {n.key.public for n in world.nodes if n.wipes}
     out = []
     for dev in world.devices:
@@ -32,6 +34,15 @@ def resets(world: World) -> list[Violation]:
             if node_id not in wiped:
                 out.append(Violation("alarms", f"{dev.name} says syncnode "
                                      f"{node_id.hex()[:8]} reset, but it was never wiped"))
+    for node in world.nodes:
+        for index, before in node.watched.items():
+            dev = world.devices[index]
+            if dev.doc is None or not kept_incarnations(dev, node.key.public) - before:
+                continue
+            if not any(a.kind == "syncnode-reset" and node.key.public.hex() in a.detail
+                       for a in dev.doc.alarms()):
+                out.append(Violation("alarms", f"{dev.name} holds statements of {node.name}'s "
+                                     "new storage and raised no syncnode-reset"))
     return out
 
 

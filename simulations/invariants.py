@@ -32,7 +32,8 @@ Final (after faults heal and traffic stops):
 - **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
   alarm and no document failed; and in every scenario, every ``syncnode-reset`` alarm holds a
   :class:`~proto.resets.StorageReset` that verifies and names a syncnode whose database was
-  wiped (an honest node's incarnation changes with nothing else);
+  wiped (an honest node's incarnation changes with nothing else), and a device that kept a
+  node's statements when it was wiped and keeps statements of its new storage now raised one;
 - **never-accused**: every ``withholding`` alarm holds a :class:`WithholdingProof` that verifies
   on its own, and none (nor a ``withholding-suspected`` alarm) names an honest syncnode: a proof
   against an honest node must be impossible, in every scenario;

@@ -89,6 +89,10 @@ class SimNode:
     """Stopped for good, its database deleted (after the document moved away from it)."""
     wipes: int = 0
     """Times its database was deleted and made again (same key): each is a new incarnation."""
+    watched: dict[int, set[bytes]] = field(default_factory=dict)
+    """Device index -> incarnations of this node's statements the device kept when it was
+    wiped: a device that holds one of another incarnation later must have raised a
+    ``syncnode-reset`` (:mod:`simulations.evidence`)."""
     clock: SimClock = field(default_factory=SimClock)
     service: Service | None = None
     transport: MemoryTransport | None = None
@@ -221,6 +225,10 @@ class World:
     async def wipe_node(self, node: SimNode) -> None:
         """Crash the node, delete its database, and start it again with the same key: an
         operator who lost the disk and kept only the identity."""
+        for dev in self.devices:
+            kept = kept_incarnations(dev, node.key.public)
+            if kept:
+                node.watched.setdefault(dev.index, set()).update(kept)
         if node.up:
             await self.crash_node(node)
         for p in _db_files(node.path.parent, node.path.name):
@@ -311,6 +319,8 @@ class World:
         wal = dev.path / "device.db-wal"
         if power_loss and wal in files:
             files[wal] = files[wal][:dev.durable_wal]
+            for node in self.nodes:  # its kept statements (not fsynced) may be lost
+                node.watched.pop(dev.index, None)
         dev.scope.cancel()
         await dev.stopped.wait()
         for p in _db_files(dev.path):
@@ -354,3 +364,10 @@ def _db_files(directory: Path, name: str = "device.db") -> list[Path]:
     return [p for p in (directory / name, directory / f"{name}-wal", directory / f"{name}-shm")
             if p.exists()]
 
+
+def kept_incarnations(dev: SimDevice, node_id: bytes) -> set[bytes]:
+    """Incarnations of the statements of ``node_id`` that ``dev``'s witness keeps now."""
+    if dev.doc is None:
+        return set()
+    w = dev.doc.witness
+    return {k[1].incarnation for k in (w.acks.get(node_id), w.heads.get(node_id)) if k}

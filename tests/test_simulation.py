@@ -64,6 +64,7 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
     ("readers-send", "baseline", "0..5"),
     ("blind-witness", "withhold", "0..3"),
     ("no-reconcile", "wipe", "0..3"),
+    ("silent-reset", "wipe", "0..3"),
 ])
 def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -> None:
     """A planted bug makes the sweep fail within a few seeds, naming the invariant."""
