@@ -1,12 +1,15 @@
 """``syncdevice alarms`` and ``syncdevice verify-evidence``: what a document's alarms say, and
-checking a withholding proof on its own.
+checking a withholding proof (or a syncnode-reset's evidence) on its own.
 
 A ``withholding`` alarm carries a :class:`proto.holdings.WithholdingProof`: two statements one
 syncnode signed (that it held an update, and later that it did not). ``alarms --export DIR``
 writes each alarm's evidence to a file; ``verify-evidence FILE`` checks such a file with
 nothing but the proof (the syncnode's node id is inside it, and it must have signed both
 statements), so anyone -- the syncnode's operator, another member, a third party -- can check
-what it proves without the document, its keys or a network.
+what it proves without the document, its keys or a network. A ``syncnode-reset`` alarm's
+evidence (:class:`proto.resets.StorageReset`: two statements of one syncnode under two
+incarnations of its storage) is checked the same way; it proves the node lost its data, not
+that it withheld.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from device.cli_support import CliError, Ctx, pass_ctx, run_device
 from proto.codec import decode
 from proto.errors import SyncnodeError
 from proto.holdings import ProofError, WithholdingProof, verify
+from proto.resets import ResetError, StorageReset, verify_reset
 
 MAX_EVIDENCE = 4 * 1024 * 1024
 """Largest evidence file read (a proof is two statements: well under 1 MiB)."""
@@ -70,8 +74,9 @@ def _write(path: Path, evidence: bytes) -> str:
 @pass_ctx
 def verify_evidence(ctx: Ctx, file: str) -> None:
     """Check a withholding proof in FILE (- for stdin; binary, as `alarms --export` writes it,
-    or hex) on its own, and print what it proves. Needs no device, key or network. Exits 0
-    when it verifies, 5 when it does not, 1 when FILE is not a withholding proof."""
+    or hex) on its own, and print what it proves; a syncnode-reset alarm's evidence too. Needs
+    no device, key or network. Exits 0 when it verifies, 5 when it does not, 1 when FILE is
+    neither."""
     try:
         if file == "-":
             raw = sys.stdin.buffer.read(MAX_EVIDENCE + 1)
@@ -89,6 +94,9 @@ def verify_evidence(ctx: Ctx, file: str) -> None:
         proof = decode(raw)
     except SyncnodeError as exc:
         raise CliError(f"{file} is not a withholding proof ({exc})") from None
+    if isinstance(proof, StorageReset):
+        _verify_reset(ctx, proof)
+        return
     if not isinstance(proof, WithholdingProof):
         raise CliError(f"{file} holds a {type(proof).__name__}, not a withholding proof")
     try:
@@ -101,3 +109,15 @@ def verify_evidence(ctx: Ctx, file: str) -> None:
              "group_id": finding.group_id.hex(), "sender": finding.sender.hex(),
              "seq": finding.seq, "held_at": finding.held_at, "lack_at": finding.lack_at,
              "held": finding.held_kind, "lack": finding.lack_kind})
+
+
+def _verify_reset(ctx: Ctx, evidence: StorageReset) -> None:
+    try:
+        reset = verify_reset(evidence)
+    except ResetError as exc:
+        ctx.out(f"DOES NOT VERIFY: {exc}", {"verified": False, "error": str(exc)})
+        sys.exit(DOES_NOT_PROVE)
+    ctx.out(f"VERIFIED (a reset, not withholding): {reset.describe()}",
+            {"verified": True, "reset": True, "node_id": reset.node_id.hex(),
+             "old_incarnation": reset.old_incarnation.hex(),
+             "new_incarnation": reset.new_incarnation.hex()})

@@ -5,6 +5,8 @@ or a statement changed after signing prove nothing."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from proto.codec import decode_as, encode
 from proto.holdings import SignedAck, SignedHeads, Statement
 from proto.resets import ResetError, StorageReset, reset_between, reset_detail, verify_reset
 from tests.test_holdings import INC, INC2, NODE, OTHER, S, ack, backfill, heads
+from tests.test_withholding import syncdevice
 
 
 def roundtrip(evidence: StorageReset) -> StorageReset:
@@ -69,3 +72,24 @@ def test_each_change_of_incarnation_is_its_own_alarm() -> None:
     first = reset_detail(NODE.public, INC, INC2)
     assert NODE.public.hex() in first and "lost its storage" in first
     assert first != reset_detail(NODE.public, INC2, b"k" * 16)
+
+
+def test_verify_evidence_checks_a_reset_on_its_own(tmp_path: Path) -> None:
+    """``syncdevice verify-evidence`` on an exported syncnode-reset evidence file: verified
+    and said to be a reset, not withholding; refused (exit 5) once tampered with."""
+    raw = encode(GOOD)
+    good = tmp_path / "reset.proof"
+    good.write_bytes(raw)
+    ok = syncdevice(tmp_path / "home", "--json", "verify-evidence", str(good))
+    assert ok.returncode == 0, ok.stderr.decode()
+    shown = json.loads(ok.stdout)
+    assert shown["verified"] and shown["reset"] and shown["node_id"] == NODE.public.hex()
+    assert (shown["old_incarnation"], shown["new_incarnation"]) == (INC.hex(), INC2.hex())
+    text = syncdevice(tmp_path / "home", "verify-evidence", str(good)).stdout.decode()
+    assert text.startswith("VERIFIED (a reset, not withholding)")
+    tampered = bytearray(raw)
+    tampered[-3] ^= 0x01  # inside the new statement's signature
+    bad = tmp_path / "tampered.proof"
+    bad.write_bytes(bytes(tampered))
+    refused = syncdevice(tmp_path / "home", "verify-evidence", str(bad))
+    assert refused.returncode == 5 and refused.stdout.decode().startswith("DOES NOT VERIFY")
