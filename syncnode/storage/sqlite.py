@@ -118,7 +118,7 @@ class SqliteStorage:
     async def delete_group(self, group_id: bytes) -> bool:
         def write(c: sqlite3.Connection) -> bool:
             for table in ("decided", "manifests", "acceptor", "envelopes", "equivocations",
-                          "hosting"):
+                          "hosting", "compactions", "compacted"):
                 c.execute(f"DELETE FROM {table} WHERE group_id=?", (group_id,))
             return c.execute("DELETE FROM groups WHERE group_id=?", (group_id,)).rowcount == 1
 
@@ -228,6 +228,12 @@ class SqliteStorage:
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
                              envelope: bytes) -> bool:
         def write(c: sqlite3.Connection) -> bool:
+            covered = c.execute("SELECT seq FROM compacted WHERE group_id=? AND sender=?",
+                                (group_id, sender)).fetchone()
+            if covered is not None and seq <= covered[0] and c.execute(
+                    "SELECT 1 FROM envelopes WHERE group_id=? AND sender=? AND seq=?",
+                    (group_id, sender, seq)).fetchone() is None:
+                return False  # in the compacted state already
             cur = c.execute("INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?)",
                             (group_id, sender, seq, digest, envelope))
             if cur.rowcount == 0:
@@ -263,12 +269,63 @@ class SqliteStorage:
     async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
         # Per sender: the first stored seq whose successor is missing, if the run starts at 1
         # (primary-key lookups only).
-        return dict(self.db.execute(
+        marks: dict[bytes, int] = dict(self.db.execute(
             "SELECT sender, min(seq) FROM envelopes e WHERE group_id=? AND NOT EXISTS ("
             "SELECT 1 FROM envelopes n WHERE n.group_id=e.group_id AND n.sender=e.sender AND "
             "n.seq=e.seq+1) AND EXISTS (SELECT 1 FROM envelopes f WHERE "
             "f.group_id=e.group_id AND f.sender=e.sender AND f.seq=1) GROUP BY sender",
             (group_id,)))
+        # A compacted sender's run starts at its covered seq (those are in the state).
+        for sender, covered in self.db.execute(
+                "SELECT sender, seq FROM compacted WHERE group_id=?", (group_id,)).fetchall():
+            mark = covered
+            for (seq,) in self.db.execute(
+                    "SELECT seq FROM envelopes WHERE group_id=? AND sender=? AND seq>? "
+                    "ORDER BY seq", (group_id, sender, covered)):
+                if seq != mark + 1:
+                    break
+                mark = seq
+            marks[sender] = mark
+        return marks
+
+    async def envelope(self, group_id: bytes, sender: bytes, seq: int
+                       ) -> tuple[bytes, bytes] | None:
+        row = self._one("SELECT digest, envelope FROM envelopes WHERE group_id=? AND sender=? "
+                        "AND seq=?", group_id, sender, seq)
+        return None if row is None else (row[0], row[1])
+
+    # -- compaction -----------------------------------------------------------------------------
+
+    async def compact_envelopes(self, group_id: bytes, point: bytes,
+                                covered: Mapping[bytes, int], keep: tuple[bytes, int]) -> int:
+        def write(c: sqlite3.Connection) -> int:
+            if c.execute("SELECT 1 FROM groups WHERE group_id=?", (group_id,)).fetchone() \
+                    is None:
+                raise StorageConflict("group not hosted")
+            prior = dict(c.execute("SELECT sender, seq FROM compacted WHERE group_id=?",
+                                   (group_id,)).fetchall())
+            if any(covered.get(s, 0) < q for s, q in prior.items()):
+                raise StorageConflict("the point does not cover the one applied")
+            freed = 0
+            for sender, seq in covered.items():
+                spare = keep[1] if sender == keep[0] else 0
+                freed += c.execute(
+                    "SELECT coalesce(sum(length(envelope)), 0) FROM envelopes WHERE "
+                    "group_id=? AND sender=? AND seq<=? AND seq!=?",
+                    (group_id, sender, seq, spare)).fetchone()[0]
+                c.execute("DELETE FROM envelopes WHERE group_id=? AND sender=? AND seq<=? "
+                          "AND seq!=?", (group_id, sender, seq, spare))
+            c.executemany("INSERT OR REPLACE INTO compacted VALUES (?,?,?)",
+                          [(group_id, s, q) for s, q in covered.items()])
+            c.execute("INSERT OR REPLACE INTO compactions VALUES (?,?)", (group_id, point))
+            c.execute("UPDATE groups SET bytes_used=bytes_used-? WHERE group_id=?",
+                      (freed, group_id))
+            return int(freed)
+
+        return int(await self.writer.execute(write))
+
+    async def compaction(self, group_id: bytes) -> bytes | None:
+        return self._blob("SELECT point FROM compactions WHERE group_id=?", group_id)
 
     async def envelope_count(self, group_id: bytes) -> int:
         row = self._one("SELECT count(*) FROM envelopes WHERE group_id=?", group_id)

@@ -3,7 +3,7 @@
 One file (``syncnode.db`` in the data dir) in WAL mode with ``synchronous=FULL``: a commit is
 on disk when it returns. The schema version is checked at open (a database of another version
 is refused, not guessed at) and additive changes are migrated in place
-(:func:`_migrate_mailbox`).
+(:func:`_migrate_mailbox`; version 1 -> 2 adds the compaction tables, :data:`MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
@@ -65,7 +65,22 @@ CREATE TABLE IF NOT EXISTS equivocations (
     group_id BLOB NOT NULL, slot INTEGER NOT NULL, proof BLOB NOT NULL,
     PRIMARY KEY (group_id, slot)
 ) WITHOUT ROWID;
+""" + """
+CREATE TABLE IF NOT EXISTS compactions (  -- the compaction point applied (schema 2)
+    group_id BLOB PRIMARY KEY, point BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS compacted (    -- its covered vector: seqs 1..seq are in the state
+    group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, sender)
+) WITHOUT ROWID;
 """
+
+MIGRATIONS: dict[int, str] = {
+    1: """-- 1 -> 2: compaction (the tables are created by SCHEMA, IF NOT EXISTS; nothing to
+    -- fill: a database of version 1 never compacted)
+    UPDATE meta SET value='2' WHERE key='schema';""",
+}
+"""Per version, the script that brings a database of that version to the next one."""
 
 MAILBOX_SCHEMA = """
 CREATE INDEX IF NOT EXISTS mailbox_kind ON mailbox (kind, item_id);
@@ -141,9 +156,14 @@ def open_database(path: Path) -> sqlite3.Connection:
     row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) != SCHEMA_VERSION:
-        raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
-                           f"{SCHEMA_VERSION}")
+    else:
+        version = int(row[0])
+        while version < SCHEMA_VERSION and version in MIGRATIONS:
+            conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} COMMIT;")
+            version += 1
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
+                               f"{SCHEMA_VERSION}")
     check = conn.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
         raise RuntimeError(f"{path}: database integrity check failed: {check}")
