@@ -7,7 +7,10 @@ the envelope's epoch (:func:`proto.manifest.may_send`: a reader sends no envelop
 we cannot see what kind of payload one holds), the epoch is not ahead of this node's log, and
 the group stays under its byte quota. Storing is idempotent (the same envelope again is
 acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT. A new
-envelope is pushed to the group's subscribers once it is durable.
+envelope is pushed to the group's subscribers once it is durable. An envelope covered by the
+group's applied compaction point is acknowledged without being kept (the state holds it: a
+device resending an old outbox loses nothing), and a backfill from below the point gets the
+state envelope first (:mod:`syncnode.compaction`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from proto.envelope import Envelope
 from proto.manifest import Manifest, may_send
 from proto.messages import ErrorCode
 from proto.service import MAX_PAGE, Backfill, BackfillPage, Stored
+from syncnode.compaction import Compactor
 from syncnode.config import Limits
 from syncnode.decisions import PAGE_BYTES
 from syncnode.fanout import Publish
@@ -28,8 +32,9 @@ from syncnode.storage import Storage, StorageConflict
 
 class Envelopes:
     def __init__(self, store: Storage, groups: Groups, limits: Limits, metrics: Metrics, *,
-                 publish: Publish) -> None:
+                 publish: Publish, compactor: Compactor) -> None:
         self.store = store
+        self.compactor = compactor
         self.groups = groups
         self.limits = limits
         self.metrics = metrics
@@ -89,8 +94,13 @@ class Envelopes:
             require_member(session, g)
         marks = {w.sender: w.seq for w in msg.watermarks}
         limit = max(1, min(msg.limit, MAX_PAGE))
-        raws, more = await self.store.envelopes_after(g.group_id, marks, limit=limit,
-                                                      max_bytes=PAGE_BYTES)
+        first = await self.compactor.state_first(g, marks)
+        if first is not None and limit == 1:
+            return BackfillPage((first,), True)
+        raws, more = await self.store.envelopes_after(
+            g.group_id, marks, limit=limit - (first is not None), max_bytes=PAGE_BYTES)
         out = tuple(decode_as(raw, Envelope) for raw in raws)
+        if first is not None:  # the state first: it covers what this device lacks below it
+            out = (first, *(e for e in out if (e.sender, e.seq) != (first.sender, first.seq)))
         self.metrics.messages_served.inc(len(out))
         return BackfillPage(out, more)
