@@ -37,7 +37,8 @@ EXIT_CODES = ("\b\nExit codes:\n"
               "  3    pending: status found updates not yet stored by a quorum of\n"
               "       syncnodes; create could not yet register the document with a quorum\n"
               "  4    not allowed: this device's role in the document does not permit it\n"
-              "       (only admins invite, remove and change roles; readers do not edit)\n"
+              "       (only admins invite, remove and change roles; readers do not edit\n"
+              "       or compact)\n"
               "  130  interrupted (Ctrl-C)")
 
 

@@ -34,6 +34,7 @@ from typing import Annotated
 
 from proto.codec import U64, Hash32, MaxItems, MaxLen, decode_as, encode, message
 from proto.errors import DecodeError
+from proto.paxos.messages import Decided
 
 MAX_SENDERS = 1000
 """Senders a point may name (every device that ever sent, removed ones included)."""
@@ -78,6 +79,26 @@ class CompactionPoint:
     @staticmethod
     def decode(data: bytes) -> CompactionPoint:
         return decode_as(data, CompactionPoint)
+
+
+@message(0x65)
+@dataclass(frozen=True)
+class CompactionEvidence:
+    """What a member holds when it finds a decided point wrong (the ``bad-compaction``
+    alarm's evidence): the decision (certificate, and the committer's signed manifest with the
+    point), and what the member observed against it. ``sender``/``seq`` name the update (or
+    the state envelope) concerned, ``observed_version`` its CRDT version; for a state whose
+    payload contradicts the point, ``observed_vector`` and ``observed_body_hash`` are what the
+    decrypted state really covers and hashes to. Members can re-check it with their own keys;
+    outsiders see who signed what."""
+
+    decided: Decided
+    reason: Annotated[str, MaxLen(512)]
+    sender: Hash32
+    seq: U64
+    observed_version: Annotated[bytes, MaxLen(MAX_VERSION)]
+    observed_vector: Annotated[tuple[Covered, ...], MaxItems(MAX_SENDERS)]
+    observed_body_hash: Hash32 | None
 
 
 def body_hash(body: bytes) -> bytes:
