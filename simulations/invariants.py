@@ -24,10 +24,12 @@ Final (after faults heal and traffic stops):
 - **no-plaintext**: no syncnode's database or WAL contains an edit's marker;
 - **reader-silent**: no honest syncnode stores an update from a sender that was a reader at the
   update's epoch;
+- **compacted**: an honest syncnode keeps no envelope that the compaction point it applied
+  covers (but the state), and has applied the group's decided point once it holds its state;
 - **detected**: with a colluding majority, any two devices whose logs differ include one that
   raised an equivocation alarm with a verifiable EquivocationProof;
-- **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
-  alarm and no document failed.
+- **alarms**: with an honest majority, no device raised an equivocation, invalid-decision,
+  bad-update or bad-compaction alarm and no document failed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 from device.mls import MlsError
 from proto.codec import decode_as
+from proto.compaction import CompactionPoint
 from proto.errors import SyncnodeError
 from proto.manifest import LogValue, ManifestError, Role, validate_genesis, verify_decided
 from proto.paxos.messages import EquivocationProof, value_hash
@@ -151,7 +154,7 @@ class Checker:
 
     def final(self) -> list[Violation]:
         out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext(),
-               *self.reader_silent()]
+               *self.reader_silent(), *self.compacted()]
         if self.colluding:
             out += self.detected()
         else:
@@ -254,6 +257,29 @@ class Checker:
                                       f"reader (epoch {env.epoch}, seq {env.seq})")]
         return []
 
+    def compacted(self) -> list[Violation]:
+        out = []
+        for node in self.world.nodes:
+            if not node.honest or node.retired:
+                continue
+            applied, decided = self.world.node_compaction(node)
+            held = {(e.sender, e.seq): e for e in self.world.node_envelopes(node)}
+            if applied is not None:
+                point = CompactionPoint.decode(applied)
+                covered = point.vector()
+                kept = [k for k in held if k[1] <= covered.get(k[0], 0)
+                        and k != (point.state_sender, point.state_seq)]
+                if kept:
+                    out.append(Violation("compacted", f"{node.name} keeps {len(kept)} "
+                                         "envelopes its compaction point covers"))
+            if decided is not None and decided != applied:
+                point = CompactionPoint.decode(decided)
+                state = held.get((point.state_sender, point.state_seq))
+                if state is not None and state.digest() == point.state_digest:
+                    out.append(Violation("compacted", f"{node.name} holds the state of the "
+                                         "decided point but did not apply it"))
+        return out
+
     def no_plaintext(self) -> list[Violation]:
         return [Violation("no-plaintext", f"{node.name}'s storage holds an edit in clear")
                 for node in self.world.nodes if MARK in self.world.node_bytes(node)]
@@ -297,7 +323,8 @@ class Checker:
             if dev.doc.status == "failed":
                 out.append(Violation("alarms", f"{dev.name}'s document failed"))
             for alarm in dev.doc.alarms():
-                if alarm.kind in ("equivocation", "invalid-decision", "bad-update"):
+                if alarm.kind in ("equivocation", "invalid-decision", "bad-update",
+                                  "bad-compaction"):
                     out.append(Violation("alarms", f"{dev.name}: {alarm.kind}: {alarm.detail}"))
         return out
 

@@ -91,6 +91,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "replaced syncnodes retire (stopped, data deleted)",
              frozenset({"crash", "partition"}), spares=3,
              extra={"replace": 8, "retire": 4, "partition-sets": 2}),
+    Scenario("compact", "compactions of the history under syncnode and device crashes, "
+             "long offline periods and partitions", frozenset({"crash", "partition"}),
+             extra={"compact": 8, "device-offline": 3}),
     Scenario("chaos", "every fault class at once, one withholding syncnode, role changes",
              frozenset({"partition", "lossy", "crash", "clock", "contention"}),
              nodes=("honest", "withhold", "honest"), extra={"role": 3}),

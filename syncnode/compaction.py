@@ -68,7 +68,7 @@ class Compactor:
                 return 0  # deleted, or a newer point arrived meanwhile: that one applies
             try:
                 freed = await self.store.compact_envelopes(
-                    g.group_id, raw, point.vector(), (point.state_sender, point.state_seq))
+                    g.group_id, raw, self.deletion(point), (point.state_sender, point.state_seq))
             except StorageConflict as exc:
                 log.error("compaction not applied", group=short_id(g.group_id), error=str(exc))
                 return 0
@@ -78,6 +78,11 @@ class Compactor:
                  senders=len(point.covered), state_sender=short_id(point.state_sender),
                  state_seq=point.state_seq)
         return freed
+
+    def deletion(self, point: CompactionPoint) -> dict[bytes, int]:
+        """Per sender, the seqs to delete up to: exactly what the point covers (the
+        simulator's ``delete-beyond`` control overrides this)."""
+        return point.vector()
 
     async def state_first(self, g: GroupState, marks: Mapping[bytes, int]) -> Envelope | None:
         """The applied point's state envelope, if ``marks`` are below the point for some

@@ -282,7 +282,11 @@ class Service:
         return stored
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
-        return await self.envelopes.backfill(session, msg)
+        page = await self.envelopes.backfill(session, msg)
+        # A point not applied yet (this node restarted before its background deletion ran):
+        # devices backfill after every reconnect, so that is when it catches up.
+        self.compact_soon(await self.groups.require(msg.group_id))
+        return page
 
     async def subscribe(self, session: Session, msg: Subscribe) -> tuple[Subscribed, Subscriber]:
         """Register a live subscriber (the driver streams its queue). Raises RequestError."""

@@ -62,6 +62,7 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
     ("trust-first-genesis", "forge", "0..3"),
     ("members-govern", "baseline", "0..7"),
     ("readers-send", "baseline", "0..5"),
+    ("delete-beyond", "compact", "0..5"),
 ])
 def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -> None:
     """A planted bug makes the sweep fail within a few seeds, naming the invariant."""
@@ -69,6 +70,6 @@ def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -
             "--stop-on-violation", "--jobs", "2")
     assert r.returncode == 1, r.stdout[-3000:]
     invariants = ("agreement|certificates|converged|acked-delivered|alarms|join-complete|"
-                  "join-done|admin-only|reader-silent")
+                  "join-done|admin-only|reader-silent|compacted")
     assert re.search(rf"({invariants}): ", r.stdout), r.stdout[-3000:]
     assert "reproduce: python -m simulations run --seed" in r.stdout
