@@ -30,6 +30,7 @@ from syncnode.storage.base import (
     MailboxUsage,
     StorageConflict,
 )
+from syncnode.storage.sqlite_compaction import CompactionSql
 from syncnode.storage.sqlite_schema import open_database, storage_bytes
 from syncnode.storage.sqlite_writer import Writer
 
@@ -39,7 +40,7 @@ in :data:`~syncnode.storage.sqlite_schema.MAILBOX_SCHEMA` spell them X'6a' and X
 EVICT_BATCH = 64
 
 
-class SqliteStorage:
+class SqliteStorage(CompactionSql):
     """A syncnode's data in one SQLite file. Opening checks the schema and integrity (and
     raises RuntimeError if they are wrong) before anything else runs."""
 
@@ -69,15 +70,6 @@ class SqliteStorage:
 
     def size_bytes(self) -> int:
         return storage_bytes(self.path)
-
-    def _one(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.db.execute(sql, args).fetchone()
-        return row
-
-    def _blob(self, sql: str, *args: Any) -> bytes | None:
-        row = self._one(sql, *args)
-        blob: bytes | None = None if row is None else row[0]
-        return blob
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -275,57 +267,8 @@ class SqliteStorage:
             "n.seq=e.seq+1) AND EXISTS (SELECT 1 FROM envelopes f WHERE "
             "f.group_id=e.group_id AND f.sender=e.sender AND f.seq=1) GROUP BY sender",
             (group_id,)))
-        # A compacted sender's run starts at its covered seq (those are in the state).
-        for sender, covered in self.db.execute(
-                "SELECT sender, seq FROM compacted WHERE group_id=?", (group_id,)).fetchall():
-            mark = covered
-            for (seq,) in self.db.execute(
-                    "SELECT seq FROM envelopes WHERE group_id=? AND sender=? AND seq>? "
-                    "ORDER BY seq", (group_id, sender, covered)):
-                if seq != mark + 1:
-                    break
-                mark = seq
-            marks[sender] = mark
+        marks.update(self._compacted_marks(group_id))
         return marks
-
-    async def envelope(self, group_id: bytes, sender: bytes, seq: int
-                       ) -> tuple[bytes, bytes] | None:
-        row = self._one("SELECT digest, envelope FROM envelopes WHERE group_id=? AND sender=? "
-                        "AND seq=?", group_id, sender, seq)
-        return None if row is None else (row[0], row[1])
-
-    # -- compaction -----------------------------------------------------------------------------
-
-    async def compact_envelopes(self, group_id: bytes, point: bytes,
-                                covered: Mapping[bytes, int], keep: tuple[bytes, int]) -> int:
-        def write(c: sqlite3.Connection) -> int:
-            if c.execute("SELECT 1 FROM groups WHERE group_id=?", (group_id,)).fetchone() \
-                    is None:
-                raise StorageConflict("group not hosted")
-            prior = dict(c.execute("SELECT sender, seq FROM compacted WHERE group_id=?",
-                                   (group_id,)).fetchall())
-            if any(covered.get(s, 0) < q for s, q in prior.items()):
-                raise StorageConflict("the point does not cover the one applied")
-            freed = 0
-            for sender, seq in covered.items():
-                spare = keep[1] if sender == keep[0] else 0
-                freed += c.execute(
-                    "SELECT coalesce(sum(length(envelope)), 0) FROM envelopes WHERE "
-                    "group_id=? AND sender=? AND seq<=? AND seq!=?",
-                    (group_id, sender, seq, spare)).fetchone()[0]
-                c.execute("DELETE FROM envelopes WHERE group_id=? AND sender=? AND seq<=? "
-                          "AND seq!=?", (group_id, sender, seq, spare))
-            c.executemany("INSERT OR REPLACE INTO compacted VALUES (?,?,?)",
-                          [(group_id, s, q) for s, q in covered.items()])
-            c.execute("INSERT OR REPLACE INTO compactions VALUES (?,?)", (group_id, point))
-            c.execute("UPDATE groups SET bytes_used=bytes_used-? WHERE group_id=?",
-                      (freed, group_id))
-            return int(freed)
-
-        return int(await self.writer.execute(write))
-
-    async def compaction(self, group_id: bytes) -> bytes | None:
-        return self._blob("SELECT point FROM compactions WHERE group_id=?", group_id)
 
     async def envelope_count(self, group_id: bytes) -> int:
         row = self._one("SELECT count(*) FROM envelopes WHERE group_id=?", group_id)
