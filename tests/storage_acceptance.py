@@ -41,6 +41,7 @@ __all__ = [
     "test_address_records_keep_the_newest_within_capacity",
     "test_adopted_groups_keep_a_hosting_record",
     "test_barrier_waits_for_earlier_writes",
+    "test_compacted_copies_of_a_group_summarize_alike",
     "test_compaction_deletes_covered_envelopes_but_the_state",
     "test_compaction_points_only_advance_and_go_with_the_group",
     "test_concurrent_writes_share_commits_and_fail_alone",
@@ -698,3 +699,29 @@ async def test_no_writes_after_close(storage_factory: StorageFactory) -> None:
         await new_group(s)
     with pytest.raises(StorageClosed):
         await s.put_acceptor_records([(G1, 1, b"late")])
+
+
+async def test_compacted_copies_of_a_group_summarize_alike(storage_factory: StorageFactory
+                                                           ) -> None:
+    """Two syncnodes that applied the same point and hold the same tail must look in sync to
+    the reconciler, although one held every covered envelope and the other, which pulled the
+    group after the compaction, only the state (here: G1 and G2 as the two copies)."""
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        for seq in (1, 2, 3, 4, 5):
+            await s.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+        for seq in (1, 2):
+            await s.store_envelope(G1, B, seq, b"b%d" % seq, b"f%d" % seq)
+        await s.store_envelope(G2, A, 3, b"d3", b"e3")  # the state only, then the tail
+        await s.store_envelope(G2, A, 5, b"d5", b"e5")
+        await s.store_envelope(G2, A, 4, b"d4", b"e4")
+        assert await s.envelope_summary(G1) != await s.envelope_summary(G2)
+        for g in (G1, G2):
+            await s.compact_envelopes(g, b"point", {A: 3, B: 2}, (A, 3))
+        assert await s.envelope_summary(G1) == await s.envelope_summary(G2)
+        assert await s.envelope_marks(G1) == await s.envelope_marks(G2) == {A: 5, B: 2}
+        await s.store_envelope(G1, B, 3, b"b3", b"f3")  # the tail grows on one copy only
+        assert await s.envelope_summary(G1) != await s.envelope_summary(G2)
+        await s.store_envelope(G2, B, 3, b"b3", b"f3")
+        assert await s.envelope_summary(G1) == await s.envelope_summary(G2)
