@@ -10,7 +10,7 @@ This module holds the group (its options, exit codes, ``--json`` on every comman
 commands about the device as a whole: ``init``, ``create``, ``list``, ``status``,
 ``set-address``, ``selfcheck``. The others are grouped by what they touch:
 :mod:`device.cli_content` (``show``, ``set``, ``edit``, ``watch``), :mod:`device.cli_members`
-(``members``, ``invite``, ``join``, ``remove``, ``role``, ``leave``, ``rotate``),
+(``members``, ``invite``, ``join``, ``remove``, ``role``, ``leave``, ``rotate``, ``compact``),
 :mod:`device.cli_export` (``export``, ``import``), :mod:`device.cli_evidence` (``alarms``,
 ``verify-evidence``).
 """
@@ -30,7 +30,7 @@ from device.cli_content import edit, set_, show, watch
 from device.cli_evidence import alarms, verify_evidence
 from device.cli_export import export, import_
 from device.cli_group import admit_members, report_members
-from device.cli_members import invite, join, leave, members, remove, role, rotate
+from device.cli_members import compact, invite, join, leave, members, remove, role, rotate
 from device.cli_support import (
     EXIT_CODES,
     JSON_OPTION,
@@ -243,7 +243,7 @@ def selfcheck(ctx: Ctx) -> None:
 
 
 for _command in (show, set_, edit, watch, members, invite, join, remove, role, leave, rotate,
-                 export, import_, alarms, verify_evidence):
+                 compact, export, import_, alarms, verify_evidence):
     cli.add_command(_command)
 cli.add_command(syncnode)
 for _command in [*cli.commands.values(), *syncnode.commands.values()]:

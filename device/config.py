@@ -24,6 +24,17 @@ class DeviceConfig:
     publish_state_every: int = 5000
     """After this many edit updates with no whole-document state seen on the syncnodes, this
     device stores one there (encrypted), so new devices can load it with no member online."""
+    compact_every_updates: int = 10_000
+    """Compact the document's history on the syncnodes (:mod:`device.compaction`) after this
+    many updates delivered or sealed here since the last compaction (0: no count threshold)."""
+    compact_every_bytes: int = 64 * 1024 * 1024
+    """... or after this many bytes of CRDT updates, whichever comes first (0: no byte
+    threshold; both 0: compaction only by ``doc.compact()`` / ``syncdevice compact``)."""
+    compact_jitter: float = 5.0
+    """An automatic compaction first waits a random time up to this many seconds, so members
+    that cross the threshold together rarely both propose."""
+    compact_wait: float = 30.0
+    """How long a compaction waits for a quorum of syncnodes to store its state."""
     connect_timeout: float = 10.0
     reconnect_min: float = 0.2
     reconnect_max: float = 10.0

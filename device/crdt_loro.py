@@ -85,6 +85,19 @@ class LoroDocument:
     def value(self) -> Any:
         return self.doc.get_deep_value()
 
+    def version_of(self, updates: Sequence[bytes]) -> bytes:
+        # The blob's header only (about 10 us an update): nothing is imported.
+        vv = loro.VersionVector()  # type: ignore[no-untyped-call]
+        for u in updates:
+            meta = _guard("update", lambda u=u: loro.LoroDoc.decode_import_blob_meta(u, False))  # type: ignore[misc]
+            vv.merge(meta.partial_end_vv)
+        return bytes(vv.encode())
+
+    def version_includes(self, big: bytes, small: bytes) -> bool:
+        a = _guard("version", lambda: loro.VersionVector.decode(big))
+        b = _guard("version", lambda: loro.VersionVector.decode(small))
+        return bool(a.includes_vv(b))
+
 
 class Editor:
     """Typed accessors handed to ``doc.change(fn)``: root containers by name.

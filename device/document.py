@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from device.compaction import Compactor
 from device.crdt_loro import Editor
 from device.errors import DocumentError, NotAllowed
 from device.events import Alarm, Change, Event, Member, SyncStatus
@@ -87,6 +88,7 @@ class Document:
         self.federation = Federation(self.replica, self.membership, self.links)
         self.leaving = Leaving(self.replica, self.links, self.membership)
         self.rotation = Rotation(self.replica, self.outbox, self.membership)
+        self.compactor = Compactor(self.replica, self.outbox, self.membership)
         self.session = Session(self.replica, self.links, self.outbox, self.inbox,
                                self.membership, self.invites, self.leaving)
 
@@ -217,9 +219,17 @@ class Document:
         :meth:`device.outbox.Outbox.publish_state`)."""
         self.outbox.publish_state()
 
-    def compact(self) -> None:
-        """Replace the stored CRDT updates by one snapshot (bounded load time)."""
+    def compact_local(self) -> None:
+        """Replace the CRDT updates stored on this device by one snapshot (bounded load time;
+        happens by itself every ``snapshot_every`` updates)."""
         self.replica.compact()
+
+    async def compact(self) -> int | None:
+        """Compact the document's history on its syncnodes: store the whole document there
+        and commit a compaction point, after which they delete the updates it covers
+        (:mod:`device.compaction`). Writers and admins; returns the slot (None: a point
+        decided meanwhile covers ours). Also happens by itself (``compact_every_updates``)."""
+        return await self.compactor.compact()
 
     # -- events and status -------------------------------------------------------------------
 
@@ -353,6 +363,7 @@ class Document:
             nursery.start_soon(self.outbox.flusher)
             nursery.start_soon(self.session.processor)
             nursery.start_soon(self.rotation.run)
+            nursery.start_soon(self.compactor.run)
             nursery.start_soon(self.links.run, self.session.serve)
 
     def receive(self, envelopes: Sequence[Envelope]) -> int:

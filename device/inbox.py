@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import trio
 
+from device.compaction_check import state_facts
 from device.events import Change
 from device.mls import MlsError, identity_for
 from device.offers import take_offer
@@ -39,7 +40,6 @@ from device.replica import Replica
 from device.rules import (
     Triage,
     check_plaintext,
-    fits_one_message,
     gap_state_due,
     lacks_something,
     state_request_due,
@@ -47,12 +47,13 @@ from device.rules import (
     waiting_for,
 )
 from proto import entropy
+from proto.crdt import CrdtError
 from proto.envelope import Envelope
 from proto.errors import DecodeError
 from proto.identity import short_id
 from proto.logs import get_logger
 from proto.manifest import may_send
-from proto.payload import Payload, PayloadKind, pack_updates, unpack_updates
+from proto.payload import Payload, PayloadKind, unpack_updates
 
 log = get_logger("device.document")
 
@@ -147,6 +148,7 @@ class Inbox:
         bodies: list[bytes] = []
         is_state: list[bool] = []
         senders: set[str] = set()
+        contents: list[tuple[Payload, tuple[bytes, ...]]] = []
         for p in ready:
             if p.kind == PayloadKind.SYNC_REQUEST:
                 self._answer_later(p)
@@ -160,11 +162,13 @@ class Inbox:
                 r.alarm("bad-update", f"from {short_id(p.sender)} seq {p.seq}: {exc}")
                 continue
             bodies += updates
+            contents.append((p, updates))
             is_state += [p.kind == PayloadKind.STATE] * len(updates)
             senders.add(short_id(p.sender))
         applied = []
         states = 0
-        for body, state, err in zip(bodies, is_state, r.crdt.apply(bodies), strict=True):
+        errors = r.crdt.apply(bodies)
+        for body, state, err in zip(bodies, is_state, errors, strict=True):
             if err is None:
                 applied.append(body)
                 states += state
@@ -187,12 +191,33 @@ class Inbox:
             if states:
                 r.state_arrived(db)
         r.applied(len(applied))
+        self._record(contents, errors)
         out = self.outbox
         out.edits_since_state = 0 if states else out.edits_since_state + len(applied)
         out.maybe_publish_state()
         if applied:
             r.emit(Change("remote", tuple(sorted(senders)), len(applied) - states, states))
         return len(ready)
+
+    def _record(self, contents: list[tuple[Payload, tuple[bytes, ...]]],
+                errors: list[CrdtError | None]) -> None:
+        """Tell the compaction checks what each delivered payload that applied holds
+        (:mod:`device.compaction_check`)."""
+        r = self.replica
+        at = 0
+        for p, updates in contents:
+            ok = all(e is None for e in errors[at:at + len(updates)])
+            at += len(updates)
+            if not ok or not updates:
+                continue
+            if p.kind == PayloadKind.STATE:
+                try:
+                    facts = state_facts(r.crdt, p.sender, p.seq, p.vector(), p.body, updates[0])
+                except CrdtError:
+                    continue
+                r.ledger.state(facts)
+            else:
+                r.ledger.record_updates(p.sender, p.seq, list(updates))
 
     def _open(self, env: Envelope) -> Payload | None:
         """Verify, decrypt and check one envelope; None (logged) if it is not acceptable."""
@@ -314,13 +339,8 @@ class Inbox:
         # the requester lacked, so another member lacking something else marked that delivered
         # without its content, and never asked again (found by the simulator: partition seed
         # 17 left three devices without four acknowledged updates for good).
-        diff = r.crdt.snapshot()
-        body = pack_updates([diff])
-        if not fits_one_message(body):
-            log.warning("state too large for one message; the requester needs a direct "
-                        "transfer", doc=short_id(r.group_id), bytes=len(body))
+        sealed = self.outbox.seal_state()
+        if sealed is None:  # too large for one message: the requester needs a direct transfer
             return
-        with self.store.transaction():
-            self.outbox.seal(PayloadKind.STATE, body)
         log.info("sent document state", doc=short_id(r.group_id),
-                 to=short_id(request.sender), bytes=len(diff))
+                 to=short_id(request.sender), bytes=len(sealed[2]))

@@ -142,6 +142,7 @@ class Membership:
         log.info("decision applied", doc=short_id(r.group_id), slot=slot,
                  signer=short_id(value.signer), devices=len(value.manifest.devices))
         r.epoch_changed.fire()
+        r.ledger.decided(value.manifest.compaction, slot)  # a new point: check it
         if status == "removed":
             r.alarm("removed", f"this device was removed at epoch {slot}")
             self.outbox.durable_changed.fire()

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import trio
 import trio.lowlevel
 
+from device.compaction_check import state_facts
 from device.replica import Replica
 from device.rules import (
     Outgoing,
@@ -135,14 +136,17 @@ class Outbox:
         if not rows:
             return False
         take = take_batch(rows)
-        body = pack_updates([d for _, d in take])
+        updates = [d for _, d in take]
+        body = pack_updates(updates)
         with self.store.transaction() as db:
-            self.seal(PayloadKind.UPDATE, body)
+            payload, _env = self.seal(PayloadKind.UPDATE, body)
             db.executemany("DELETE FROM local_pending WHERE id=?", [(r,) for r, _ in take])
+        self.replica.ledger.record_updates(payload.sender, payload.seq, updates)
         return len(take) < len(rows)
 
-    def seal(self, kind: PayloadKind, body: bytes) -> None:
-        """Encrypt a payload as our next seq and put it in the outbox (inside a transaction)."""
+    def seal(self, kind: PayloadKind, body: bytes) -> tuple[Payload, Envelope]:
+        """Encrypt a payload as our next seq and put it in the outbox (inside a transaction).
+        Returns the payload and its envelope."""
         r = self.replica
         seq = self.next_seq
         deps = payload_deps(kind, r.buffer.delivered, r.me)
@@ -158,6 +162,7 @@ class Outbox:
         self.next_seq = seq + 1
         self.pending.add(env)
         self.changed.fire()
+        return payload, env
 
     # -- whole-document states -----------------------------------------------------------------
 
@@ -175,13 +180,23 @@ class Outbox:
         self.edits_since_state = 0
         if not r.may_send:  # a reader's would be refused; the writers publish
             return
-        body = pack_updates([r.crdt.snapshot()])
+        self.seal_state()
+
+    def seal_state(self) -> tuple[Payload, Envelope, bytes] | None:
+        """Seal the whole document as a STATE of ours (None, logged, if it does not fit one
+        message); returns the payload, its envelope and the snapshot. One synchronous step,
+        so the snapshot and the vector the payload claims to cover match."""
+        r = self.replica
+        snapshot = r.crdt.snapshot()
+        body = pack_updates([snapshot])
         if not fits_one_message(body):
             log.warning("document too large for one state message; not published",
                         doc=short_id(r.group_id), bytes=len(body))
-            return
+            return None
         with self.store.transaction():
-            self.seal(PayloadKind.STATE, body)
+            payload, env = self.seal(PayloadKind.STATE, body)
+        r.ledger.state(state_facts(r.crdt, r.me, payload.seq, payload.vector(), body, snapshot))
+        return payload, env, snapshot
 
     # -- send: outbox -> syncnodes ---------------------------------------------------------------
 

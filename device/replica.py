@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import trio
 
+from device.compaction_check import Ledger
 from device.crdt_loro import BACKENDS
 from device.events import Alarm, Event
 from device.host import Host
@@ -90,6 +91,10 @@ class Replica:
         pending = [Payload.decode(p) for (p,) in self.store.all(
             "SELECT payload FROM pending WHERE group_id=?", group_id)]
         self.buffer = CausalBuffer(msgpack.unpackb(delivered, strict_map_key=False), pending)
+        self.ledger = Ledger(self.crdt)
+        """Checks decided compaction points against what we hold (:mod:`device.compaction`)."""
+        if self.epoch in self.values:
+            self.ledger.load(self.values[self.epoch].manifest.compaction, self.epoch)
         self.listeners: list[Callable[[Event], None]] = []
         self.learn_wanted = Signal()
         self.fork_suspected = False

@@ -63,3 +63,14 @@ class CrdtBackend(Protocol):
     def value(self) -> Any:
         """The whole document as plain Python values (dicts, lists, str, numbers)."""
         ...
+
+    def version_of(self, updates: Sequence[bytes]) -> bytes:
+        """The smallest version that contains every operation of ``updates`` (updates or a
+        snapshot), without applying them: what a compaction check compares
+        (:mod:`device.compaction_check`). Raises :class:`CrdtError` if one is malformed."""
+        ...
+
+    def version_includes(self, big: bytes, small: bytes) -> bool:
+        """Whether version ``big`` contains everything version ``small`` does. Raises
+        :class:`CrdtError` if either is malformed."""
+        ...

@@ -33,6 +33,7 @@ from proto.codec import (
     encode_struct,
     message,
 )
+from proto.compaction import MAX_POINT_BYTES, CompactionError, check_transition
 from proto.errors import DecodeError, SyncnodeError
 from proto.identity import SecretKey, fingerprint, is_valid_signature, register_context
 from proto.mls_wire import parse_commit
@@ -93,7 +94,7 @@ class Manifest:
     devices: Annotated[tuple[DeviceEntry, ...], MaxItems(MAX_DEVICES)]
     syncnodes: Annotated[tuple[SyncnodeEntry, ...], MaxItems(MAX_ACCEPTORS)]
     crdt_type: Annotated[str, MaxLen(32)]
-    compaction: Annotated[bytes, MaxLen(4096)] | None
+    compaction: Annotated[bytes, MaxLen(MAX_POINT_BYTES)] | None
     prev_manifest_hash: Hash32 | None
     commit_hash: Hash32 | None
 
@@ -172,6 +173,8 @@ class Rule(enum.IntEnum):
     NOT_ADMIN = 9
     BAD_ROSTER = 10
     BAD_GENESIS = 11
+    BAD_COMPACTION = 12
+    READER_COMPACTS = 13
 
 
 class ManifestError(SyncnodeError):
@@ -210,7 +213,9 @@ def next_manifest(prev: Manifest, commit: bytes, *, add: tuple[DeviceEntry, ...]
                   compaction: bytes | None = None) -> Manifest:
     """The manifest following ``prev`` for ``commit``: removes fingerprints, gives the kept
     devices named in ``roles`` (fingerprint -> role) their new role, then adds devices at the
-    leaves MLS assigns them (``leaf`` of the given entries is ignored)."""
+    leaves MLS assigns them (``leaf`` of the given entries is ignored). ``compaction`` is a
+    new compaction point (:mod:`proto.compaction`); without one, ``prev``'s is carried
+    forward, so the newest manifest always holds the group's latest point."""
     roles = roles or {}
     kept = [replace(d, role=roles[d.fingerprint]) if d.fingerprint in roles else d
             for d in prev.devices if d.fingerprint not in remove]
@@ -219,7 +224,7 @@ def next_manifest(prev: Manifest, commit: bytes, *, add: tuple[DeviceEntry, ...]
     return Manifest(
         prev.group_id, prev.epoch + 1, tuple(kept + added),
         prev.syncnodes if syncnodes is None else syncnodes, prev.crdt_type,
-        compaction, prev.hash(), commit_hash(commit))
+        prev.compaction if compaction is None else compaction, prev.hash(), commit_hash(commit))
 
 
 def assign_leaves(occupied: set[int], count: int) -> list[int]:
@@ -284,7 +289,8 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
     the new manifest; the manifest chains to ``prev``; the commit was made in ``prev``'s epoch by
     the signer's leaf; its adds and removes are exactly the roster change; an admin may add,
     remove, change roles and syncnodes, anyone else only update its own keys; at least one
-    admin remains (:func:`_check_roster`).
+    admin remains (:func:`_check_roster`); the compaction point is unchanged, or advanced by
+    a writer or admin (:func:`proto.compaction.check_transition`).
     """
     m = value.manifest
     if m.group_id != prev.group_id:
@@ -309,6 +315,12 @@ def validate_transition(prev: Manifest, value: LogValue) -> None:
     if info.other_proposals:
         raise ManifestError(Rule.COMMIT_MISMATCH, "commit carries unsupported proposals")
     _check_roster(m)
+    try:
+        check_transition(prev.compaction, m.compaction, signer.fingerprint,
+                         signer_may_send=may_send(signer))
+    except CompactionError as exc:
+        raise ManifestError(Rule.READER_COMPACTS if exc.not_allowed else Rule.BAD_COMPACTION,
+                            exc.detail) from None
 
     by_leaf = {d.leaf: d for d in prev.devices}
     removed = set()

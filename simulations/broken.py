@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import device.membership
+from proto.compaction import CompactionPoint
 from proto.manifest import LogValue
 from proto.paxos.acceptor import Acceptor, Step
 from proto.paxos.messages import Accept, Nack, Prepare
+from syncnode.compaction import Compactor
 from syncnode.service import Service
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ VARIANTS = {
                     "after the wipe",
     "silent-reset": "devices do not notice that a wiped syncnode signs under a new incarnation "
                     "of its storage (no syncnode-reset alarm; its old acks stay kept)",
+    "delete-beyond": "syncnodes applying a compaction point delete (and refuse) the two seqs "
+                     "of each covered sender that follow it, besides what it covers",
 }
 
 
@@ -52,11 +56,25 @@ class _PromiseIgnoringService(Service):
             f.name: getattr(self.acceptor, f.name) for f in dataclasses.fields(Acceptor)})
 
 
+class _GreedyCompactor(Compactor):
+    def deletion(self, point: CompactionPoint) -> dict[bytes, int]:
+        return {s: q + 2 for s, q in point.vector().items()}
+
+
+class _GreedyCompactingService(Service):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.compactor = _GreedyCompactor(self.store, self.groups, self.metrics)
+        self.envelopes.compactor = self.compactor
+
+
 def service_factory(variant: str | None) -> Callable[[SimNode], type[Service]] | None:
-    if variant == "ignore-promises":
+    planted = {"ignore-promises": _PromiseIgnoringService,
+               "delete-beyond": _GreedyCompactingService}.get(variant or "")
+    if planted is not None:
         from simulations.world import SERVICES
 
-        return lambda node: _PromiseIgnoringService if node.honest else SERVICES[node.behaviour]
+        return lambda node: planted if node.honest else SERVICES[node.behaviour]
     return None
 
 

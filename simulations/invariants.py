@@ -27,13 +27,16 @@ Final (after faults heal and traffic stops):
   syncnodes were wiped (anti-entropy, :mod:`syncnode.reconcile`);
 - **reader-silent**: no honest syncnode stores an update from a sender that was a reader at the
   update's epoch;
+- **compacted**: an honest syncnode keeps no envelope that the compaction point it applied
+  covers (but the state), and has applied the group's decided point once it holds its state;
 - **detected**: with a colluding majority, any two devices whose logs differ include one that
   raised an equivocation alarm with a verifiable EquivocationProof;
-- **alarms**: with an honest majority, no device raised an equivocation or invalid-decision
-  alarm and no document failed; and in every scenario, every ``syncnode-reset`` alarm holds a
-  :class:`~proto.resets.StorageReset` that verifies and names a syncnode whose database was
-  wiped (an honest node's incarnation changes with nothing else), and a device that kept a
-  node's statements when it was wiped and keeps statements of its new storage now raised one;
+- **alarms**: with an honest majority, no device raised an equivocation, invalid-decision,
+  bad-update or bad-compaction alarm and no document failed; and in every scenario, every
+  ``syncnode-reset`` alarm holds a :class:`~proto.resets.StorageReset` that verifies and names
+  a syncnode whose database was wiped (an honest node's incarnation changes with nothing
+  else), and a device that kept a node's statements when it was wiped and keeps statements of
+  its new storage now raised one;
 - **never-accused**: every ``withholding`` alarm holds a :class:`WithholdingProof` that verifies
   on its own, and none (nor a ``withholding-suspected`` alarm) names an honest syncnode: a proof
   against an honest node must be impossible, in every scenario;
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 from device.mls import MlsError
 from proto.codec import decode_as
+from proto.compaction import CompactionPoint
 from proto.errors import SyncnodeError
 from proto.manifest import LogValue, ManifestError, Role, validate_genesis, verify_decided
 from proto.paxos.messages import EquivocationProof, value_hash
@@ -159,7 +163,7 @@ class Checker:
 
     def final(self) -> list[Violation]:
         out = [*self.continuous(), *self.removed_blind(), *self.no_plaintext(),
-               *self.reader_silent(), *never_accused(self.world),
+               *self.reader_silent(), *self.compacted(), *never_accused(self.world),
                *withholding_detected(self.world), *resets(self.world)]
         if self.colluding:
             out += self.detected()
@@ -287,6 +291,29 @@ class Checker:
                                       f"reader (epoch {env.epoch}, seq {env.seq})")]
         return []
 
+    def compacted(self) -> list[Violation]:
+        out = []
+        for node in self.world.nodes:
+            if not node.honest or node.retired:
+                continue
+            applied, decided = self.world.node_compaction(node)
+            held = {(e.sender, e.seq): e for e in self.world.node_envelopes(node)}
+            if applied is not None:
+                point = CompactionPoint.decode(applied)
+                covered = point.vector()
+                kept = [k for k in held if k[1] <= covered.get(k[0], 0)
+                        and k != (point.state_sender, point.state_seq)]
+                if kept:
+                    out.append(Violation("compacted", f"{node.name} keeps {len(kept)} "
+                                         "envelopes its compaction point covers"))
+            if decided is not None and decided != applied:
+                point = CompactionPoint.decode(decided)
+                state = held.get((point.state_sender, point.state_seq))
+                if state is not None and state.digest() == point.state_digest:
+                    out.append(Violation("compacted", f"{node.name} holds the state of the "
+                                         "decided point but did not apply it"))
+        return out
+
     def no_plaintext(self) -> list[Violation]:
         return [Violation("no-plaintext", f"{node.name}'s storage holds an edit in clear")
                 for node in self.world.nodes if MARK in self.world.node_bytes(node)]
@@ -330,7 +357,8 @@ class Checker:
             if dev.doc.status == "failed":
                 out.append(Violation("alarms", f"{dev.name}'s document failed"))
             for alarm in dev.doc.alarms():
-                if alarm.kind in ("equivocation", "invalid-decision", "bad-update"):
+                if alarm.kind in ("equivocation", "invalid-decision", "bad-update",
+                                  "bad-compaction"):
                     out.append(Violation("alarms", f"{dev.name}: {alarm.kind}: {alarm.detail}"))
         return out
 

@@ -40,6 +40,7 @@ from proto.logs import configure_logging
 from proto.manifest import Role
 from proto.transport.memory import MemoryNetwork
 from simulations import broken
+from simulations.compaction_steps import CompactionSteps
 from simulations.governance import GovernanceSteps
 from simulations.invariants import Checker, Violation, markers
 from simulations.scenarios import QUIET, SCENARIOS, Scenario, Step, plan
@@ -72,7 +73,7 @@ class Stuck(Exception):
     """A run used up its real-time budget: something spins without letting time pass."""
 
 
-class Run(GovernanceSteps):
+class Run(GovernanceSteps, CompactionSteps):
     def __init__(self, seed: int, scenario: Scenario, faults: frozenset[str], steps: int,
                  root: Path, variant: str | None) -> None:
         self.seed = seed

@@ -98,6 +98,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "key (never while an earlier wipe is not yet reconciled), while devices edit; "
              "devices crash and go offline", frozenset({"contention"}), acked_everywhere=True,
              extra={"node-wipe": 5, "device-crash": 2, "device-restart": 2}),
+    Scenario("compact", "compactions of the history under syncnode and device crashes, "
+             "long offline periods and partitions", frozenset({"crash", "partition"}),
+             extra={"compact": 8, "device-offline": 3}),
     Scenario("chaos", "every fault class at once, one withholding syncnode, role changes",
              frozenset({"partition", "lossy", "crash", "clock", "contention"}),
              nodes=("honest", "withhold", "honest"), extra={"role": 3}),

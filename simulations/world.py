@@ -30,6 +30,7 @@ from proto import entropy
 from proto.codec import decode_as
 from proto.envelope import Envelope
 from proto.identity import SecretKey
+from proto.manifest import LogValue
 from proto.ticket import NodeTicket
 from proto.transport.memory import Faults, MemoryNetwork, MemoryTransport
 from simulations.byzantine import (
@@ -345,6 +346,18 @@ class World:
         with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
             return [decode_as(raw, Envelope) for (raw,) in db.execute(
                 "SELECT envelope FROM envelopes WHERE group_id=?", (self.group_id,))]
+
+    def node_compaction(self, node: SimNode) -> tuple[bytes | None, bytes | None]:
+        """The compaction point the node applied, and the one its newest manifest holds."""
+        if node.retired:
+            return None, None
+        with closing(sqlite3.connect(f"file:{node.path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT point FROM compactions WHERE group_id=?",
+                             (self.group_id,)).fetchone()
+            top = db.execute("SELECT value FROM decided WHERE group_id=? ORDER BY slot DESC "
+                             "LIMIT 1", (self.group_id,)).fetchone()
+        decided = None if top is None else LogValue.decode(top[0]).manifest.compaction
+        return (None if row is None else row[0]), decided
 
     def node_bytes(self, node: SimNode) -> bytes:
         return b"".join(p.read_bytes() for p in _db_files(node.path.parent, node.path.name))

@@ -14,6 +14,10 @@ durable, and each backfill page with what it returns, so withholding leaves evid
 For anti-entropy (:mod:`proto.antientropy`) it also answers a digest of each group's envelopes
 and their per-sender summary, both read from the summary the storage keeps with the envelopes
 (one row per sender: never a scan of the envelopes), to the group's syncnodes and members.
+
+An envelope covered by the group's applied compaction point is acknowledged without being
+kept (the state holds it: a device resending an old outbox loses nothing), and a backfill from
+below the point gets the state envelope first (:mod:`syncnode.compaction`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from proto.envelope import Envelope
 from proto.manifest import Manifest, may_send
 from proto.messages import ErrorCode
 from proto.service import MAX_PAGE, Backfill, BackfillPage, Stored
+from syncnode.compaction import Compactor
 from syncnode.config import Limits
 from syncnode.decisions import PAGE_BYTES
 from syncnode.fanout import Publish
@@ -45,9 +50,10 @@ from syncnode.storage import Storage, StorageConflict
 
 class Envelopes:
     def __init__(self, store: Storage, groups: Groups, limits: Limits, metrics: Metrics, *,
-                 publish: Publish, notary: Notary) -> None:
+                 publish: Publish, notary: Notary, compactor: Compactor) -> None:
         self.notary = notary
         self.store = store
+        self.compactor = compactor
         self.groups = groups
         self.limits = limits
         self.metrics = metrics
@@ -108,9 +114,15 @@ class Envelopes:
         marks = {w.sender: w.seq for w in msg.watermarks}
         limit = max(1, min(msg.limit, MAX_PAGE))
         at = await self.notary.stamp()  # before reading (proto.holdings)
-        raws, more = await self.store.envelopes_after(g.group_id, marks, limit=limit,
-                                                      max_bytes=PAGE_BYTES)
+        first = await self.compactor.state_first(g, marks)
+        if first is not None and limit == 1:
+            raws, more = [], True
+        else:
+            raws, more = await self.store.envelopes_after(
+                g.group_id, marks, limit=limit - (first is not None), max_bytes=PAGE_BYTES)
         out = tuple(decode_as(raw, Envelope) for raw in raws)
+        if first is not None:  # the state first: it covers what this device lacks below it
+            out = (first, *(e for e in out if (e.sender, e.seq) != (first.sender, first.seq)))
         self.metrics.messages_served.inc(len(out))
         return BackfillPage(out, more, self.notary.incarnation, at,
                             await self.notary.backfill_signature(msg, at, out, more))

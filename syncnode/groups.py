@@ -33,6 +33,9 @@ class GroupState:
     lock: trio.Lock = field(default_factory=trio.Lock)
     deleted: bool = False
     """Set (under ``lock``) when the group's data was deleted: holders of this state stop."""
+    compacted: bytes | None = None
+    """The compaction point applied here (:mod:`syncnode.compaction`); the decided one is in
+    ``manifest.compaction`` and may be ahead until this node holds its state envelope."""
 
 
 class Groups:
@@ -57,10 +60,12 @@ class Groups:
         if rec is None:
             return None
         manifest = await self.manifest_at(group_id, rec.top)
+        compacted = await self.store.compaction(group_id)
         loaded: GroupState | None = self.cache.get(group_id)
         if loaded is not None:  # by another request while we read
             return loaded
-        g = GroupState(group_id, rec.creator, rec.top, manifest, rec.bytes_used)
+        g = GroupState(group_id, rec.creator, rec.top, manifest, rec.bytes_used,
+                       compacted=compacted)
         self.cache.put(group_id, g)
         return g
 

@@ -234,4 +234,5 @@ class HistoryPull:
         if new:
             g.bytes_used += len(raw)
             svc.metrics.messages_stored.inc()
+            svc.compact_soon(g)  # it may be the state a decided compaction waits for
         return int(new)

@@ -226,8 +226,8 @@ class Reconciler:
         while True:
             page = await client.backfill(g.group_id, wanted, PAGE)
             self.stats["pages"] += 1
+            stored += await self.history.store_page(g, page.envelopes, entry)
             for env in page.envelopes:
-                stored += await self.history.store_pulled(g, env, entry)
                 wanted[env.sender] = max(wanted.get(env.sender, 0), env.seq)
             if not page.more or not page.envelopes:
                 break

@@ -76,6 +76,7 @@ from syncnode.acceptor import AcceptorDriver
 from syncnode.addresses import AddressBook
 from syncnode.admission import Admission
 from syncnode.budgets import LRU, KeyedBuckets, TokenBucket
+from syncnode.compaction import Compactor
 from syncnode.config import Limits
 from syncnode.decisions import PAGE_BYTES, DecidedLog
 from syncnode.envelopes import Envelopes
@@ -131,8 +132,10 @@ class Service:
         self.paxos = AcceptorDriver(key, self.store, self.groups, self.metrics, cache_slots,
                                     decided_at=self.decisions.decided_at)
         self.notary = Notary(key, self.store, self.groups, self.metrics, clock)
+        self.compactor = Compactor(self.store, self.groups, self.metrics)
         self.envelopes = Envelopes(self.store, self.groups, self.limits, self.metrics,
-                                   publish=self._publish, notary=self.notary)
+                                   publish=self._publish, notary=self.notary,
+                                   compactor=self.compactor)
         self.mailbox = Mailbox(self.store, self.limits, self.metrics, lambda: self.clock(),
                                self.fanout.notify_mailbox, node_id=self.node_id,
                                member_key=self._member_key)
@@ -214,7 +217,17 @@ class Service:
         learned = await self.decisions.learn(msg, source=source, session=session)
         if learned:  # serving now, or removed?
             await self.hosting.decided(msg.certificate.group_id)
+            g = await self.groups.get(msg.certificate.group_id)
+            if g is not None:
+                self.compact_soon(g)
         return learned
+
+    def compact_soon(self, g: GroupState) -> None:
+        """Apply ``g``'s decided compaction point in the background if it is not applied
+        yet (:mod:`syncnode.compaction`: once the state envelope is here). Cheap when
+        there is nothing to do."""
+        if g.manifest.compaction is not None and g.manifest.compaction != g.compacted:
+            self._fire(lambda: self.compactor.maybe_apply(g))
 
     def _publish(self, g: GroupState, item: Envelope | Decided, *,
                  new_manifest: bool = False) -> None:
@@ -274,10 +287,15 @@ class Service:
         await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
         stored = await self.envelopes.store_envelope(session, msg)
         self.on_stored(msg.group_id)
+        self.compact_soon(await self.groups.require(msg.group_id))
         return stored
 
     async def _backfill(self, session: Session, msg: Backfill) -> BackfillPage:
-        return await self.envelopes.backfill(session, msg)
+        page = await self.envelopes.backfill(session, msg)
+        # A point not applied yet (this node restarted before its background deletion ran):
+        # devices backfill after every reconnect, so that is when it catches up.
+        self.compact_soon(await self.groups.require(msg.group_id))
+        return page
 
     async def _fetch_digests(self, session: Session, msg: FetchDigests) -> Digests:
         return await self.envelopes.digests(session, msg)

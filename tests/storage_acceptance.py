@@ -43,6 +43,9 @@ __all__ = [
     "test_address_records_keep_the_newest_within_capacity",
     "test_adopted_groups_keep_a_hosting_record",
     "test_barrier_waits_for_earlier_writes",
+    "test_compacted_copies_of_a_group_summarize_alike",
+    "test_compaction_deletes_covered_envelopes_but_the_state",
+    "test_compaction_points_only_advance_and_go_with_the_group",
     "test_concurrent_writes_share_commits_and_fail_alone",
     "test_decided_log_appends_only_the_next_slot",
     "test_decided_range_orders_and_pages",
@@ -546,6 +549,67 @@ async def test_address_records_keep_the_newest_within_capacity(storage_factory: 
 # -- durability and group commit ------------------------------------------------------------------
 
 
+# -- compaction -----------------------------------------------------------------------------------
+
+
+async def test_compaction_deletes_covered_envelopes_but_the_state(storage_factory: StorageFactory
+                                                                   ) -> None:
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        for sender, seqs in ((A, (1, 2, 3, 4, 6)), (B, (1, 2, 3))):
+            for seq in seqs:
+                await s.store_envelope(G1, sender, seq, b"d%d" % seq, b"%s%d" % (sender[:1], seq))
+        await s.store_envelope(G2, A, 1, b"d1", b"other group")
+        assert await s.envelope(G1, A, 3) == (b"d3", b"\x0a3")
+        assert await s.envelope(G1, A, 5) is None and await s.compaction(G1) is None
+        before = (await s.group(G1)).bytes_used  # type: ignore[union-attr]
+        # A's 3 is the state: A 1..3 and B 1..2 are in it.
+        freed = await s.compact_envelopes(G1, b"point 1", {A: 3, B: 2}, (A, 3))
+        assert freed == 4 * 2
+        assert (await s.group(G1)).bytes_used == before - freed  # type: ignore[union-attr]
+        assert await s.compaction(G1) == b"point 1"
+        assert await s.envelopes_after(G1, {}, limit=10, max_bytes=BIG) == \
+            ([b"\x0a3", b"\x0a4", b"\x0a6", b"\x0b3"], False)
+        assert await s.envelope_count(G1) == 4 and await s.envelope_count(G2) == 1
+        # Covered seqs count as stored; A stops at its gap (5), B goes on from 2.
+        assert await s.envelope_marks(G1) == {A: 4, B: 3}
+        # A covered envelope sent again (a device resending its outbox) is not kept again,
+        # nor counted; the state envelope is still idempotent; above the point is as before.
+        assert not await s.store_envelope(G1, B, 1, b"d1", b"\x0b1")
+        assert not await s.store_envelope(G1, A, 3, b"d3", b"\x0a3")
+        with pytest.raises(StorageConflict):
+            await s.store_envelope(G1, A, 3, b"dX", b"another")
+        assert await s.store_envelope(G1, A, 5, b"d5", b"\x0a5")
+        assert await s.envelope_count(G1) == 5
+        assert (await s.group(G1)).bytes_used == before - freed + 2  # type: ignore[union-attr]
+        assert await s.envelope_marks(G1) == {A: 6, B: 3}
+
+
+async def test_compaction_points_only_advance_and_go_with_the_group(
+        storage_factory: StorageFactory) -> None:
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        for seq in (1, 2, 3, 4):
+            await s.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+        await s.store_envelope(G1, B, 1, b"d1", b"f1")
+        await s.compact_envelopes(G1, b"point 1", {A: 2, B: 1}, (A, 2))
+        with pytest.raises(StorageConflict):  # covers less of B
+            await s.compact_envelopes(G1, b"point 0", {A: 4}, (A, 4))
+        with pytest.raises(StorageConflict):  # not hosted
+            await s.compact_envelopes(G2, b"point", {A: 1}, (A, 1))
+        assert await s.compaction(G1) == b"point 1"
+        assert await s.compact_envelopes(G1, b"point 2", {A: 4, B: 1}, (A, 4)) == 4
+        assert await s.envelopes_after(G1, {}, limit=10, max_bytes=BIG) == ([b"e4"], False)
+    async with opened(storage_factory) as s:  # durable
+        assert await s.compaction(G1) == b"point 2"
+        assert await s.envelope_marks(G1) == {A: 4, B: 1}
+        assert await s.delete_group(G1)
+        await new_group(s)  # the id taken again starts with no compaction
+        assert await s.compaction(G1) is None
+        assert await s.store_envelope(G1, A, 1, b"d1", b"e1")
+
+
 async def write_one_of_everything(s: Storage) -> None:
     await new_group(s)
     await decide(s, G1, 1)
@@ -661,3 +725,29 @@ async def test_incarnation_is_kept_for_life_and_new_storage_gets_another(
         assert len(fresh) == 16 and fresh != first
     async with opened(fresh_storage_factory) as s:
         assert await s.incarnation() == fresh
+
+
+async def test_compacted_copies_of_a_group_summarize_alike(storage_factory: StorageFactory
+                                                           ) -> None:
+    """Two syncnodes that applied the same point and hold the same tail must look in sync to
+    the reconciler, although one held every covered envelope and the other, which pulled the
+    group after the compaction, only the state (here: G1 and G2 as the two copies)."""
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        await new_group(s, G2)
+        for seq in (1, 2, 3, 4, 5):
+            await s.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+        for seq in (1, 2):
+            await s.store_envelope(G1, B, seq, b"b%d" % seq, b"f%d" % seq)
+        await s.store_envelope(G2, A, 3, b"d3", b"e3")  # the state only, then the tail
+        await s.store_envelope(G2, A, 5, b"d5", b"e5")
+        await s.store_envelope(G2, A, 4, b"d4", b"e4")
+        assert await s.envelope_summary(G1) != await s.envelope_summary(G2)
+        for g in (G1, G2):
+            await s.compact_envelopes(g, b"point", {A: 3, B: 2}, (A, 3))
+        assert await s.envelope_summary(G1) == await s.envelope_summary(G2)
+        assert await s.envelope_marks(G1) == await s.envelope_marks(G2) == {A: 5, B: 2}
+        await s.store_envelope(G1, B, 3, b"b3", b"f3")  # the tail grows on one copy only
+        assert await s.envelope_summary(G1) != await s.envelope_summary(G2)
+        await s.store_envelope(G2, B, 3, b"b3", b"f3")
+        assert await s.envelope_summary(G1) == await s.envelope_summary(G2)

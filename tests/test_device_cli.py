@@ -322,6 +322,7 @@ def test_roles_invite_as_reader_role_and_leave(tmp_path: Path,
     one_line_error(sd(b, "role", "notes", b_id, "writer"), 4, "only an admin")
     one_line_error(sd(a, "role", "notes", a_id, "reader"), 4, "last admin")
     one_line_error(sd(a, "leave", "notes"), 4, "last admin")
+    one_line_error(sd(b, "compact", "notes"), 4, "readers do not compact")
 
     done = sd(a, "--json", "role", "notes", b_id, "writer", check=True)
     assert json.loads(done.stdout)["role"] == "writer"
@@ -329,6 +330,9 @@ def test_roles_invite_as_reader_role_and_leave(tmp_path: Path,
     assert sorted(r["role"] for r in rows) == ["admin", "writer"]
     human = sd(a, "members", "notes", check=True).stdout
     assert "admin" in human and "writer" in human
+
+    compacted = json.loads(sd(a, "--json", "compact", "notes", check=True).stdout)
+    assert compacted["compacted"] is True and compacted["epoch"] >= 3
 
     left = sd(b, "--json", "leave", "notes", check=True)
     assert json.loads(left.stdout) == {"status": "left"}

@@ -236,3 +236,86 @@ def test_parser_rejects_mutations_with_decode_error(data: st.DataObject) -> None
         parse_commit(bytes(raw[:cut]) if data.draw(st.booleans()) else bytes(raw))
     except DecodeError:
         pass
+
+
+# -- compaction points (proto/compaction.py) ---------------------------------------------------
+
+
+def _point(signer: Device, vector: dict[bytes, int], seq: int, **kw: object) -> bytes:
+    from proto.compaction import make_point
+
+    point = make_point({**vector, signer.key_fpr: seq}, signer.key_fpr, seq, b"\7" * 32,
+                       b"state", b"v")
+    return replace(point, **kw).encode() if kw else point.encode()  # type: ignore[arg-type]
+
+
+def _compacting(g: Group, signer: Device, point: bytes) -> LogValue:
+    commit = signer.mls.update()
+    return sign_value(signer.key, next_manifest(g.manifest, commit, compaction=point), commit)
+
+
+def test_writers_and_admins_compact_and_the_point_carries_forward() -> None:
+    g, a, w, r = _roles_group()
+    validate_transition(g.manifest, _compacting(g, a, _point(a, {}, 3)))  # an admin
+    g, a, w, r = _roles_group()
+    value = _compacting(g, w, _point(w, {a.key_fpr: 5}, 3))  # a writer
+    for x in (a, r):
+        x.mls.apply(value.commit)
+    _advance(g, value)
+    # Any later commit that names no new point keeps this one (the newest manifest has it).
+    nxt = update_value(g, a)
+    assert nxt.manifest.compaction == value.manifest.compaction
+    validate_transition(g.manifest, nxt)
+
+
+def test_readers_do_not_compact() -> None:
+    g, _a, _w, r = _roles_group()
+    _refused(g, _compacting(g, r, _point(r, {}, 1)), Rule.READER_COMPACTS, "readers")
+
+
+def test_a_point_covers_its_own_state_envelope_from_the_committer() -> None:
+    g, a, w, _r = _roles_group()
+    from proto.compaction import make_point
+
+    other = make_point({a.key_fpr: 4}, a.key_fpr, 4, b"\7" * 32, b"s", b"v").encode()
+    _refused(g, _compacting(g, w, other), Rule.BAD_COMPACTION, "committer's own envelope")
+    g, a, w, _r = _roles_group()
+    short = make_point({w.key_fpr: 2}, w.key_fpr, 3, b"\7" * 32, b"s", b"v").encode()
+    _refused(g, _compacting(g, w, short), Rule.BAD_COMPACTION, "its own state envelope")
+    g, a, w, _r = _roles_group()
+    _refused(g, _compacting(g, w, b"\x00garbage"), Rule.BAD_COMPACTION, "malformed")
+
+
+def test_covered_senders_are_sorted_unique_and_count_from_one() -> None:
+    from proto.compaction import Covered
+
+    g, a, w, _r = _roles_group()
+    pair = sorted([Covered(a.key_fpr, 1), Covered(w.key_fpr, 2)], key=lambda c: c.sender)
+    unsorted = _point(w, {}, 2, covered=tuple(reversed(pair)))
+    _refused(g, _compacting(g, w, unsorted), Rule.BAD_COMPACTION, "sorted and unique")
+    g, a, w, _r = _roles_group()
+    zero = _point(w, {}, 2, covered=tuple(sorted(
+        [Covered(a.key_fpr, 0), Covered(w.key_fpr, 2)], key=lambda c: c.sender)))
+    _refused(g, _compacting(g, w, zero), Rule.BAD_COMPACTION, "count from 1")
+
+
+def test_points_are_monotone_and_never_dropped() -> None:
+    g, a, w, r = _roles_group()
+    first = _compacting(g, w, _point(w, {a.key_fpr: 5}, 3))
+    for x in (a, r):
+        x.mls.apply(first.commit)
+    _advance(g, first)
+    a_commit, w_commit = a.mls.update(), w.mls.update()  # one pending commit each
+
+    def by(signer: Device, commit: bytes, point: bytes | None) -> LogValue:
+        m = replace(next_manifest(g.manifest, commit), compaction=point)
+        return sign_value(signer.key, m, commit)
+
+    # Covers less of a than the decided point: syncnodes deleted a's 4 and 5 already.
+    _refused(g, by(a, a_commit, _point(a, {w.key_fpr: 9}, 4)), Rule.BAD_COMPACTION,
+             "cover the previous one")
+    # The same vector again, with another state envelope at w's covered seq 3.
+    _refused(g, by(w, w_commit, _point(w, {a.key_fpr: 5}, 3, state_digest=b"\1" * 32)),
+             Rule.BAD_COMPACTION, "newer than the previous point")
+    _refused(g, by(a, a_commit, None), Rule.BAD_COMPACTION, "cannot be dropped")
+    validate_transition(g.manifest, by(a, a_commit, _point(a, {w.key_fpr: 3}, 6)))

@@ -10,6 +10,7 @@ import pytest
 
 from syncnode.storage import Storage
 from syncnode.storage.sqlite import SqliteStorage
+from syncnode.storage.sqlite_schema import SCHEMA_VERSION
 from tests.storage_acceptance import *  # noqa: F403
 from tests.storage_acceptance import StorageFactory, new_group, opened
 
@@ -68,14 +69,34 @@ async def test_a_version_1_database_gets_its_envelope_summary(tmp_path: Path) ->
     async with opened(lambda: SqliteStorage(path)) as s:
         assert await s.envelope_summary(b"\x01" * 16) == want
         assert await s.envelope_marks(b"\x01" * 16) == {b"a" * 32: 2}
+
+
+async def test_a_version_1_database_is_migrated_to_compaction(tmp_path: Path) -> None:
+    """A syncnode from before anti-entropy and compaction left schema 1 without the summary
+    and compaction tables: opening it adds them and records version 3, and its envelopes
+    stay."""
+    path = tmp_path / "syncnode.db"
+    async with opened(lambda: SqliteStorage(path)) as s:
+        await new_group(s)
+        await s.store_envelope(b"\x01" * 16, b"a" * 32, 1, b"d", b"e")
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        db.execute("DROP TABLE compactions")
+        db.execute("DROP TABLE compacted")
+        db.execute("DROP TABLE envelope_senders")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.close()
+    async with opened(lambda: SqliteStorage(path)) as s:
+        assert await s.compaction(b"\x01" * 16) is None
+        assert await s.compact_envelopes(b"\x01" * 16, b"p", {b"a" * 32: 1}, (b"a" * 32, 1)) == 0
+        assert await s.envelope_count(b"\x01" * 16) == 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
     db.close()
 
 
 async def test_a_database_made_before_incarnations_gets_one_that_stays(tmp_path: Path) -> None:
-    """The incarnation lives in ``meta`` (no schema bump): a version 2 database an older
-    syncnode made has none, gets one when opened, and keeps it."""
+    """The incarnation lives in ``meta`` (no schema bump): a database an older syncnode made
+    has none, gets one when opened, and keeps it; the schema version stays."""
     path = tmp_path / "syncnode.db"
     SqliteStorage(path).db.close()
     with sqlite3.connect(path) as db:  # what an older syncnode left
@@ -86,5 +107,6 @@ async def test_a_database_made_before_incarnations_gets_one_that_stays(tmp_path:
     async with opened(lambda: SqliteStorage(path)) as s:
         assert await s.incarnation() == made
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
     db.close()

@@ -8,6 +8,7 @@ What is kept, per group: a row (creator, highest decided slot, bytes used agains
 the decided log (slot 0 the genesis value; slot ``s`` a value with its decision certificate),
 the manifest of every epoch ``s >= 1`` (the genesis manifest is read from slot 0), the Paxos
 acceptor record of each slot, envelopes by ``(sender, seq)``, proofs of equivocation, and how
+the compaction point applied with its covered vector (:meth:`Storage.compact_envelopes`), and how
 this node hosts the group when that is more than "named by the genesis, serving"
 (:class:`HostingRecord`: adopted later, or removed).
 Node-wide: mailbox items with their quota accounting, and signed address records of other
@@ -279,7 +280,8 @@ class Storage(Protocol):
                              envelope: bytes) -> bool:
         """Keep an envelope under ``(group, sender, seq)``, adding ``len(envelope)`` to the
         group's ``bytes_used``. False if that key holds the same ``digest`` already (idempotent,
-        nothing counted); :class:`StorageConflict` if it holds another."""
+        nothing counted), or if it is covered by the group's compaction and not held (the
+        state holds it: nothing kept); :class:`StorageConflict` if it holds another."""
 
     async def envelopes_after(self, group_id: bytes, watermarks: Mapping[bytes, int], *,
                               limit: int, max_bytes: int) -> tuple[list[bytes], bool]:
@@ -289,9 +291,9 @@ class Storage(Protocol):
         left."""
 
     async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
-        """Per sender, the highest ``seq`` such that ``1..seq`` are all stored (senders whose
-        seq 1 is missing are left out): the watermarks a backfill resumes from, whatever
-        arrived out of order (the ``contiguous`` of :meth:`envelope_summary`)."""
+        """Per sender, the highest ``seq`` such that ``1..seq`` are all stored or covered by
+        the group's compaction (senders whose seq 1 is neither are left out): the watermarks
+        a backfill resumes from, whatever arrived out of order."""
 
     async def envelope_count(self, group_id: bytes) -> int:
         """Envelopes stored for the group."""
@@ -318,7 +320,29 @@ class Storage(Protocol):
     async def envelope_summary(self, group_id: bytes) -> dict[bytes, SenderSummary]:
         """Per sender of the group, a :class:`SenderSummary` of its stored envelopes. Kept with
         the envelopes (updated in the transaction of each store), so reading it costs one row
-        per sender, never a scan of the envelopes: the reconciler compares groups with it."""
+        per sender, never a scan of the envelopes: the reconciler compares groups with it.
+        After a compaction, a covered sender's row counts only the envelopes above the point,
+        and its contiguous mark starts at the covered seq."""
+
+    async def envelope(self, group_id: bytes, sender: bytes, seq: int
+                       ) -> tuple[bytes, bytes] | None:
+        """The ``(digest, envelope)`` kept under ``(group, sender, seq)``, or None."""
+
+    # -- compaction (proto.compaction) ----------------------------------------------------------
+
+    async def compact_envelopes(self, group_id: bytes, point: bytes,
+                                covered: Mapping[bytes, int], keep: tuple[bytes, int]) -> int:
+        """Apply a decided compaction point, all at once: delete every envelope of the group
+        with ``seq <= covered[sender]`` except ``keep`` (the state envelope's ``(sender,
+        seq)``), subtract their bytes from ``bytes_used``, and record ``point`` (opaque) and
+        ``covered`` as the group's compaction. From then on :meth:`store_envelope` keeps no
+        envelope under a covered key (it answers False: the state holds it) and
+        :meth:`envelope_marks` counts covered seqs as stored. Returns the bytes freed.
+        :class:`StorageConflict` if the group is not hosted or ``covered`` does not cover
+        the vector applied before (points only advance)."""
+
+    async def compaction(self, group_id: bytes) -> bytes | None:
+        """The point last applied by :meth:`compact_envelopes`, or None."""
 
     # -- equivocation evidence ------------------------------------------------------------------
 

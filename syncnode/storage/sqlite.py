@@ -31,6 +31,7 @@ from syncnode.storage.base import (
     SenderSummary,
     StorageConflict,
 )
+from syncnode.storage.sqlite_compaction import CompactionSql
 from syncnode.storage.sqlite_schema import add_to_summary, open_database, storage_bytes
 from syncnode.storage.sqlite_writer import Writer
 
@@ -40,7 +41,7 @@ in :data:`~syncnode.storage.sqlite_schema.MAILBOX_SCHEMA` spell them X'6a' and X
 EVICT_BATCH = 64
 
 
-class SqliteStorage:
+class SqliteStorage(CompactionSql):
     """A syncnode's data in one SQLite file. Opening checks the schema and integrity (and
     raises RuntimeError if they are wrong) before anything else runs."""
 
@@ -70,15 +71,6 @@ class SqliteStorage:
 
     def size_bytes(self) -> int:
         return storage_bytes(self.path)
-
-    def _one(self, sql: str, *args: Any) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.db.execute(sql, args).fetchone()
-        return row
-
-    def _blob(self, sql: str, *args: Any) -> bytes | None:
-        row = self._one(sql, *args)
-        blob: bytes | None = None if row is None else row[0]
-        return blob
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -119,7 +111,7 @@ class SqliteStorage:
     async def delete_group(self, group_id: bytes) -> bool:
         def write(c: sqlite3.Connection) -> bool:
             for table in ("decided", "manifests", "acceptor", "envelopes", "envelope_senders",
-                          "equivocations", "hosting"):
+                          "equivocations", "hosting", "compactions", "compacted"):
                 c.execute(f"DELETE FROM {table} WHERE group_id=?", (group_id,))
             return c.execute("DELETE FROM groups WHERE group_id=?", (group_id,)).rowcount == 1
 
@@ -229,6 +221,12 @@ class SqliteStorage:
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
                              envelope: bytes) -> bool:
         def write(c: sqlite3.Connection) -> bool:
+            covered = c.execute("SELECT seq FROM compacted WHERE group_id=? AND sender=?",
+                                (group_id, sender)).fetchone()
+            if covered is not None and seq <= covered[0] and c.execute(
+                    "SELECT 1 FROM envelopes WHERE group_id=? AND sender=? AND seq=?",
+                    (group_id, sender, seq)).fetchone() is None:
+                return False  # in the compacted state already
             cur = c.execute("INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?)",
                             (group_id, sender, seq, digest, envelope))
             if cur.rowcount == 0:
@@ -263,6 +261,8 @@ class SqliteStorage:
         return out, False
 
     async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
+        # The summary's contiguous mark counts what a compaction covers as held
+        # (:func:`~syncnode.storage.sqlite_schema.resummarize`).
         return dict(self.db.execute(
             "SELECT sender, contiguous FROM envelope_senders WHERE group_id=? AND contiguous>0",
             (group_id,)))

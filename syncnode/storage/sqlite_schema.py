@@ -3,7 +3,7 @@
 One file (``syncnode.db`` in the data dir) in WAL mode with ``synchronous=FULL``: a commit is
 on disk when it returns. The schema version is checked at open (a database of another version
 is refused, not guessed at) and additive changes are migrated in place
-(:func:`_migrate_mailbox`; version 1 to 2: :func:`_migrate_summary`).
+(:func:`_migrate_mailbox`; version 1 to 2: :func:`_migrate_summary`; 2 to 3: :data:`MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from proto import entropy
 from proto.service import INCARNATION_BYTES
 from syncnode.storage.base import MAILBOX_ITEM_OVERHEAD, SETSUM_MASK, digest_term
 
-SCHEMA_VERSION = 2
-"""2: ``envelope_senders``, the per-sender summary of each group's envelopes."""
+SCHEMA_VERSION = 3
+"""2: ``envelope_senders``, the per-sender summary of each group's envelopes; 3: compaction
+(``compactions``, ``compacted``)."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
@@ -74,7 +75,22 @@ CREATE TABLE IF NOT EXISTS equivocations (
     group_id BLOB NOT NULL, slot INTEGER NOT NULL, proof BLOB NOT NULL,
     PRIMARY KEY (group_id, slot)
 ) WITHOUT ROWID;
+""" + """
+CREATE TABLE IF NOT EXISTS compactions (  -- the compaction point applied (schema 2)
+    group_id BLOB PRIMARY KEY, point BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS compacted (    -- its covered vector: seqs 1..seq are in the state
+    group_id BLOB NOT NULL, sender BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, sender)
+) WITHOUT ROWID;
 """
+
+MIGRATIONS: dict[int, str] = {
+    2: """-- 2 -> 3: compaction (the tables are created by SCHEMA, IF NOT EXISTS; nothing to
+    -- fill: a database of version 2 never compacted)
+    UPDATE meta SET value='3' WHERE key='schema';""",
+}
+"""Per version, the script that brings a database of that version to the next one."""
 
 MAILBOX_SCHEMA = """
 CREATE INDEX IF NOT EXISTS mailbox_kind ON mailbox (kind, item_id);
@@ -148,6 +164,24 @@ def add_to_summary(c: sqlite3.Connection, group_id: bytes, sender: bytes, seq: i
                (setsum + digest_term(digest)) & SETSUM_MASK))
 
 
+def resummarize(c: sqlite3.Connection, group_id: bytes, sender: bytes, covered: int) -> None:
+    """Rebuild a sender's ``envelope_summary`` row after a compaction covered its seqs
+    ``1..covered``: what the point covers counts as held (the contiguous mark starts at
+    ``covered``) and is left out of the count, top and sum, which are over the envelopes above
+    it. So two syncnodes that applied the same point and hold the same tail have the same
+    summary, whatever each held below the point (a node that pulled the state after the
+    compaction never had the covered envelopes), and the reconciler finds them in sync."""
+    count, top, setsum, contiguous = 0, covered, 0, covered
+    for seq, digest in c.execute("SELECT seq, digest FROM envelopes WHERE group_id=? AND "
+                                 "sender=? AND seq>? ORDER BY seq", (group_id, sender, covered)):
+        count, top = count + 1, seq
+        setsum = (setsum + digest_term(digest)) & SETSUM_MASK
+        if seq == contiguous + 1:
+            contiguous = seq
+    c.execute("INSERT OR REPLACE INTO envelope_senders VALUES (?,?,?,?,?,?)",
+              (group_id, sender, count, top, contiguous, setsum))
+
+
 def _migrate_summary(conn: sqlite3.Connection) -> None:
     """Version 1 to 2: build ``envelope_senders`` from the envelopes already stored (one pass
     over them, once)."""
@@ -158,7 +192,7 @@ def _migrate_summary(conn: sqlite3.Connection) -> None:
                             "ORDER BY group_id, sender, seq").fetchall()
         for group_id, sender, seq, digest in rows:
             add_to_summary(conn, group_id, sender, seq, digest)
-        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -185,11 +219,17 @@ def open_database(path: Path) -> sqlite3.Connection:
     row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) == 1:
-        _migrate_summary(conn)
-    elif int(row[0]) != SCHEMA_VERSION:
-        raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
-                           f"{SCHEMA_VERSION}")
+    else:
+        version = int(row[0])
+        if version == 1:
+            _migrate_summary(conn)
+            version = 2
+        while version < SCHEMA_VERSION and version in MIGRATIONS:
+            conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} COMMIT;")
+            version += 1
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
+                               f"{SCHEMA_VERSION}")
     _ensure_incarnation(conn)
     check = conn.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
