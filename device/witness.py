@@ -180,7 +180,7 @@ class Witness:
         r = self.replica
         st = SignedBackfill(node, page.incarnation, r.group_id, watermarks_of(marks),
                             tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
-                            page.more, page.at, page.signature)
+                            page.more, page.at, page.signature, page.covered)
         if not st.valid():
             self._suspect(node, "its backfill answer is not validly signed")
             return

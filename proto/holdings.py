@@ -24,12 +24,15 @@ Each statement is a **held** claim or a **lack** claim about ``(sender, seq)``:
   show no digest (or another digest than the held claim's); a complete backfill answer whose
   request watermark of the sender is below ``seq`` and that does not return it.
 
-An honest syncnode never deletes an envelope of a group it serves (compaction, when it comes,
-must count covered envelopes as held), and within one incarnation its statement clock strictly
-increases, also across restarts. So an honest node never signs, in one incarnation, a held
-claim at ``t1`` and a lack claim for the same envelope at ``t2 > t1``: a
-:class:`WithholdingProof` holding such a pair convicts the node whose key signed both, and
-:func:`verify` checks it with nothing but the statements themselves.
+An honest syncnode never deletes an envelope of a group it serves, except those a decided
+compaction covers: heads and backfill answers name the covered vector of the compaction the
+node applied (read after the envelopes, so it covers whatever the read missed), and nothing it
+covers counts as a lack. A dishonest node may claim more coverage than was decided; that claim
+is signed, but checking it against the group's decided point is not built yet (SECURITY.md).
+Within one incarnation the statement clock strictly increases, also across restarts. So an
+honest node never signs, in one incarnation, a held claim at ``t1`` and a lack claim for the
+same envelope at ``t2 > t1``: a :class:`WithholdingProof` holding such a pair convicts the
+node whose key signed both, and :func:`verify` checks it with nothing but the statements themselves.
 
 **Incarnation.** 16 random bytes a syncnode's database makes when it is created and keeps
 (:meth:`syncnode.storage.Storage.incarnation`). A node whose data directory is lost and that
@@ -63,7 +66,7 @@ from proto.codec import U64, Hash32, MaxItems, PublicKey, Signature64, encode_st
 from proto.errors import SyncnodeError
 from proto.identity import is_valid_signature, register_context, short_id
 from proto.paxos.messages import GroupId
-from proto.service import MAX_PAGE, Incarnation, Watermark
+from proto.service import MAX_COVERED_SENDERS, MAX_PAGE, Incarnation, Watermark
 
 ACK_CTX = register_context("syncnode/holdings/ack/v1")
 HEADS_CTX = register_context("syncnode/holdings/heads/v1")
@@ -73,6 +76,8 @@ MAX_HOLDING_SENDERS = 256
 """Senders one heads statement covers (a device asks about itself first)."""
 MAX_PROBES = 64
 """``(sender, seq)`` pairs one heads statement answers for."""
+MAX_COVERED = MAX_COVERED_SENDERS
+"""Senders a statement's ``covered`` vector names (:data:`proto.compaction.MAX_SENDERS`)."""
 MAX_BACKFILL_MARKS = 4096
 """The request's watermarks (the bound of :class:`proto.service.Backfill`)."""
 
@@ -132,6 +137,7 @@ class HeadsBody:
     marks: Annotated[tuple[Watermark, ...], MaxItems(MAX_HOLDING_SENDERS)]
     probes: Annotated[tuple[Probe, ...], MaxItems(MAX_PROBES)]
     at: U64
+    covered: Annotated[tuple[Watermark, ...], MaxItems(MAX_COVERED)] = ()
 
 
 @dataclass(frozen=True)
@@ -144,10 +150,13 @@ class SignedHeads:
     probes: Annotated[tuple[Probe, ...], MaxItems(MAX_PROBES)]
     at: U64
     signature: Signature64
+    covered: Annotated[tuple[Watermark, ...], MaxItems(MAX_COVERED)] = ()
+    """Per sender, the seqs ``1..seq`` the compaction this node applied covers (deleted but
+    in the state): never a lack (see the module doc)."""
 
     def body(self) -> HeadsBody:
         return HeadsBody(self.node_id, self.incarnation, self.group_id, self.top, self.marks,
-                         self.probes, self.at)
+                         self.probes, self.at, self.covered)
 
     def valid(self) -> bool:
         return is_valid_signature(self.node_id, HEADS_CTX, encode_struct(self.body()),
@@ -176,6 +185,7 @@ class BackfillBody:
     entries: Annotated[tuple[Entry, ...], MaxItems(MAX_PAGE)]
     more: bool
     at: U64
+    covered: Annotated[tuple[Watermark, ...], MaxItems(MAX_COVERED)] = ()
 
 
 @dataclass(frozen=True)
@@ -188,10 +198,12 @@ class SignedBackfill:
     more: bool
     at: U64
     signature: Signature64
+    covered: Annotated[tuple[Watermark, ...], MaxItems(MAX_COVERED)] = ()
+    """As :attr:`SignedHeads.covered`."""
 
     def body(self) -> BackfillBody:
         return BackfillBody(self.node_id, self.incarnation, self.group_id, self.watermarks,
-                            self.entries, self.more, self.at)
+                            self.entries, self.more, self.at, self.covered)
 
     def valid(self) -> bool:
         return is_valid_signature(self.node_id, BACKFILL_CTX, encode_struct(self.body()),
@@ -267,10 +279,18 @@ def held_digest(st: Statement, sender: bytes, seq: int) -> tuple[bool, bytes | N
     return entry is not None, entry.digest if entry else None
 
 
+def covered_by(st: SignedHeads | SignedBackfill, sender: bytes) -> int:
+    """The seqs of ``sender`` the statement says its node's applied compaction covers."""
+    return next((w.seq for w in st.covered if w.sender == sender), 0)
+
+
 def lacks(st: Statement, sender: bytes, seq: int, digest: bytes | None) -> bool:
     """Whether ``st`` claims the node does not hold ``(sender, seq)`` (the envelope of
-    ``digest``, when given)."""
+    ``digest``, when given). An envelope the node's compaction covers is not lacking: its
+    content is in the state, and deleting it is what compaction is for."""
     if isinstance(st, SignedAck):
+        return False
+    if seq <= covered_by(st, sender):
         return False
     if isinstance(st, SignedHeads):
         probe = st.probe(sender, seq)

@@ -38,6 +38,8 @@ from proto.paxos.messages import Decided, GroupId
 AUTH_CTX = register_context("syncnode/auth/v1")
 PUT_PROOF_CTX = register_context("syncnode/mailbox-put/v1")
 MAX_PAGE = 1024
+MAX_COVERED_SENDERS = 1000
+"""Senders a compaction point covers (:data:`proto.compaction.MAX_SENDERS`)."""
 INCARNATION_BYTES = 16
 Incarnation = Annotated[bytes, Len(INCARNATION_BYTES)]
 """Which life of a syncnode's storage signed a statement: random bytes made with its database,
@@ -185,6 +187,8 @@ class BackfillPage:
     incarnation: Incarnation
     at: U64
     signature: Signature64
+    covered: Annotated[tuple[Watermark, ...], MaxItems(MAX_COVERED_SENDERS)] = ()
+    """The covered vector of the compaction the node applied, signed with the page."""
 
 
 @message(0x4E)

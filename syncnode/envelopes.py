@@ -124,8 +124,10 @@ class Envelopes:
         if first is not None:  # the state first: it covers what this device lacks below it
             out = (first, *(e for e in out if (e.sender, e.seq) != (first.sender, first.seq)))
         self.metrics.messages_served.inc(len(out))
+        covered = await self.notary.covered(g.group_id)  # after the read (Notary.covered)
         return BackfillPage(out, more, self.notary.incarnation, at,
-                            await self.notary.backfill_signature(msg, at, out, more))
+                            await self.notary.backfill_signature(msg, at, out, more, covered),
+                            covered)
 
     async def summary(self, group_id: bytes) -> dict[bytes, Summary]:
         return {s: Summary(*v) for s, v in (await self.store.envelope_summary(group_id)).items()}

@@ -20,11 +20,12 @@ once per connection), for current members and the group's syncnodes only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
 from proto.codec import encode_struct
+from proto.compaction import CompactionPoint
 from proto.envelope import Envelope
 from proto.holdings import (
     ACK_CTX,
@@ -98,12 +99,25 @@ class Notary:
         return Stored(env.group_id, env.sender, env.seq, digest, self.incarnation, at, sig)
 
     async def backfill_signature(self, msg: Backfill, at: int, envelopes: tuple[Envelope, ...],
-                                 more: bool) -> bytes:
-        """Sign a backfill answer; ``at`` was stamped before the envelopes were read."""
+                                 more: bool, covered: tuple[Watermark, ...] = ()) -> bytes:
+        """Sign a backfill answer; ``at`` was stamped before the envelopes were read, and
+        ``covered`` (:meth:`covered`) read after them."""
         entries = tuple(Entry(e.sender, e.seq, e.digest()) for e in envelopes)
         body = BackfillBody(self.node_id, self.incarnation, msg.group_id, msg.watermarks,
-                            entries, more, at)
+                            entries, more, at, covered)
         return self.key.sign(BACKFILL_CTX, encode_struct(body))
+
+    async def covered(self, group_id: bytes, senders: Iterable[bytes] | None = None
+                      ) -> tuple[Watermark, ...]:
+        """The covered vector of the compaction this node applied to the group (of ``senders``
+        only, if given). Read *after* the envelopes a statement describes: a compaction applied
+        meanwhile deleted only what it covers, so the claim covers whatever the read missed."""
+        g = await self.groups.get(group_id)
+        if g is None or g.compacted is None:
+            return ()
+        vector = CompactionPoint.decode(g.compacted).vector()
+        wanted = vector.keys() if senders is None else senders
+        return tuple(Watermark(s, vector[s]) for s in dict.fromkeys(wanted) if s in vector)
 
     async def holdings(self, session: Session, msg: FetchHoldings) -> Holdings:
         """Signed heads of one group, for those who may read its log (as ``FetchHeads``)."""
@@ -119,12 +133,16 @@ class Notary:
         senders = tuple(dict.fromkeys(msg.senders))
         keys = list(dict.fromkeys((p.sender, p.seq) for p in msg.probes))
         held = await self.store.envelope_digests(g.group_id, keys)
+        covered = await self.covered(g.group_id, [*senders, *(s for s, _ in keys)])
         return Holdings(self.sign_heads(
             g.group_id, top, tuple(Watermark(s, marks.get(s, 0)) for s in senders),
-            tuple(Probe(s, q, held.get((s, q))) for s, q in keys), at))
+            tuple(Probe(s, q, held.get((s, q))) for s, q in keys), at, covered))
 
     def sign_heads(self, group_id: bytes, top: int, marks: tuple[Watermark, ...],
-                   probes: tuple[Probe, ...], at: int) -> SignedHeads:
-        body = HeadsBody(self.node_id, self.incarnation, group_id, top, marks, probes, at)
+                   probes: tuple[Probe, ...], at: int, covered: tuple[Watermark, ...] = ()
+                   ) -> SignedHeads:
+        body = HeadsBody(self.node_id, self.incarnation, group_id, top, marks, probes, at,
+                         covered)
         sig = self.key.sign(HEADS_CTX, encode_struct(body))
-        return SignedHeads(self.node_id, self.incarnation, group_id, top, marks, probes, at, sig)
+        return SignedHeads(self.node_id, self.incarnation, group_id, top, marks, probes, at, sig,
+                           covered)

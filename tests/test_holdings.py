@@ -14,6 +14,7 @@ import pytest
 
 from device.witness import ack_of
 from proto.codec import decode_as, encode, encode_struct
+from proto.compaction import CompactionPoint, Covered
 from proto.holdings import (
     ACK_CTX,
     BACKFILL_CTX,
@@ -54,19 +55,23 @@ def ack(seq: int = 5, at: int = 100, *, key: SecretKey = NODE, group: bytes = G,
 
 
 def heads(marks: dict[bytes, int], at: int = 200, probes: tuple[Probe, ...] = (), *,
-          key: SecretKey = NODE, group: bytes = G, inc: bytes = INC) -> SignedHeads:
+          key: SecretKey = NODE, group: bytes = G, inc: bytes = INC,
+          covered: dict[bytes, int] | None = None) -> SignedHeads:
+    cov = tuple(Watermark(s, q) for s, q in (covered or {}).items())
     body = HeadsBody(key.public, inc, group, 3,
-                     tuple(Watermark(s, q) for s, q in marks.items()), probes, at)
+                     tuple(Watermark(s, q) for s, q in marks.items()), probes, at, cov)
     return SignedHeads(key.public, inc, group, 3, body.marks, probes, at,
-                       key.sign(HEADS_CTX, encode_struct(body)))
+                       key.sign(HEADS_CTX, encode_struct(body)), cov)
 
 
 def backfill(marks: dict[bytes, int], entries: tuple[Entry, ...] = (), *, more: bool = False,
-             at: int = 200, key: SecretKey = NODE, inc: bytes = INC) -> SignedBackfill:
+             at: int = 200, key: SecretKey = NODE, inc: bytes = INC,
+             covered: dict[bytes, int] | None = None) -> SignedBackfill:
     wm = tuple(Watermark(s, q) for s, q in marks.items())
-    body = BackfillBody(key.public, inc, G, wm, entries, more, at)
+    cov = tuple(Watermark(s, q) for s, q in (covered or {}).items())
+    body = BackfillBody(key.public, inc, G, wm, entries, more, at, cov)
     return SignedBackfill(key.public, inc, G, wm, entries, more, at,
-                          key.sign(BACKFILL_CTX, encode_struct(body)))
+                          key.sign(BACKFILL_CTX, encode_struct(body)), cov)
 
 
 def roundtrip(proof: WithholdingProof) -> WithholdingProof:
@@ -324,3 +329,55 @@ async def test_a_syncnode_that_lost_its_database_signs_under_a_new_incarnation(
     shown = verify_reset(decode_as(encode(evidence), StorageReset))
     assert (shown.node_id, shown.old_incarnation, shown.new_incarnation) == (
         node.key.public, before.incarnation, after.incarnation)
+
+
+@pytest.mark.parametrize("lack", [
+    heads({S: 2}, probes=(Probe(S, 5, None),), covered={S: 6}),
+    backfill({S: 0}, (Entry(S, 6, D5),), covered={S: 6}),
+], ids=["heads", "backfill"])
+def test_what_a_compaction_covers_is_never_a_lack(lack: SignedHeads | SignedBackfill) -> None:
+    """A compacted syncnode deleted the envelopes its point covers (their content is in the
+    state): an ack of one of them and a later statement naming the coverage prove nothing;
+    the same statement without the coverage is a proof (the control)."""
+    assert contradiction(ack(), lack) is None
+    bare = dataclasses.replace(lack, covered=())
+    assert not bare.valid()  # the coverage is signed: it cannot be stripped or added
+    if isinstance(lack, SignedHeads):
+        resigned = heads({S: 2}, probes=(Probe(S, 5, None),))
+    else:
+        resigned = backfill({S: 0}, (Entry(S, 6, D5),))
+    assert contradiction(ack(), resigned) is not None
+
+
+async def test_a_compacted_syncnode_never_contradicts_its_acks(
+        cluster: MemoryCluster) -> None:  # noqa: F811
+    """A real service: acks, then a compaction applied (covered envelopes deleted), then
+    heads and a complete backfill answer: nothing that acked contradicts them."""
+    alice = Device("alice")
+    node = cluster.nodes[0]
+    g = new_group(alice, [node.entry])
+    async with cluster.clients(alice, [node]) as (c,):
+        await c.register_group(g.values[0])
+        acks = [ack_of(node.key.public, await c.store(seal(alice, g, seq, 0)))
+                for seq in (1, 2, 3)]
+        state = await node.service.group(g.group_id)
+        assert state is not None
+        point = CompactionPoint((Covered(alice.key_fpr, 2),), alice.key_fpr, 2,
+                                acks[1].digest, b"h" * 32, b"v").encode()
+        await node.service.store.compact_envelopes(g.group_id, point, {alice.key_fpr: 2},
+                                                   (alice.key_fpr, 2))
+        state.compacted = point  # what syncnode.compaction does once the point is applied
+        assert await node.service.store.envelope_count(g.group_id) == 2  # seq 1 is gone
+        h = await c.holdings(g.group_id, [alice.key_fpr], [(alice.key_fpr, q) for q in (1, 2, 3)])
+        page = await c.backfill(g.group_id, {})
+    assert h.covered == (Watermark(alice.key_fpr, 2),) == page.covered
+    assert h.probe(alice.key_fpr, 1) == Probe(alice.key_fpr, 1, None)  # deleted, but covered
+    b = SignedBackfill(node.key.public, page.incarnation, g.group_id, watermarks_of({}),
+                       tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
+                       page.more, page.at, page.signature, page.covered)
+    assert b.valid() and h.valid() and not b.more
+    for a in acks:
+        assert a.valid()
+        assert contradiction(a, h) is None and contradiction(a, b) is None
+    # The control: the same answers without the coverage would convict it.
+    assert contradiction(acks[0], dataclasses.replace(h, covered=())) is not None
