@@ -5,7 +5,10 @@ the deterministic simulator, so nothing here may touch the disk or network excep
 transport implementations in :mod:`proto.transport`.
 """
 
-PROTOCOL_VERSION = 1
-"""Wire protocol version sent in the connection handshake (:mod:`proto.transport.handshake`)."""
+PROTOCOL_VERSION = 2
+"""Wire protocol version sent in the connection handshake (:mod:`proto.transport.handshake`).
+2: signed acks and backfill answers (``Stored``, ``BackfillPage`` changed shape), holdings,
+anti-entropy and compaction messages (issue 17). A version-1 peer is refused at the handshake
+with a clear error instead of failing to decode."""
 
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from proto import PROTOCOL_VERSION
 from proto.errors import ConnectTimeout, FrameError, HandshakeError, StreamClosed, TransportError
 from proto.identity import SecretKey
 from proto.transport.base import Connection
@@ -52,7 +53,7 @@ async def test_exchange_frames_with_separate_process(echo_peer: dict[str, Any]) 
     try:
         conn = await client.connect(echo_peer["node_id"], echo_peer["addrs"])
         assert conn.remote_id == echo_peer["node_id"]
-        assert conn.protocol_version == 1
+        assert conn.protocol_version == PROTOCOL_VERSION
         stream = await conn.open_stream()
         frames = [b"", b"x", bytes(range(256)) * 100, b"y" * (1 << 20)]
         for f in frames:
