@@ -372,12 +372,13 @@ def _candidates(held: SignedAck | SignedHeads, lack: Statement) -> list[tuple[by
             continue
         if isinstance(lack, SignedHeads):
             m = lack.mark(w.sender)
-            if m is not None and m < w.seq:
-                out.append((w.sender, m + 1))
+            if m is not None and max(m, covered_by(lack, w.sender)) < w.seq:
+                out.append((w.sender, max(m, covered_by(lack, w.sender)) + 1))
             out += [(p.sender, p.seq) for p in lack.probes
                     if p.sender == w.sender and p.seq <= w.seq]
         elif isinstance(lack, SignedBackfill) and not lack.more:
-            start = lack.mark(w.sender)
+            # Covered seqs are never a lack: the first missing seq above them is the one
+            start = max(lack.mark(w.sender), covered_by(lack, w.sender))
             got = {e.seq for e in lack.entries if e.sender == w.sender}
             missing = next((q for q in range(start + 1, w.seq + 1) if q not in got), None)
             if missing is not None:

@@ -64,8 +64,8 @@ class Compactor:
             self.metrics.refuse("compaction_state_mismatch")
             return 0
         async with g.lock:
-            if g.deleted or g.manifest.compaction != raw:
-                return 0  # deleted, or a newer point arrived meanwhile: that one applies
+            if g.deleted or g.manifest.compaction != raw or g.compacted == raw:
+                return 0  # deleted, a newer point arrived meanwhile, or applied meanwhile
             try:
                 freed = await self.store.compact_envelopes(
                     g.group_id, raw, self.deletion(point), (point.state_sender, point.state_seq))
@@ -87,7 +87,7 @@ class Compactor:
     async def state_first(self, g: GroupState, marks: Mapping[bytes, int]) -> Envelope | None:
         """The applied point's state envelope, if ``marks`` are below the point for some
         sender (the envelopes it covers are gone: the state replaces them); else None."""
-        raw = g.compacted
+        raw = await self.store.compaction(g.group_id)  # committed with the deletion (not the cache)
         if raw is None:
             return None
         point = CompactionPoint.decode(raw)

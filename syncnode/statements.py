@@ -111,11 +111,14 @@ class Notary:
                       ) -> tuple[Watermark, ...]:
         """The covered vector of the compaction this node applied to the group (of ``senders``
         only, if given). Read *after* the envelopes a statement describes: a compaction applied
-        meanwhile deleted only what it covers, so the claim covers whatever the read missed."""
-        g = await self.groups.get(group_id)
-        if g is None or g.compacted is None:
+        meanwhile deleted only what it covers, so the claim covers whatever the read missed.
+        Read from storage, not the cached group state: the deletion and the recorded point
+        commit together, while the cache learns of it later (or holds a copy reloaded before
+        the commit), and a stale vector next to a completed deletion would be a lack."""
+        raw = await self.store.compaction(group_id)
+        if raw is None:
             return ()
-        vector = CompactionPoint.decode(g.compacted).vector()
+        vector = CompactionPoint.decode(raw).vector()
         wanted = vector.keys() if senders is None else senders
         return tuple(Watermark(s, vector[s]) for s in dict.fromkeys(wanted) if s in vector)
 

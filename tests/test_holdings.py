@@ -381,3 +381,14 @@ async def test_a_compacted_syncnode_never_contradicts_its_acks(
         assert contradiction(a, h) is None and contradiction(a, b) is None
     # The control: the same answers without the coverage would convict it.
     assert contradiction(acks[0], dataclasses.replace(h, covered=())) is not None
+
+
+def test_withholding_above_a_compaction_is_still_found() -> None:
+    """A complete answer whose first missing seq is covered must not hide a missing seq
+    above the coverage (review finding): heads said 1..10 held, the page from 0 with 1..5
+    covered returns 5..8 and not 9 or 10."""
+    held = heads({S: 10}, at=100)
+    lack = backfill({S: 0}, tuple(Entry(S, q, D5) for q in (5, 6, 7, 8)), covered={S: 5})
+    proof = contradiction(held, lack)
+    assert proof is not None and proof.seq == 9
+    assert verify(proof).seq == 9

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from proto.antientropy import Summary, backfill_marks, marks_of
 from syncnode.storage import Storage
 from syncnode.storage.sqlite import SqliteStorage
 from syncnode.storage.sqlite_schema import SCHEMA_VERSION
@@ -110,3 +111,46 @@ async def test_a_database_made_before_incarnations_gets_one_that_stays(tmp_path:
         assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (
             str(SCHEMA_VERSION),)
     db.close()
+
+
+async def test_a_peer_that_lacks_the_state_pulls_it_from_a_compacted_one(tmp_path: Path) -> None:
+    """The kept state envelope counts in its sender's summary row, so a syncnode that missed
+    it (down during the compaction) sees a peer row it lacks and backfills it; otherwise the
+    digests differed forever and it never applied the point (review finding)."""
+    g, a = b"\x01" * 16, b"a" * 32
+    async with opened(lambda: SqliteStorage(tmp_path / "x.db")) as x, \
+            opened(lambda: SqliteStorage(tmp_path / "y.db")) as y:
+        for s in (x, y):
+            await new_group(s)
+        for seq in (1, 2, 3, 4, 5):  # 5 is the state
+            await x.store_envelope(g, a, seq, b"d%d" % seq, b"e%d" % seq)
+        for seq in (1, 2):
+            await y.store_envelope(g, a, seq, b"d%d" % seq, b"e%d" % seq)
+        await x.compact_envelopes(g, b"point", {a: 5}, (a, 5))
+        theirs = {s: Summary(*v) for s, v in (await x.envelope_summary(g)).items()}
+        ours = {s: Summary(*v) for s, v in (await y.envelope_summary(g)).items()}
+        assert theirs[a].envelopes == 1  # the state
+        assert backfill_marks(ours, marks_of(theirs)[0]) == {a: 2}  # from Y's run: gets 5
+        await y.store_envelope(g, a, 5, b"d5", b"e5")
+        await y.compact_envelopes(g, b"point", {a: 5}, (a, 5))
+        assert await y.envelope_summary(g) == await x.envelope_summary(g)
+
+
+async def test_a_version_2_database_gets_its_summary_rebuilt(tmp_path: Path) -> None:
+    """Version 2 was the summary on one branch and the compaction tables on another: opening
+    any version 2 database rebuilds the summary, compactions included."""
+    path = tmp_path / "syncnode.db"
+    g, a = b"\x01" * 16, b"a" * 32
+    async with opened(lambda: SqliteStorage(path)) as s:
+        await new_group(s)
+        for seq in (1, 2, 3, 4):
+            await s.store_envelope(g, a, seq, b"d%d" % seq, b"e")
+        await s.compact_envelopes(g, b"p", {a: 2}, (a, 2))
+        want = await s.envelope_summary(g)
+    with sqlite3.connect(path) as db:  # the compaction branch's version 2: no summary rows
+        db.execute("DELETE FROM envelope_senders")
+        db.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    db.close()
+    async with opened(lambda: SqliteStorage(path)) as s:
+        assert await s.envelope_summary(g) == want
+        assert await s.envelope_marks(g) == {a: 4}

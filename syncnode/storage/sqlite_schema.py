@@ -3,7 +3,7 @@
 One file (``syncnode.db`` in the data dir) in WAL mode with ``synchronous=FULL``: a commit is
 on disk when it returns. The schema version is checked at open (a database of another version
 is refused, not guessed at) and additive changes are migrated in place
-(:func:`_migrate_mailbox`; version 1 to 2: :func:`_migrate_summary`; 2 to 3: :data:`MIGRATIONS`).
+(:func:`_migrate_mailbox`; versions 1 and 2 to 3: :func:`_migrate_summary`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS equivocations (
     PRIMARY KEY (group_id, slot)
 ) WITHOUT ROWID;
 """ + """
-CREATE TABLE IF NOT EXISTS compactions (  -- the compaction point applied (schema 2)
+CREATE TABLE IF NOT EXISTS compactions (  -- the compaction point applied (schema 3)
     group_id BLOB PRIMARY KEY, point BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS compacted (    -- its covered vector: seqs 1..seq are in the state
@@ -85,12 +85,7 @@ CREATE TABLE IF NOT EXISTS compacted (    -- its covered vector: seqs 1..seq are
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: dict[int, str] = {
-    2: """-- 2 -> 3: compaction (the tables are created by SCHEMA, IF NOT EXISTS; nothing to
-    -- fill: a database of version 2 never compacted)
-    UPDATE meta SET value='3' WHERE key='schema';""",
-}
-"""Per version, the script that brings a database of that version to the next one."""
+
 
 MAILBOX_SCHEMA = """
 CREATE INDEX IF NOT EXISTS mailbox_kind ON mailbox (kind, item_id);
@@ -165,16 +160,18 @@ def add_to_summary(c: sqlite3.Connection, group_id: bytes, sender: bytes, seq: i
 
 
 def resummarize(c: sqlite3.Connection, group_id: bytes, sender: bytes, covered: int) -> None:
-    """Rebuild a sender's ``envelope_summary`` row after a compaction covered its seqs
-    ``1..covered``: what the point covers counts as held (the contiguous mark starts at
-    ``covered``) and is left out of the count, top and sum, which are over the envelopes above
-    it. So two syncnodes that applied the same point and hold the same tail have the same
-    summary, whatever each held below the point (a node that pulled the state after the
-    compaction never had the covered envelopes), and the reconciler finds them in sync."""
+    """Rebuild a sender's ``envelope_senders`` row after a compaction covered its seqs
+    ``1..covered`` and deleted them but the state: what the point covers counts as held (the
+    contiguous mark starts at ``covered``), and the count, top and sum are over the envelopes
+    still held, the kept state envelope included. So two syncnodes that applied the same point
+    and hold the same tail have the same summary, whatever each held below the point (a node
+    that pulled the state after the compaction never had the covered envelopes), and the
+    reconciler finds them in sync; and a node that lacks the state sees a peer's row that
+    counts it, and pulls it (without the state in the count it never would)."""
     count, top, setsum, contiguous = 0, covered, 0, covered
     for seq, digest in c.execute("SELECT seq, digest FROM envelopes WHERE group_id=? AND "
-                                 "sender=? AND seq>? ORDER BY seq", (group_id, sender, covered)):
-        count, top = count + 1, seq
+                                 "sender=? ORDER BY seq", (group_id, sender)):
+        count, top = count + 1, max(top, seq)
         setsum = (setsum + digest_term(digest)) & SETSUM_MASK
         if seq == contiguous + 1:
             contiguous = seq
@@ -182,9 +179,11 @@ def resummarize(c: sqlite3.Connection, group_id: bytes, sender: bytes, covered: 
               (group_id, sender, count, top, contiguous, setsum))
 
 
-def _migrate_summary(conn: sqlite3.Connection) -> None:
-    """Version 1 to 2: build ``envelope_senders`` from the envelopes already stored (one pass
-    over them, once)."""
+def _migrate_summary(conn: sqlite3.Connection, to: int) -> None:
+    """Version 1 or 2 to ``to``: (re)build ``envelope_senders`` from the envelopes already
+    stored (one pass over them, once), then for every compaction applied (a development build
+    numbered its compaction tables 2, without the summary). The tables themselves come from
+    ``SCHEMA`` (IF NOT EXISTS)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM envelope_senders")
@@ -192,7 +191,10 @@ def _migrate_summary(conn: sqlite3.Connection) -> None:
                             "ORDER BY group_id, sender, seq").fetchall()
         for group_id, sender, seq, digest in rows:
             add_to_summary(conn, group_id, sender, seq, digest)
-        conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
+        for group_id, sender, seq in conn.execute(
+                "SELECT group_id, sender, seq FROM compacted").fetchall():
+            resummarize(conn, group_id, sender, seq)
+        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(to),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -214,22 +216,21 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 def open_database(path: Path) -> sqlite3.Connection:
     """Create or open the database, check its schema version, return a read connection."""
     conn = connect(path)
+    has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+                            ).fetchone() is not None
+    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() \
+        if has_meta else None
+    if row is not None and int(row[0]) not in (1, 2, SCHEMA_VERSION):
+        # Refused before anything is written: a newer syncnode's database stays as it was.
+        conn.close()
+        raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
+                           f"{SCHEMA_VERSION}")
     conn.executescript(SCHEMA)
     _migrate_mailbox(conn)
-    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    else:
-        version = int(row[0])
-        if version == 1:
-            _migrate_summary(conn)
-            version = 2
-        while version < SCHEMA_VERSION and version in MIGRATIONS:
-            conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} COMMIT;")
-            version += 1
-        if version != SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: schema version {row[0]}, this syncnode needs "
-                               f"{SCHEMA_VERSION}")
+    elif int(row[0]) < SCHEMA_VERSION:  # 1: no summary; 2: summary (or a development build's
+        _migrate_summary(conn, SCHEMA_VERSION)  # compaction tables without it): rebuild both
     _ensure_incarnation(conn)
     check = conn.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
