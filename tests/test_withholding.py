@@ -51,6 +51,11 @@ async def test_a_withholding_syncnode_is_proven_to_withhold(tmp_path: Path) -> N
             config = dataclasses.replace(FAST, holdings_interval=0.5)
             async with Device.open(home, config=config) as alice:
                 doc = await alice.create_document(tickets, name="notes")
+                # Every link up first: an update durable on the two honest nodes before the
+                # withholder's link is up is not sent to it (its peers would give it), and
+                # without its ack there is nothing to prove.
+                with trio.fail_after(30):
+                    await doc.wait_connected(3)
                 for i in range(3):
                     doc.change(lambda e, i=i: e.text("body").insert(0, f"edit {i} "))
                 with trio.fail_after(60):
