@@ -132,15 +132,16 @@ async def test_members_publish_the_state_periodically_and_once_per_stretch(
     from dataclasses import replace
 
     from device.outbox import Outbox
-    from proto.payload import PayloadKind
+    from proto.envelope import Envelope
+    from proto.payload import Payload, PayloadKind
     from tests.device_kit import FAST
 
     sealed: list[tuple[str, PayloadKind]] = []
     orig = Outbox.seal
 
-    def spy(self: Outbox, kind: PayloadKind, body: bytes) -> None:
+    def spy(self: Outbox, kind: PayloadKind, body: bytes) -> tuple[Payload, Envelope]:
         sealed.append((self.host.id, kind))
-        orig(self, kind, body)
+        return orig(self, kind, body)
 
     monkeypatch.setattr(Outbox, "seal", spy)
     config = replace(FAST, publish_state_every=10)
