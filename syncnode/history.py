@@ -174,14 +174,26 @@ class HistoryPull:
     async def pass_from(self, client: SyncnodeClient, g: GroupState, entry: SyncnodeEntry) -> int:
         """Every page of the peer's envelopes above our watermarks; how many were new."""
         marks = await self.service.store.envelope_marks(g.group_id)
-        stored = 0
+        stored, _pages, complete = await self.pull_pages(client, g, entry, marks)
+        if not complete:  # a full pass is one that ended with ``more`` false
+            raise PassFailed("peer announced more envelopes and sent none")
+        return stored
+
+    async def pull_pages(self, client: SyncnodeClient, g: GroupState, entry: SyncnodeEntry,
+                         marks: dict[bytes, int]) -> tuple[int, int, bool]:
+        """Every page of the peer's envelopes above ``marks`` (advanced as pages arrive),
+        stored; returns how many were new, the pages, and whether the last page said there
+        was no more. An empty page ends it whatever ``more`` says: a peer cannot keep it
+        asking for nothing (the pull is then not complete)."""
+        stored = pages = 0
         while True:
             page = await client.backfill(g.group_id, marks, PAGE)
+            pages += 1
             stored += await self.store_page(g, page.envelopes, entry)
             for env in page.envelopes:
                 marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
-            if not page.more:
-                return stored
+            if not page.more or not page.envelopes:
+                return stored, pages, not page.more
 
     async def store_page(self, g: GroupState, envelopes: Sequence[Envelope],
                          peer: SyncnodeEntry) -> int:

@@ -54,7 +54,7 @@ from proto.rpc import SyncnodeClient
 from proto.service import AdoptGroup, GroupRegistered, RegisterGroup
 from syncnode.budgets import LRU
 from syncnode.groups import GroupState
-from syncnode.history import PAGE, HistoryPull, PassFailed
+from syncnode.history import HistoryPull, PassFailed
 from syncnode.peers import CONNECT_TIMEOUT, PeerSync
 from syncnode.service import Service
 
@@ -222,15 +222,8 @@ class Reconciler:
         wanted = backfill_marks(await self.service.envelopes.summary(g.group_id), marks.senders)
         if wanted is None:
             return 0
-        stored = 0
-        while True:
-            page = await client.backfill(g.group_id, wanted, PAGE)
-            self.stats["pages"] += 1
-            stored += await self.history.store_page(g, page.envelopes, entry)
-            for env in page.envelopes:
-                wanted[env.sender] = max(wanted.get(env.sender, 0), env.seq)
-            if not page.more or not page.envelopes:
-                break
+        stored, pages, _complete = await self.history.pull_pages(client, g, entry, wanted)
+        self.stats["pages"] += pages
         self.stats["stored"] += stored
         return stored
 
