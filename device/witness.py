@@ -85,6 +85,14 @@ def ack_of(node: bytes, stored: Stored) -> SignedAck:
                      stored.digest, stored.at, stored.signature)
 
 
+def backfill_of(node: bytes, group_id: bytes, marks: dict[bytes, int],
+                page: BackfillPage) -> SignedBackfill:
+    """The statement a backfill page from ``node`` answering ``marks`` is signed as."""
+    return SignedBackfill(node, page.incarnation, group_id, watermarks_of(marks),
+                          tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
+                          page.more, page.at, page.signature, page.covered)
+
+
 def named_throughout(manifests: Sequence[Manifest], node: bytes) -> bool:
     """Whether ``node`` is a syncnode of every manifest of a span of epochs."""
     return all(node in m.acceptors() for m in manifests)
@@ -178,9 +186,7 @@ class Witness:
     def backfilled(self, node: bytes, marks: dict[bytes, int], page: BackfillPage) -> None:
         """Check a backfill page from ``node`` answering our ``marks``."""
         r = self.replica
-        st = SignedBackfill(node, page.incarnation, r.group_id, watermarks_of(marks),
-                            tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
-                            page.more, page.at, page.signature, page.covered)
+        st = backfill_of(node, r.group_id, marks, page)
         if not st.valid():
             self._suspect(node, "its backfill answer is not validly signed")
             return

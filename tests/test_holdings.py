@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from device.witness import ack_of
+from device.witness import ack_of, backfill_of
 from proto.codec import decode_as, encode, encode_struct
 from proto.compaction import CompactionPoint, Covered
 from proto.holdings import (
@@ -34,7 +34,6 @@ from proto.holdings import (
 )
 from proto.identity import SecretKey
 from proto.resets import StorageReset, reset_between, verify_reset
-from proto.rpc import watermarks_of
 from proto.service import Watermark
 from proto.stampclock import RESERVE_MS, StampClock, backdated
 from simulations.byzantine import WithholdingService
@@ -260,9 +259,7 @@ async def test_an_honest_syncnode_never_contradicts_itself(
         assert h.probe(alice.key_fpr, 2) == Probe(alice.key_fpr, 2, None)
         statements.append(h)
         page = await c.backfill(g.group_id, {})
-        b = SignedBackfill(node.key.public, page.incarnation, g.group_id, watermarks_of({}),
-                           tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
-                           page.more, page.at, page.signature)
+        b = backfill_of(node.key.public, g.group_id, {}, page)
         assert b.valid() and not b.more and len(b.entries) == 2
         statements.append(b)
     await cluster.stop_node(node)
@@ -372,9 +369,7 @@ async def test_a_compacted_syncnode_never_contradicts_its_acks(
         page = await c.backfill(g.group_id, {})
     assert h.covered == (Watermark(alice.key_fpr, 2),) == page.covered
     assert h.probe(alice.key_fpr, 1) == Probe(alice.key_fpr, 1, None)  # deleted, but covered
-    b = SignedBackfill(node.key.public, page.incarnation, g.group_id, watermarks_of({}),
-                       tuple(Entry(e.sender, e.seq, e.digest()) for e in page.envelopes),
-                       page.more, page.at, page.signature, page.covered)
+    b = backfill_of(node.key.public, g.group_id, {}, page)
     assert b.valid() and h.valid() and not b.more
     for a in acks:
         assert a.valid()
