@@ -12,6 +12,8 @@ import trio
 from device.agent import Device, DeviceConfig
 from device.document import Document
 from proto.identity import SecretKey
+from proto.rpc import SyncnodeClient
+from proto.ticket import NodeTicket
 from proto.transport.memory import MemoryNetwork
 from tests.syncnode_kit import MemoryCluster, Node
 
@@ -59,3 +61,18 @@ async def converged(docs: list[Document], timeout: float = 30.0) -> Any:
                      "documents to converge")
     return docs[0].value()
 
+
+async def held(doc: Document, ticket: NodeTicket) -> dict[bytes, set[int]]:
+    """Every (sender, seq) the syncnode of ``ticket`` serves for ``doc``, read as a member."""
+    host = doc.replica.host
+    out: dict[bytes, set[int]] = {}
+    async with SyncnodeClient.connect(host.transport, ticket, timeout=10) as client:
+        await client.authenticate(host.key)
+        marks: dict[bytes, int] = {}
+        while True:
+            page = await client.backfill(doc.group_id, marks)
+            for env in page.envelopes:
+                out.setdefault(env.sender, set()).add(env.seq)
+                marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
+            if not page.more:
+                return out

@@ -17,30 +17,13 @@ from device.document import Document
 from proto.codec import decode_as
 from proto.compaction import CompactionEvidence, CompactionPoint, make_point
 from proto.payload import PayloadKind, pack_updates
-from proto.rpc import SyncnodeClient
 from proto.ticket import NodeTicket
 from proto.transport.memory import MemoryNetwork
 from syncnode.procs import NodeProcess
-from tests.device_kit import FAST, converged, eventually, memory_device
+from tests.device_kit import FAST, converged, eventually, held, memory_device
 
 CONFIG = replace(FAST, compact_every_updates=0, compact_every_bytes=0)
 """Compaction only when a test asks for it."""
-
-
-async def held(doc: Document, ticket: NodeTicket) -> dict[bytes, set[int]]:
-    """Every (sender, seq) the syncnode of ``ticket`` serves for ``doc``, read as a member."""
-    host = doc.replica.host
-    out: dict[bytes, set[int]] = {}
-    async with SyncnodeClient.connect(host.transport, ticket, timeout=10) as client:
-        await client.authenticate(host.key)
-        marks: dict[bytes, int] = {}
-        while True:
-            page = await client.backfill(doc.group_id, marks)
-            for env in page.envelopes:
-                out.setdefault(env.sender, set()).add(env.seq)
-                marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
-            if not page.more:
-                return out
 
 
 def below_point(point: CompactionPoint, envelopes: dict[bytes, set[int]]) -> set[tuple[bytes, int]]:

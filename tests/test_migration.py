@@ -17,27 +17,10 @@ import trio
 from device.agent import Device
 from device.document import Document
 from proto.identity import short_id
-from proto.rpc import SyncnodeClient
 from proto.ticket import NodeTicket
 from syncnode.procs import NodeProcess, start_cluster
 from tests.cli_kit import one_line_error, real_syncnodes, sd
-from tests.device_kit import FAST, converged, eventually
-
-
-async def held(doc: Document, ticket: NodeTicket) -> dict[bytes, set[int]]:
-    """Every (sender, seq) the syncnode of ``ticket`` stores for ``doc``, read as a member."""
-    host = doc.replica.host
-    out: dict[bytes, set[int]] = {}
-    async with SyncnodeClient.connect(host.transport, ticket, timeout=10) as client:
-        await client.authenticate(host.key)
-        marks: dict[bytes, int] = {}
-        while True:
-            page = await client.backfill(doc.group_id, marks)
-            for env in page.envelopes:
-                out.setdefault(env.sender, set()).add(env.seq)
-                marks[env.sender] = max(marks.get(env.sender, 0), env.seq)
-            if not page.more:
-                return out
+from tests.device_kit import FAST, converged, eventually, held
 
 
 async def edit_until(doc: Document, who: str, stop: trio.Event, made: list[str]) -> None:
