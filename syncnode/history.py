@@ -197,10 +197,11 @@ class HistoryPull:
 
     async def store_page(self, g: GroupState, envelopes: Sequence[Envelope],
                          peer: SyncnodeEntry) -> int:
-        """:meth:`store_pulled` for a page, stored concurrently so the storage's group commit
-        makes it one transaction and one fsync (one per envelope made a 10k-envelope pull
-        take 15 s). Every envelope is checked before any is stored; the group's byte quota may
-        be overshot by at most one page."""
+        """Verify and store a page of pulled envelopes (no push to subscribers: old news to
+        them); how many were new. Raises :class:`PassFailed` for one that must not be stored.
+        Stored concurrently so the storage's group commit makes it one transaction and one
+        fsync (one per envelope made a 10k-envelope pull take 15 s). Every envelope is checked
+        before any is stored; the group's byte quota may be overshot by at most one page."""
         for env in envelopes:
             await self.check_pulled(g, env)
         stored = [0]
@@ -214,12 +215,6 @@ class HistoryPull:
                 nursery.start_soon(one, env)
         return stored[0]
 
-    async def store_pulled(self, g: GroupState, env: Envelope, peer: SyncnodeEntry) -> int:
-        """Verify and store one pulled envelope (no push to subscribers). 1 when it was new.
-        Raises :class:`PassFailed` for an envelope that must not be stored."""
-        await self.check_pulled(g, env)
-        return await self.store_checked(g, env, peer)
-
     async def check_pulled(self, g: GroupState, env: Envelope) -> None:
         """Raise :class:`PassFailed` if a pulled envelope must not be stored."""
         svc = self.service
@@ -232,6 +227,7 @@ class HistoryPull:
             raise PassFailed(f"peer served an invalid envelope: {why}")
 
     async def store_checked(self, g: GroupState, env: Envelope, peer: SyncnodeEntry) -> int:
+        """Store an envelope :meth:`check_pulled` passed; 1 when it was new."""
         svc = self.service
         raw = encode(env)
         if g.bytes_used + len(raw) > svc.limits.max_bytes_per_group:

@@ -14,7 +14,7 @@ groups (below), this node asks each other syncnode of the group's current manife
    contiguous mark and set sum), then an ordinary ``Backfill`` from our *contiguous* mark of
    each sender whose copies differ (:func:`proto.antientropy.backfill_marks`), so seqs missing
    below our own top are fetched too. Each envelope is verified and stored like a history
-   pull's (:meth:`syncnode.history.HistoryPull.store_pulled`: the sender is a member at the
+   pull's (:meth:`syncnode.history.HistoryPull.store_page`: the sender is a member at the
    envelope's epoch and signed it; the quota). Only pulls: each node fills its own gaps; the
    peer fills its own at its own round.
 3. A group the peer leaves out of its digests is one it does not host (a syncnode whose data
