@@ -160,14 +160,15 @@ def add_to_summary(c: sqlite3.Connection, group_id: bytes, sender: bytes, seq: i
 
 
 def resummarize(c: sqlite3.Connection, group_id: bytes, sender: bytes, covered: int) -> None:
-    """Rebuild a sender's ``envelope_senders`` row after a compaction covered its seqs
-    ``1..covered`` and deleted them but the state: what the point covers counts as held (the
-    contiguous mark starts at ``covered``), and the count, top and sum are over the envelopes
-    still held, the kept state envelope included. So two syncnodes that applied the same point
-    and hold the same tail have the same summary, whatever each held below the point (a node
-    that pulled the state after the compaction never had the covered envelopes), and the
-    reconciler finds them in sync; and a node that lacks the state sees a peer's row that
-    counts it, and pulls it (without the state in the count it never would)."""
+    """Rebuild a sender's ``envelope_senders`` row from what is stored (a migration), or after
+    a compaction covered its seqs ``1..covered`` and deleted them but the state: what the point
+    covers counts as held (the contiguous mark starts at ``covered``), and the count, top and
+    sum are over the envelopes still held, the kept state envelope included. So two syncnodes
+    that applied the same point and hold the same tail have the same summary, whatever each
+    held below the point (a node that pulled the state after the compaction never had the
+    covered envelopes), and the reconciler finds them in sync; and a node that lacks the state
+    sees a peer's row that counts it, and pulls it (without the state in the count it never
+    would)."""
     count, top, setsum, contiguous = 0, covered, 0, covered
     for seq, digest in c.execute("SELECT seq, digest FROM envelopes WHERE group_id=? AND "
                                  "sender=? ORDER BY seq", (group_id, sender)):
@@ -181,19 +182,18 @@ def resummarize(c: sqlite3.Connection, group_id: bytes, sender: bytes, covered: 
 
 def _migrate_summary(conn: sqlite3.Connection, to: int) -> None:
     """Version 1 or 2 to ``to``: (re)build ``envelope_senders`` from the envelopes already
-    stored (one pass over them, once), then for every compaction applied (a development build
-    numbered its compaction tables 2, without the summary). The tables themselves come from
-    ``SCHEMA`` (IF NOT EXISTS)."""
+    stored, one :func:`resummarize` per sender (covered 0 where no compaction was applied; a
+    development build numbered its compaction tables 2, without the summary). The tables
+    themselves come from ``SCHEMA`` (IF NOT EXISTS)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM envelope_senders")
-        rows = conn.execute("SELECT group_id, sender, seq, digest FROM envelopes "
-                            "ORDER BY group_id, sender, seq").fetchall()
-        for group_id, sender, seq, digest in rows:
-            add_to_summary(conn, group_id, sender, seq, digest)
-        for group_id, sender, seq in conn.execute(
-                "SELECT group_id, sender, seq FROM compacted").fetchall():
-            resummarize(conn, group_id, sender, seq)
+        covered = {(g, s): q for g, s, q in conn.execute(
+            "SELECT group_id, sender, seq FROM compacted").fetchall()}
+        senders = conn.execute("SELECT group_id, sender FROM envelopes UNION "
+                               "SELECT group_id, sender FROM compacted").fetchall()
+        for group_id, sender in senders:
+            resummarize(conn, group_id, sender, covered.get((group_id, sender), 0))
         conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(to),))
         conn.execute("COMMIT")
     except BaseException:
