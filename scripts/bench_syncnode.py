@@ -11,12 +11,14 @@
 (c) resident memory of a syncnode hosting 10,000 idle groups: after registering them, and after
     a restart (state is loaded lazily, so an idle node stays small).
 
-Usage: ``python scripts/bench_syncnode.py [--seconds S] [--decisions N] [--groups N]``
+Usage: ``python scripts/bench_syncnode.py [--seconds S] [--decisions N] [--groups N]
+[--phases abc] [--json FILE]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -148,70 +150,90 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
+def ingest_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> None:
+    print(f"(a) durable ingest, {CLIENTS} clients, {ENVELOPE} B envelopes, "
+          f"{args.seconds:.0f} s per mode, depth {args.depth}")
+    rates = {}
+    for mode, extra in (("group commit", []), ("one fsync per message",
+                                               ["--no-group-commit"])):
+        (node,) = start_cluster(root / mode.replace(" ", "-"), 1, extra)
+        try:
+            rates[mode] = trio.run(ingest, node, args.seconds, args.depth)
+            _, metrics = node.get("/metrics")
+            batch = [ln for ln in metrics.splitlines()
+                     if ln.startswith("syncnode_write_batch_size_")]
+            count = float(next(x for x in batch if "_count" in x).split()[-1])
+            total = float(next(x for x in batch if "_sum" in x).split()[-1])
+        finally:
+            node.stop()
+        print(f"    {mode:24s} {rates[mode]:9.0f} msgs/s   mean batch {total / count:6.1f}")
+    ratio = rates["group commit"] / rates["one fsync per message"]
+    print(f"    ratio                    {ratio:9.1f}x   (target >= 10x)")
+    out.update(ingest_group_commit_per_s=rates["group commit"],
+               ingest_one_fsync_per_s=rates["one fsync per message"], ingest_ratio=ratio)
+
+
+def paxos_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> None:
+    print(f"(b) Paxos decision latency, 3 syncnodes, {args.decisions} decisions")
+    nodes = start_cluster(root / "paxos", 3)
+    try:
+        lat = trio.run(decision_latency, nodes, args.decisions)
+    finally:
+        for n in nodes:
+            n.stop()
+    print(f"    p50 {_pct(lat, 50) * 1e3:6.2f} ms   p99 {_pct(lat, 99) * 1e3:6.2f} ms   "
+          f"mean {statistics.mean(lat) * 1e3:6.2f} ms")
+    out.update(decision_p50_ms=_pct(lat, 50) * 1e3, decision_p99_ms=_pct(lat, 99) * 1e3)
+
+
+def idle_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> None:
+    print(f"(c) RSS with {args.groups} idle groups")
+    d = root / "idle"
+    d.mkdir()
+    (node,) = start_cluster(d, 1)
+    (d / "node0" / "syncnode.toml").write_text(
+        "[limits]\nmax_groups_per_connection = 100000\nmax_groups_per_key = 100000\n"
+        "group_creations_per_second = 1000000.0\ngroup_creation_burst = 1000000\n"
+        "endpoint_group_creations_per_hour = 1000000\n")
+    node.stop()
+    node.start()
+    try:
+        assert node.proc is not None
+        empty = rss_mib(node.proc.pid)
+        took = trio.run(idle_groups, node, args.groups)
+        loaded = rss_mib(node.proc.pid)
+        info = node.info()
+        assert node.terminate() == 0
+        node.start()
+        time.sleep(2)
+        restarted = rss_mib(node.proc.pid)
+    finally:
+        node.stop()
+    print(f"    registered {info['groups']} groups in {took:.1f} s "
+          f"({args.groups / took:.0f}/s), {int(info['storage_bytes']) / 1e6:.1f} MB on disk")
+    print(f"    RSS empty {empty:.0f} MiB, after registering {loaded:.0f} MiB, "
+          f"after restart {restarted:.0f} MiB")
+    out.update(idle_rss_empty_mib=empty, idle_rss_loaded_mib=loaded,
+               idle_rss_restarted_mib=restarted)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="duration of each ingest run")
     ap.add_argument("--depth", type=int, default=16, help="requests in flight per client")
     ap.add_argument("--decisions", type=int, default=200)
     ap.add_argument("--groups", type=int, default=10_000)
+    ap.add_argument("--phases", default="abc", help="which of (a), (b), (c) to run")
+    ap.add_argument("--json", help="also write the figures here (scripts/bench_peers.py reads it)")
     args = ap.parse_args()
+    out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-syncnode-") as tmp:
         root = Path(tmp)
-        print(f"(a) durable ingest, {CLIENTS} clients, {ENVELOPE} B envelopes, "
-              f"{args.seconds:.0f} s per mode, depth {args.depth}")
-        rates = {}
-        for mode, extra in (("group commit", []), ("one fsync per message",
-                                                   ["--no-group-commit"])):
-            (node,) = start_cluster(root / mode.replace(" ", "-"), 1, extra)
-            try:
-                rates[mode] = trio.run(ingest, node, args.seconds, args.depth)
-                _, metrics = node.get("/metrics")
-                batch = [ln for ln in metrics.splitlines()
-                         if ln.startswith("syncnode_write_batch_size_")]
-                count = float(next(x for x in batch if "_count" in x).split()[-1])
-                total = float(next(x for x in batch if "_sum" in x).split()[-1])
-            finally:
-                node.stop()
-            print(f"    {mode:24s} {rates[mode]:9.0f} msgs/s   mean batch {total / count:6.1f}")
-        ratio = rates["group commit"] / rates["one fsync per message"]
-        print(f"    ratio                    {ratio:9.1f}x   (target >= 10x)")
-
-        print(f"(b) Paxos decision latency, 3 syncnodes, {args.decisions} decisions")
-        nodes = start_cluster(root / "paxos", 3)
-        try:
-            lat = trio.run(decision_latency, nodes, args.decisions)
-        finally:
-            for n in nodes:
-                n.stop()
-        print(f"    p50 {_pct(lat, 50) * 1e3:6.2f} ms   p99 {_pct(lat, 99) * 1e3:6.2f} ms   "
-              f"mean {statistics.mean(lat) * 1e3:6.2f} ms")
-
-        print(f"(c) RSS with {args.groups} idle groups")
-        d = root / "idle"
-        d.mkdir()
-        (node,) = start_cluster(d, 1)
-        (d / "node0" / "syncnode.toml").write_text(
-            "[limits]\nmax_groups_per_connection = 100000\nmax_groups_per_key = 100000\n"
-            "group_creations_per_second = 1000000.0\ngroup_creation_burst = 1000000\n"
-            "endpoint_group_creations_per_hour = 1000000\n")
-        node.stop()
-        node.start()
-        try:
-            assert node.proc is not None
-            empty = rss_mib(node.proc.pid)
-            took = trio.run(idle_groups, node, args.groups)
-            loaded = rss_mib(node.proc.pid)
-            info = node.info()
-            assert node.terminate() == 0
-            node.start()
-            time.sleep(2)
-            restarted = rss_mib(node.proc.pid)
-        finally:
-            node.stop()
-        print(f"    registered {info['groups']} groups in {took:.1f} s "
-              f"({args.groups / took:.0f}/s), {int(info['storage_bytes']) / 1e6:.1f} MB on disk")
-        print(f"    RSS empty {empty:.0f} MiB, after registering {loaded:.0f} MiB, "
-              f"after restart {restarted:.0f} MiB")
+        for phase, run in (("a", ingest_phase), ("b", paxos_phase), ("c", idle_phase)):
+            if phase in args.phases:
+                run(root, args, out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
