@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,20 @@ from proto.logs import configure_logging
 from syncnode.procs import NodeProcess, start_cluster
 
 CONFIG = DeviceConfig()
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one by default): CPU per change is
+    the figure a busy machine distorts least."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nodes_cpu(nodes: list[NodeProcess]) -> float:
+    return sum(cpu_seconds(n.proc.pid) for n in nodes if n.proc is not None)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -150,14 +165,20 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
+        cpu0, node0 = cpu_seconds(), nodes_cpu(nodes)
         res = await throughput(docs, 5, args.duration, 32)
+        cpu1, node1 = cpu_seconds(), nodes_cpu(nodes)
         if prof:
             prof.disable()
             prof.dump_stats(args.profile)
+        res["device_cpu_ms_per_change"] = (cpu1 - cpu0) * 1000 / max(1, res["changes"])
+        res["syncnode_cpu_ms_per_change"] = (node1 - node0) * 1000 / max(1, res["changes"])
         out[tag] = res
         print(f"({tag[0]}) {len(nodes)} syncnode(s), 5 writers + 5 readers, window:32: "
               f"{res['changes_per_s']:.0f} changes/s ({res['changes']} in {res['seconds']:.1f} s), "
-              f"all readers converged {res['converge_after_s'] * 1000:.0f} ms later")
+              f"all readers converged {res['converge_after_s'] * 1000:.0f} ms later; CPU per "
+              f"change: devices {res['device_cpu_ms_per_change']:.2f} ms, syncnodes "
+              f"{res['syncnode_cpu_ms_per_change']:.2f} ms")
 
 
 def main() -> int:
