@@ -6,8 +6,15 @@ envelope's signature verifies under the sender's key, the sender is no reader in
 the envelope's epoch (:func:`proto.manifest.may_send`: a reader sends no envelopes at all, since
 we cannot see what kind of payload one holds), the epoch is not ahead of this node's log, and
 the group stays under its byte quota. Storing is idempotent (the same envelope again is
-acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT. A new
-envelope is pushed to the group's subscribers once it is durable.
+acknowledged again); a different envelope under a taken ``(sender, seq)`` is a CONFLICT.
+
+**Visible before durable.** A new envelope is pushed to the group's subscribers as soon as the
+storage has decided it is new, in parallel with the group commit's fsync; the sender's
+acknowledgement (a signed statement that the node holds it) waits for the commit. So a push
+means "authentic, in this node's order, being stored", and only an ack means "durable here".
+Nothing acknowledged can be lost this way: if the node crashes before the commit, the pushed
+envelope is not stored and not acknowledged, the sender's outbox keeps it until a quorum
+acknowledged it and sends it again, and receivers that applied it early ignore the duplicate.
 
 Both answers are signed statements (:mod:`syncnode.statements`): the ack once the envelope is
 durable, and each backfill page with what it returns, so withholding leaves evidence.
@@ -86,15 +93,17 @@ class Envelopes:
             raise RequestError(ErrorCode.QUOTA_EXCEEDED,
                                f"group is over its {self.limits.max_bytes_per_group} byte quota")
         try:
+            # Pushed to subscribers as soon as the storage knows it is new, while the group
+            # commit flushes (``staged``); acknowledged to the sender only once durable.
             new = await self.store.store_envelope(msg.group_id, msg.sender, msg.seq,
-                                                  msg.digest(), raw)
+                                                  msg.digest(), raw,
+                                                  staged=lambda: self.publish(g, msg))
         except StorageConflict:
             raise RequestError(ErrorCode.CONFLICT,
                                f"sender already stored a different seq {msg.seq}") from None
         if new:
             g.bytes_used += len(raw)
             self.metrics.messages_stored.inc()
-            self.publish(g, msg)
         return await self.notary.ack(msg)
 
     async def _manifest_at(self, group_id: bytes, epoch: int) -> Manifest | None:

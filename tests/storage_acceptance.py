@@ -52,6 +52,7 @@ __all__ = [
     "test_delete_group_removes_everything_of_it",
     "test_envelope_digests_answer_held_keys_only",
     "test_envelope_marks_stop_at_the_first_gap",
+    "test_envelope_staged_once_for_a_new_envelope_only",
     "test_envelope_summary_follows_every_store",
     "test_envelopes_after_orders_by_sender_and_pages",
     "test_envelopes_are_idempotent_and_conflicts_refused",
@@ -295,6 +296,23 @@ async def test_envelopes_are_idempotent_and_conflicts_refused(storage_factory: S
         assert (await s.group(G1)) == GroupRecord(CREATOR, 0, used)
         assert await s.envelopes_after(G1, {}, limit=10, max_bytes=BIG) == \
             ([b"envelope one"], False)
+
+
+async def test_envelope_staged_once_for_a_new_envelope_only(storage_factory: StorageFactory
+                                                            ) -> None:
+    """``staged`` (the early push) fires once for a new envelope, never for a duplicate, a
+    conflict or one the compacted state covers; and by the time the write returns."""
+    async with opened(storage_factory) as s:
+        await new_group(s)
+        calls: list[str] = []
+        assert await s.store_envelope(G1, A, 1, b"d1", b"e1", staged=lambda: calls.append("1"))
+        assert calls == ["1"]
+        assert not await s.store_envelope(G1, A, 1, b"d1", b"e1",
+                                          staged=lambda: calls.append("dup"))
+        with pytest.raises(StorageConflict):
+            await s.store_envelope(G1, A, 1, b"dX", b"eX", staged=lambda: calls.append("x"))
+        assert await s.store_envelope(G1, A, 2, b"d2", b"e2", staged=lambda: calls.append("2"))
+        assert calls == ["1", "2"]
 
 
 async def test_envelopes_after_orders_by_sender_and_pages(storage_factory: StorageFactory

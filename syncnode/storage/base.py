@@ -277,11 +277,18 @@ class Storage(Protocol):
     # -- envelopes ------------------------------------------------------------------------------
 
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
-                             envelope: bytes) -> bool:
+                             envelope: bytes, *, staged: Callable[[], None] | None = None
+                             ) -> bool:
         """Keep an envelope under ``(group, sender, seq)``, adding ``len(envelope)`` to the
         group's ``bytes_used``. False if that key holds the same ``digest`` already (idempotent,
         nothing counted), or if it is covered by the group's compaction and not held (the
-        state holds it: nothing kept); :class:`StorageConflict` if it holds another."""
+        state holds it: nothing kept); :class:`StorageConflict` if it holds another.
+
+        ``staged`` is called on the event loop, once, if the envelope is new, as early as the
+        backend knows it: the SQLite backend calls it while the group commit flushes, before
+        the envelope is durable (the service pushes it to subscribers then); a backend that
+        cannot tell earlier calls it after the commit, before returning. Not called for a
+        write that fails, but it may have been called for one whose commit then fails."""
 
     async def envelopes_after(self, group_id: bytes, watermarks: Mapping[bytes, int], *,
                               limit: int, max_bytes: int) -> tuple[list[bytes], bool]:

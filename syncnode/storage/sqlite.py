@@ -11,7 +11,7 @@ local file answers in microseconds, so a thread hop would cost more than the rea
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,8 @@ class SqliteStorage(CompactionSql):
     # -- envelopes ------------------------------------------------------------------------------
 
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
-                             envelope: bytes) -> bool:
+                             envelope: bytes, *, staged: Callable[[], None] | None = None
+                             ) -> bool:
         def write(c: sqlite3.Connection) -> bool:
             covered = c.execute("SELECT seq FROM compacted WHERE group_id=? AND sender=?",
                                 (group_id, sender)).fetchone()
@@ -240,7 +241,11 @@ class SqliteStorage(CompactionSql):
             add_to_summary(c, group_id, sender, seq, digest)
             return True
 
-        return bool(await self.writer.execute(write))
+        def new(result: bool) -> None:
+            if result and staged is not None:
+                staged()
+
+        return bool(await self.writer.execute(write, staged=new))
 
     async def envelopes_after(self, group_id: bytes, watermarks: Mapping[bytes, int], *,
                               limit: int, max_bytes: int) -> tuple[list[bytes], bool]:

@@ -5,7 +5,8 @@ Durability rule: nothing is acknowledged before it is on disk. All writes go thr
 transaction with one fsync** (WAL, ``synchronous=FULL``), and only then wakes the requests of
 that batch. Under load a batch holds many writes, so the fsync cost is shared (group commit); a
 lone write still commits at once. Each write runs in its own savepoint, so one failing write
-never takes the rest of its batch down.
+never takes the rest of its batch down. A write may ask to learn its outcome early
+(``staged``): once its statements ran, while the commit and its fsync are still going on.
 
 ``threads=False`` commits on the trio thread instead of a worker thread. The deterministic
 simulator needs that: a worker thread finishes at a real time the mock clock knows nothing of.
@@ -36,6 +37,7 @@ WriteOp = Callable[[sqlite3.Connection], Any]
 @dataclass
 class _Pending:
     op: WriteOp
+    staged: Callable[[Any], None] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -61,10 +63,12 @@ class Writer:
         self._completed = 0
         self._progress = Signal()
         self._conn: sqlite3.Connection | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         self._conn = connect(self.path)
+        self._token = trio.lowlevel.current_trio_token()
         task_status.started()
         try:
             while True:
@@ -120,6 +124,9 @@ class Writer:
                     conn.execute(f"ROLLBACK TO w{i}")
                     conn.execute(f"RELEASE w{i}")
                     p.error = exc
+                else:
+                    if p.staged is not None:
+                        self._stage(p.staged, p.result)
             conn.execute("COMMIT")  # synchronous=FULL: fsync before this returns
         except sqlite3.Error as exc:
             log.error("write batch failed", size=len(batch), error=str(exc))
@@ -128,11 +135,31 @@ class Writer:
             for p in batch:
                 p.result, p.error = None, exc
 
-    async def execute(self, op: WriteOp) -> Any:
-        """Queue ``op`` and return its result once its batch is durable (or raise its error)."""
+    def _stage(self, staged: Callable[[Any], None], result: Any) -> None:
+        """Hand a write's outcome to ``staged`` on the event loop while its batch commits."""
+        def call() -> None:
+            try:
+                staged(result)
+            except Exception as exc:  # a push failing must not stop the writer
+                log.error("staged callback failed", error=repr(exc))
+
+        if self.threads:
+            assert self._token is not None
+            self._token.run_sync_soon(call)
+        else:
+            call()
+
+    async def execute(self, op: WriteOp, *, staged: Callable[[Any], None] | None = None
+                      ) -> Any:
+        """Queue ``op`` and return its result once its batch is durable (or raise its error).
+
+        ``staged(result)`` is called on the event loop as soon as ``op`` ran inside the batch
+        transaction and succeeded, while the batch still commits: before the write is durable
+        (it may yet be lost with a crash or a failing commit). For work that may run ahead of
+        durability, like pushing a new envelope to subscribers (:mod:`syncnode.envelopes`)."""
         if self._closing:
             raise StorageClosed("syncnode is shutting down")
-        p = _Pending(op)
+        p = _Pending(op, staged)
         self._queue.append(p)
         self._submitted += 1
         self._wake.set()
