@@ -5,7 +5,8 @@
 * **flush** (:meth:`Outbox.flusher`): coalesce unsent edits into one payload
   (:func:`device.rules.take_batch`), and **seal** it: encrypt it in the current epoch, sign it
   in an envelope with our next seq, put it in the outbox (one transaction, which also saves
-  the MLS ratchet state before the ciphertext can leave).
+  the MLS ratchet state; not fsynced by itself: the send below fsyncs the store once for
+  everything sealed so far before the ciphertext leaves, :meth:`device.store.Store.sync`).
 * **send** (:meth:`Outbox.push`, one task per syncnode link): every envelope goes to every
   syncnode of the group; an envelope leaves the outbox once a quorum stored it (then it is
   **durable**, :func:`device.rules.is_durable`). Acknowledgements are not kept across
@@ -137,8 +138,11 @@ class Outbox:
             return False
         take = take_batch(rows)
         updates = [d for _, d in take]
+        combined = self.replica.crdt.combine(updates)
+        if combined is not None and len(combined) <= sum(map(len, updates)):
+            updates = [combined]
         body = pack_updates(updates)
-        with self.store.transaction() as db:
+        with self.store.transaction(durable=False) as db:
             payload, _env = self.seal(PayloadKind.UPDATE, body)
             db.executemany("DELETE FROM local_pending WHERE id=?", [(r,) for r, _ in take])
         self.replica.ledger.record_updates(payload.sender, payload.seq, updates)
@@ -153,14 +157,17 @@ class Outbox:
         payload = Payload(kind, r.me, seq, deps, r.crdt.backend_id, body)
         ciphertext = r.mls.encrypt(payload.encode())
         env = Envelope.seal(self.host.key, r.group_id, seq, r.epoch, ciphertext)
-        with self.store.transaction() as db:
-            r.mls.persist()  # before the ciphertext can leave
+        # Not fsynced here: push() syncs the store before the ciphertext leaves (Store.sync),
+        # so the ratchet state is on disk before anyone can see what it encrypted.
+        with self.store.transaction(durable=False) as db:
+            r.mls.persist()
             db.execute("INSERT INTO outbox VALUES (?,?,?)", (r.group_id, seq, encode(env)))
             r.buffer.mark_delivered(r.me, seq)
             db.execute("UPDATE documents SET next_seq=?, delivered=? WHERE group_id=?",
                        (seq + 1, r.delivered_blob(), r.group_id))
         self.next_seq = seq + 1
-        self.pending.add(env)
+        # The commit that makes this durable: the enclosing transaction's when nested.
+        self.pending.add(env, self.store.commits + (1 if self.store.in_transaction else 0))
         self.changed.fire()
         return payload, env
 
@@ -193,7 +200,7 @@ class Outbox:
             log.warning("document too large for one state message; not published",
                         doc=short_id(r.group_id), bytes=len(body))
             return None
-        with self.store.transaction():
+        with self.store.transaction(durable=False):
             payload, env = self.seal(PayloadKind.STATE, body)
         r.ledger.state(state_facts(r.crdt, r.me, payload.seq, payload.vector(), body, snapshot))
         return payload, env, snapshot
@@ -219,6 +226,7 @@ class Outbox:
     async def _send_one(self, client: SyncnodeClient, out: Outgoing, limiter: trio.Semaphore,
                         resync: Callable[[SyncnodeClient], Awaitable[object]]) -> None:
         try:
+            await self.store.sync(out.commit)  # its seal on disk before it leaves
             delay = 0.05
             while True:
                 try:
@@ -251,7 +259,9 @@ class Outbox:
         r = self.replica
         if self.pending.ack(out, node, r.manifest.acceptors()):
             seq = out.envelope.seq
-            with self.store.transaction() as db:
+            # Not fsynced: losing it only sends the envelope again, which syncnodes
+            # acknowledge again without storing it twice.
+            with self.store.transaction(durable=False) as db:
                 db.execute("DELETE FROM outbox WHERE group_id=? AND seq=?", (r.group_id, seq))
             self.pending.settle(seq)
             self.durable_changed.fire()

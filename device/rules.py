@@ -79,6 +79,9 @@ class Outgoing:
 
     envelope: Envelope
     acks: set[bytes] = field(default_factory=set)
+    commit: int = 1
+    """The store commit that sealed it: it leaves once the store synced that far (1: on disk
+    when the store opened, synced before the first send)."""
 
 
 class PendingAcks:
@@ -93,8 +96,8 @@ class PendingAcks:
     def __bool__(self) -> bool:
         return bool(self.waiting)
 
-    def add(self, envelope: Envelope) -> None:
-        self.waiting[envelope.seq] = Outgoing(envelope)
+    def add(self, envelope: Envelope, commit: int = 1) -> None:
+        self.waiting[envelope.seq] = Outgoing(envelope, commit=commit)
 
     def unacked_by(self, node: bytes) -> list[Outgoing]:
         """What to send ``node``: what it has not acknowledged, in seq order."""

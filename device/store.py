@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from proto.errors import SyncnodeError
 from proto.logs import get_logger
 
@@ -164,6 +166,24 @@ class Store:
         self.on_commit: Callable[[bool], None] | None = None
         """Called after each commit with its ``durable`` flag (the simulator's power-loss
         model tracks which part of the WAL has been fsynced)."""
+        self.commits = 1
+        """Commits so far; the first stands for what was on disk when the store opened (a
+        previous process may have left it in the page cache only)."""
+        self.synced = 0
+        """Commits known to be on disk (:meth:`sync`)."""
+        self._syncing: trio.Event | None = None
+        self.sync_in_thread = True
+        """Fsync in a worker thread (the deterministic simulator turns it off: a thread ends
+        at a real time its mock clock knows nothing of)."""
+        self.on_begin: list[Callable[[sqlite3.Connection], None]] = []
+        """Run at the start of every outermost transaction, inside it: steps whose writes were
+        deferred (:meth:`device.inbox.Inbox.receive` under load) join the next transaction,
+        before anything it writes (an MLS state saved later must not get ahead of them)."""
+        self.on_rollback: list[Callable[[], None]] = []
+        """Run when an outermost transaction rolls back (an ``on_begin`` hook takes back what
+        it wrote)."""
+        self.on_sync: Callable[[], None] | None = None
+        """Called after each :meth:`sync` (the simulator's power-loss model)."""
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -187,16 +207,68 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         self._depth = 1
         try:
+            for hook in list(self.on_begin):
+                hook(self.db)
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
+            for undo in list(self.on_rollback):
+                undo()
             raise
         else:
             self.db.execute("COMMIT")
+            self.commits += 1
+            if durable:
+                self.synced = self.commits
             if self.on_commit is not None:
                 self.on_commit(durable)
         finally:
             self._depth = 0
+
+    async def sync(self, through: int | None = None) -> None:
+        """Make every commit up to number ``through`` (default: all so far) durable, off the
+        event loop: one fsync of the WAL in a worker thread, shared by everyone waiting.
+
+        Why this is enough: commits with ``durable=False`` are written to the WAL without an
+        fsync (``synchronous=NORMAL``); an fsync of the WAL file then makes them durable, as
+        ``synchronous=FULL`` would have at each commit. A checkpoint in between fsyncs the WAL
+        before copying it into the database and the database after, so what it moved is
+        durable too. The sender seals with ``durable=False`` and calls this before the
+        ciphertext leaves (:mod:`device.outbox`): one fsync per flush, not one per step, and
+        never on the event loop, where it stalled every document of the process."""
+        target = self.commits if through is None else through
+        while self.synced < target:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            done = self._syncing = trio.Event()
+            upto = self.commits
+            try:
+                with trio.CancelScope(shield=True):
+                    if self.sync_in_thread:
+                        await trio.to_thread.run_sync(self._fsync_wal)
+                    else:
+                        self._fsync_wal()
+                self.synced = max(self.synced, upto)
+                if self.on_sync is not None:
+                    self.on_sync()
+            finally:
+                self._syncing = None
+                done.set()
+
+    def _fsync_wal(self) -> None:
+        try:
+            fd = os.open(self.path / "device.db-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # nothing written in WAL mode yet: nothing to sync
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
 
     def get_meta(self, key: str) -> bytes | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -288,6 +288,8 @@ class World:
                                 dev.durable_wal = _size(wal)
 
                         device.store.on_commit = committed
+                        device.store.sync_in_thread = False
+                        device.store.on_sync = lambda: committed(True)
                         dev.device = device
                         dev.fingerprint, dev.endpoint = device.fingerprint, device.endpoint_id
                         docs = device.documents()
