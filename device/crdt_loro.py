@@ -93,6 +93,29 @@ class LoroDocument:
             vv.merge(meta.partial_end_vv)
         return bytes(vv.encode())
 
+    def combine(self, updates: Sequence[bytes]) -> bytes | None:
+        if len(updates) < 2:
+            return None
+        peer = self.doc.peer_id
+        start = end = None
+        for u in updates:  # each must continue the previous one, with our operations only
+            try:
+                meta = loro.LoroDoc.decode_import_blob_meta(u, False)
+            except Exception:
+                return None
+            spans = meta.partial_end_vv.to_spans().inner()
+            first = meta.partial_start_vv.get_last(peer)
+            first = 0 if first is None else first + 1
+            last = meta.partial_end_vv.get_last(peer)
+            if set(spans) != {peer} or last is None or (end is not None and first != end):
+                return None
+            start = first if start is None else start
+            end = last + 1
+        if start is None or end is None or end > (self.doc.oplog_vv.get_last(peer) or 0) + 1:
+            return None
+        span = loro.IdSpan(peer, loro.CounterSpan(start, end))
+        return bytes(self.doc.export(loro.ExportMode.UpdatesInRange([span])))
+
     def version_includes(self, big: bytes, small: bytes) -> bool:
         a = _guard("version", lambda: loro.VersionVector.decode(big))
         b = _guard("version", lambda: loro.VersionVector.decode(small))

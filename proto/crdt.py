@@ -70,6 +70,14 @@ class CrdtBackend(Protocol):
         (:mod:`device.compaction_check`). Raises :class:`CrdtError` if one is malformed."""
         ...
 
+    def combine(self, updates: Sequence[bytes]) -> bytes | None:
+        """One update holding exactly the operations of ``updates``, this document's own
+        consecutive local edits in order; ``None`` when they are not that (or there is one
+        only), and the caller sends them as they are. A receiver imports one update instead of
+        many (a sender's flush holds every edit made while the previous one was in flight:
+        twenty tiny updates import six times slower than one that holds them all)."""
+        ...
+
     def version_includes(self, big: bytes, small: bytes) -> bool:
         """Whether version ``big`` contains everything version ``small`` does. Raises
         :class:`CrdtError` if either is malformed."""
