@@ -26,7 +26,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import trio
 
@@ -58,6 +60,24 @@ from proto.payload import Payload, PayloadKind, unpack_updates
 log = get_logger("device.document")
 
 
+RECEIVE_SAVE_DELAY = 0.05
+"""Seconds a deferred receive step may wait for the next transaction (:meth:`Inbox.receive`)."""
+RECEIVE_SAVE_PAYLOADS = 256
+"""Payloads after which deferred receive steps are stored whatever the time."""
+
+
+@dataclass
+class _Unsaved:
+    """Receive steps applied in memory, not yet stored (:meth:`Inbox._save_into`)."""
+
+    updates: list[bytes] = field(default_factory=list)
+    added: set[tuple[bytes, int]] = field(default_factory=set)
+    removed: set[tuple[bytes, int]] = field(default_factory=set)
+    states: int = 0
+    payloads: int = 0
+    since: float | None = None
+
+
 class Inbox:
     """One document's incoming updates (see the module doc)."""
 
@@ -82,6 +102,10 @@ class Inbox:
         self.gap_asks = 0
         """State requests made for the current gap."""
         self._gap_last_ask = 0.0
+        self.unsaved = _Unsaved()
+        self._saving: _Unsaved | None = None
+        self.store.on_begin.append(self._save_into)
+        self.store.on_rollback.append(self._unsave)
 
     def waiting_for(self) -> int:
         """Updates of others that causal delivery waits for and this device does not hold."""
@@ -118,8 +142,14 @@ class Inbox:
         self.missing = True
         self.request_state()
 
-    def receive(self, envelopes: Sequence[Envelope]) -> int:
-        """Process envelopes from a syncnode; returns how many payloads were delivered."""
+    def receive(self, envelopes: Sequence[Envelope], *, defer: bool = False) -> int:
+        """Process envelopes from a syncnode; returns how many payloads were delivered.
+
+        Applied to the CRDT (and visible) at once. Stored in one transaction with the MLS
+        state, at once, or with ``defer`` (the push processor under load) with the next
+        transaction of this device, at most :data:`RECEIVE_SAVE_DELAY` s or
+        :data:`RECEIVE_SAVE_PAYLOADS` payloads later: the MLS state (kilobytes, a third of a
+        receive's cost) is then saved once for many pushes."""
         r = self.replica
         payloads: list[Payload] = []
         taken: set[tuple[bytes, int]] = set()
@@ -175,21 +205,16 @@ class Inbox:
             else:
                 r.alarm("bad-update", str(err))
         after = set(r.buffer.pending)
-        # Not fsynced: after a power loss this step is redone from the syncnodes (the MLS state
-        # and the watermarks roll back together).
-        with self.store.transaction(durable=False) as db:
-            r.mls.persist()
-            db.executemany("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
-                           [(r.group_id, b) for b in applied])
-            db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,?)",
-                           [(r.group_id, s, q, r.buffer.pending[(s, q)].encode())
-                            for (s, q) in after - before])
-            db.executemany("DELETE FROM pending WHERE group_id=? AND sender=? AND seq=?",
-                           [(r.group_id, s, q) for (s, q) in before - after])
-            db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
-                       (r.delivered_blob(), r.group_id))
-            if states:
-                r.state_arrived(db)
+        u = self.unsaved
+        u.updates += applied
+        u.added |= after - before
+        u.removed |= before - after
+        u.states += states
+        u.payloads += len(payloads)
+        if u.since is None:
+            u.since = trio.current_time()
+        if not defer or states:
+            self.save()
         r.applied(len(applied))
         self._record(contents, errors)
         out = self.outbox
@@ -198,6 +223,57 @@ class Inbox:
         if applied:
             r.emit(Change("remote", tuple(sorted(senders)), len(applied) - states, states))
         return len(ready)
+
+    def save(self) -> None:
+        """Store what :meth:`receive` applied and has not stored yet (one transaction)."""
+        if self.unsaved.payloads:
+            with self.store.transaction(durable=False):
+                pass  # the on_begin hook (_save_into) writes it
+
+    def save_deadline(self) -> float:
+        """When deferred receive steps must be stored (``inf``: none are waiting)."""
+        u = self.unsaved
+        if u.since is None or not u.payloads:
+            return float("inf")
+        if u.payloads >= RECEIVE_SAVE_PAYLOADS:
+            return -float("inf")
+        return u.since + RECEIVE_SAVE_DELAY
+
+    def _save_into(self, db: sqlite3.Connection) -> None:
+        """Write the deferred receive steps inside the transaction ``db`` just began.
+
+        Not fsynced: after a power loss (or, for deferred steps, a crash) this is redone from
+        the syncnodes; the MLS state, the CRDT updates and the watermarks roll back together,
+        because they are only ever written together, here, before anything else the
+        transaction writes (a seal's MLS state includes what the receive consumed)."""
+        u, r = self.unsaved, self.replica
+        self._saving = None  # a new transaction: the one before committed or was undone
+        if not u.payloads:
+            return
+        self.unsaved, self._saving = _Unsaved(), u
+        r.mls.persist()
+        db.executemany("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
+                       [(r.group_id, b) for b in u.updates])
+        db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,?)",
+                       [(r.group_id, s, q, r.buffer.pending[(s, q)].encode())
+                        for (s, q) in u.added if (s, q) in r.buffer.pending])
+        db.executemany("DELETE FROM pending WHERE group_id=? AND sender=? AND seq=?",
+                       [(r.group_id, s, q) for (s, q) in u.removed])
+        db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
+                   (r.delivered_blob(), r.group_id))
+        if u.states:
+            r.state_arrived(db)
+
+    def _unsave(self) -> None:
+        """The transaction that stored the deferred steps rolled back: they wait again."""
+        u, self._saving = self._saving, None
+        if u is not None:
+            n = self.unsaved
+            u.updates += n.updates
+            u.added, u.removed = (u.added | n.added) - n.removed, u.removed | n.removed
+            u.states += n.states
+            u.payloads += n.payloads
+            self.unsaved = u
 
     def _record(self, contents: list[tuple[Payload, tuple[bytes, ...]]],
                 errors: list[CrdtError | None]) -> None:

@@ -195,10 +195,23 @@ class Session:
             await self.backfill(client)
 
     async def processor(self) -> None:
-        """Apply pushed items in arrival order, envelopes in batches."""
+        """Apply pushed items in arrival order, envelopes in batches. While more keep coming,
+        the received steps are stored together (:meth:`Inbox.receive` with ``defer``): by the
+        next transaction of the device, or when :meth:`Inbox.save_deadline` passes."""
+        try:
+            await self._process()
+        finally:
+            self.inbox.save()
+
+    async def _process(self) -> None:
         while True:
-            client, item = await self._queue.receive()
-            batch = [(client, item)]
+            got = None
+            with trio.move_on_at(self.inbox.save_deadline()):
+                got = await self._queue.receive()
+            if got is None:  # quiet long enough, or many waiting: store what was received
+                self.inbox.save()
+                continue
+            batch = [got]
             while len(batch) < BATCH:
                 try:
                     batch.append(self._queue.receive_nowait())
@@ -211,10 +224,10 @@ class Session:
                         envelopes.append(it)
                         continue
                     if envelopes:
-                        self.inbox.receive(envelopes)
+                        self.inbox.receive(envelopes, defer=True)
                         envelopes = []
                     self.membership.apply_decided_now(it)
                 if envelopes:
-                    self.inbox.receive(envelopes)
+                    self.inbox.receive(envelopes, defer=True)
             self.inbox.check_gap()
             self.inbox.ask_if_missing()
