@@ -69,6 +69,27 @@ class Groups:
         self.cache.put(group_id, g)
         return g
 
+    async def reload(self, g: GroupState) -> list[int]:
+        """Bring ``g`` up to what storage holds, which another process of this node may have
+        changed (shared storage): the top slot and its manifest only ever move forward; the
+        bytes used and the applied compaction are taken as stored. Returns the slots decided
+        since ``g`` was read (oldest first)."""
+        rec = await self.store.group(g.group_id)
+        if rec is None:
+            return []
+        compacted = await self.store.compaction(g.group_id)
+        learned = []
+        if rec.top > g.top:
+            try:
+                manifest = await self.manifest_at(g.group_id, rec.top)
+            except KeyError:
+                return []
+            if rec.top > g.top:  # still: not moved on by a request while we read
+                learned = list(range(g.top + 1, rec.top + 1))
+                g.top, g.manifest = rec.top, manifest
+        g.bytes_used, g.compacted = rec.bytes_used, compacted
+        return learned
+
     async def require(self, group_id: bytes) -> GroupState:
         g = await self.get(group_id)
         if g is None:

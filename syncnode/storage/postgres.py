@@ -51,10 +51,6 @@ SIZE_REFRESH = 30.0
 """Seconds between refreshes of :meth:`PostgresStorage.size_bytes` (a catalog query)."""
 
 
-def is_postgres_url(value: str) -> bool:
-    return value.startswith(("postgresql://", "postgres://"))
-
-
 class PostgresStorage(MiscSql):
     """A syncnode's data in a PostgreSQL database (``dsn``: a ``postgresql://`` URL or a
     libpq connection string; a ``search_path`` in its options picks the schema)."""
