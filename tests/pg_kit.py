@@ -44,6 +44,8 @@ def pg_server() -> Iterator[str]:
     except ImportError:
         _unavailable("psycopg is not installed")
     dsn = os.environ.get(ENV)
+    if dsn and not dsn.startswith(("postgresql://", "postgres://")):
+        pytest.fail(f"{ENV} must be a postgresql:// URL, got {dsn!r}", pytrace=False)
     if dsn:
         yield dsn
         return
@@ -64,11 +66,14 @@ def pg_server() -> Iterator[str]:
 
 
 def with_schema(dsn: str, schema: str) -> str:
-    """``dsn`` with its connections working in ``schema``."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    """``dsn`` (a ``postgresql://`` URL, as syncnode takes) with its connections working in
+    ``schema``."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-    params = conninfo_to_dict(dsn)
-    return make_conninfo("", **{**params, "options": f"-c search_path={schema}"})
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
+    query.append(("options", f"-c search_path={schema}"))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 def new_schema(dsn: str, name: str) -> str:

@@ -22,7 +22,7 @@ address record statements are in :mod:`.postgres_misc`, the schema and its migra
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -36,10 +36,9 @@ from syncnode.storage.base import (
     DecidedRecord,
     GroupRecord,
     HostingRecord,
-    SenderSummary,
     StorageConflict,
-    digest_term,
 )
+from syncnode.storage.postgres_envelopes import EnvelopeSql
 from syncnode.storage.postgres_listen import Listener, encode_change
 from syncnode.storage.postgres_misc import MiscSql
 from syncnode.storage.postgres_schema import migrate
@@ -51,7 +50,7 @@ SIZE_REFRESH = 30.0
 """Seconds between refreshes of :meth:`PostgresStorage.size_bytes` (a catalog query)."""
 
 
-class PostgresStorage(MiscSql):
+class PostgresStorage(EnvelopeSql, MiscSql):
     """A syncnode's data in a PostgreSQL database (``dsn``: a ``postgresql://`` URL or a
     libpq connection string; a ``search_path`` in its options picks the schema)."""
 
@@ -352,77 +351,6 @@ class PostgresStorage(MiscSql):
                 (record, _hash(record), group_id, slot, _hash(expected))).rowcount == 1
 
         return bool(await self._write(write, _g(group_id)))
-
-    # -- envelopes ------------------------------------------------------------------------------
-
-    async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
-                             envelope: bytes) -> bool:
-        def write(tx: Tx) -> bool:
-            row = tx.conn.execute("SELECT sn_store_envelope(%s,%s,%s,%s,%s,%s)",
-                                  (group_id, sender, seq, digest, envelope,
-                                   digest_term(digest))).fetchone()
-            outcome = row[0] if row else -1
-            if outcome < 0:
-                raise StorageConflict(f"sender already stored a different seq {seq}")
-            if outcome:
-                self._note(tx, "envelope", group_id, sender, seq, len(envelope))
-            return outcome == 1
-
-        return bool(await self._write(write, _g(group_id)))
-
-    async def envelopes_after(self, group_id: bytes, watermarks: Mapping[bytes, int], *,
-                              limit: int, max_bytes: int) -> tuple[list[bytes], bool]:
-        marks = dict(watermarks)
-
-        def read(c: psycopg.Connection) -> tuple[list[bytes], bool]:
-            out: list[bytes] = []
-            budget = max_bytes
-            senders = [bytes(r[0]) for r in c.execute(
-                "SELECT sender FROM envelope_senders WHERE group_id=%s AND count>0 "
-                "ORDER BY sender", (group_id,))]
-            for sender in senders:
-                for (raw,) in c.execute(
-                        "SELECT envelope FROM envelopes WHERE group_id=%s AND sender=%s AND "
-                        "seq>%s ORDER BY seq LIMIT %s",
-                        (group_id, sender, marks.get(sender, 0), limit - len(out) + 1)):
-                    if len(out) >= limit or (out and budget - len(raw) < 0):
-                        return out, True
-                    budget -= len(raw)
-                    out.append(bytes(raw))
-            return out, False
-
-        result: tuple[list[bytes], bool] = await self._read(read)
-        return result
-
-    async def envelope_marks(self, group_id: bytes) -> dict[bytes, int]:
-        return {bytes(s): q for s, q in await self._rows(
-            "SELECT sender, contiguous FROM envelope_senders WHERE group_id=%s AND "
-            "contiguous>0", group_id)}
-
-    async def envelope_summary(self, group_id: bytes) -> dict[bytes, SenderSummary]:
-        return {bytes(row[0]): SenderSummary(*row[1:]) for row in await self._rows(
-            "SELECT sender, count, top, contiguous, setsum FROM envelope_senders WHERE "
-            "group_id=%s", group_id)}
-
-    async def envelope_count(self, group_id: bytes) -> int:
-        row = await self._one("SELECT count(*) FROM envelopes WHERE group_id=%s", group_id)
-        return int(row[0]) if row else 0
-
-    async def envelope_digests(self, group_id: bytes, keys: Sequence[tuple[bytes, int]]
-                               ) -> dict[tuple[bytes, int], bytes]:
-        if not keys:
-            return {}
-        senders, seqs = [k[0] for k in keys], [k[1] for k in keys]
-        return {(bytes(s), q): bytes(d) for s, q, d in await self._rows(
-            "SELECT e.sender, e.seq, e.digest FROM envelopes e JOIN unnest(%s::bytea[], "
-            "%s::bigint[]) k(sender, seq) ON e.sender=k.sender AND e.seq=k.seq WHERE "
-            "e.group_id=%s", senders, seqs, group_id)}
-
-    async def envelope(self, group_id: bytes, sender: bytes, seq: int
-                       ) -> tuple[bytes, bytes] | None:
-        row = await self._one("SELECT digest, envelope FROM envelopes WHERE group_id=%s AND "
-                              "sender=%s AND seq=%s", group_id, sender, seq)
-        return None if row is None else (bytes(row[0]), bytes(row[1]))
 
 
 def _g(group_id: bytes) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from proto import entropy
 from proto.service import INCARNATION_BYTES
@@ -172,6 +173,36 @@ def migrate(conn: psycopg.Connection) -> int:
         conn.execute("INSERT INTO meta VALUES ('incarnation', %s) ON CONFLICT DO NOTHING",
                      (entropy.token_bytes(INCARNATION_BYTES).hex(),))
     return found
+
+
+def describe(dsn: str) -> str:
+    """Where ``dsn`` points, without its password (for messages)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "(an unreadable PostgreSQL URL)"
+    where = params.get("host") or "localhost"
+    return f"database {params.get('dbname') or '(default)'} on {where}"
+
+
+def preflight(dsn: str, node_id: bytes) -> None:
+    """Before a process serves: reach the database, apply the missing migrations, and bind the
+    database to ``node_id`` on first use. RuntimeError, one line, when any of it fails (an
+    unreachable server, a newer schema, another node's database)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            migrate(conn)
+            row = conn.execute("INSERT INTO meta VALUES ('node_id', %s) ON CONFLICT (key) DO "
+                               "UPDATE SET value = meta.value RETURNING value",
+                               (node_id.hex(),)).fetchone()
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeError(f"cannot use PostgreSQL ({describe(dsn)}): {first}") from None
+    if row is None or row[0] != node_id.hex():
+        owner = row[0][:16] if row else "?"
+        raise RuntimeError(f"PostgreSQL {describe(dsn)} belongs to syncnode {owner}..., not "
+                           f"{node_id.hex()[:16]}...: every process of one node runs with the "
+                           "same node.key (copy it with `syncnode init --key`)")
 
 
 def _version(conn: psycopg.Connection) -> int:
