@@ -146,3 +146,29 @@ async def test_other_processes_hear_each_change_once_committed(pg_dsn: str  # no
             Change("decided", G1, b"", 1, len(b"value")), Change("mailbox", b"", b"r" * 32, 0, 0)]
         assert own == []  # a process does not hear its own changes
         assert heard[1][0] - sent < 1.0
+
+
+async def test_a_write_failing_in_the_database_fails_alone(pg_dsn: str) -> None:  # noqa: F811
+    """No savepoints: a database error aborts the batch's transaction, which runs again
+    without the failing write. Here a seq PostgreSQL cannot take, amid a crowd of good ones."""
+    batches: list[int] = []
+    store = PostgresStorage(pg_dsn)
+    store.on_batch = lambda size, seconds: batches.append(size)
+    async with opened(lambda: store) as s:
+        await new_group(s)
+        batches.clear()
+        failed: list[BaseException] = []
+
+        async def one(seq: int) -> None:
+            try:
+                await s.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+            except psycopg.Error as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for seq in range(1, 41):
+                nursery.start_soon(one, 1 << 64 if seq == 20 else seq)
+        assert len(failed) == 1 and sum(batches) == 40 and len(batches) < 10
+        assert await s.envelope_count(G1) == 39
+        assert (await s.group(G1)).bytes_used == len(b"genesis value") + sum(  # type: ignore
+            len(b"e%d" % q) for q in range(1, 41) if q != 20)

@@ -2,12 +2,17 @@
 
 The same rule as the SQLite writer (:mod:`~syncnode.storage.sqlite_writer`): nothing is
 acknowledged before it is durable, and everything queued while one batch commits goes into the
-next, as **one transaction and one WAL flush** (``synchronous_commit`` on, the default). Each
-write runs in its own savepoint, so one failing write never takes its batch down.
+next, as **one transaction and one WAL flush** (``synchronous_commit`` on, the default).
 
 psycopg 3 has no trio support, so the batch runs on a worker thread (``trio.to_thread``) over
 the writer's own connection; the trio side only queues and wakes (the thread hop costs once
 per batch, not per write).
+
+**One write fails alone, without savepoints** (a savepoint and its release would be two more
+round trips per write, tripling a batch's): every write raises its own errors
+(:class:`~syncnode.storage.base.StorageConflict`) before it has written anything, so nothing of
+it needs undoing; a database error aborts the whole transaction, which is then rolled back and
+run again without that write, which alone fails.
 
 **Several processes, one database.** Every write names the locks it needs (``"g:" + group
 id`` for everything of one group, ``"mailbox"``, ``"addresses"``, ``"clock"``); a batch takes
@@ -43,8 +48,8 @@ TRANSIENT = ("40P01", "40001")
 
 @dataclass
 class Tx:
-    """What a write sees: the connection (inside the batch transaction, in the write's own
-    savepoint) and where to queue notifications for the other processes."""
+    """What a write sees: the connection (inside the batch transaction) and where to queue
+    notifications for the other processes. A write raises only before it wrote anything."""
 
     conn: psycopg.Connection
     notes: list[str] = field(default_factory=list)
@@ -63,6 +68,12 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    failed: bool = False
+    """Failed in the database: left out when its batch runs again."""
+
+
+class _Redo(Exception):
+    """A write failed in the database and aborted the batch's transaction."""
 
 
 class PgWriter:
@@ -121,10 +132,13 @@ class PgWriter:
                 self._stopped.set()
 
     def _apply(self, batch: list[_Pending]) -> None:
-        for attempt in range(RETRIES + 1):
+        attempt = 0
+        while True:
             try:
-                self._attempt(batch)
+                self._attempt([p for p in batch if not p.failed])
                 return
+            except _Redo:
+                self._reset()  # one write failed in the database: again without it
             except psycopg.Error as exc:
                 transient = (isinstance(exc, psycopg.OperationalError)
                              or exc.sqlstate in TRANSIENT)
@@ -135,7 +149,8 @@ class PgWriter:
                     for p in batch:
                         p.result, p.error = None, exc
                     return
-                time.sleep(0.05 * (attempt + 1))
+                attempt += 1
+                time.sleep(0.05 * attempt)
 
     def _reset(self) -> None:
         conn = self._conn
@@ -160,16 +175,15 @@ class PgWriter:
             conn.execute("SELECT sn_lock_all(%s)", (keys,))
         for p in batch:
             tx = Tx(conn)
-            conn.execute("SAVEPOINT w")
             try:
                 p.result, p.error = p.op(tx), None
-                conn.execute("RELEASE w")
                 notes.extend(tx.notes)
             except psycopg.OperationalError:
                 raise  # the connection is gone: the whole batch is retried
-            except Exception as exc:  # one bad write fails alone
-                conn.execute("ROLLBACK TO w")
-                conn.execute("RELEASE w")
+            except psycopg.Error as exc:  # the transaction is aborted: redo without this one
+                p.result, p.error, p.failed = None, exc, True
+                raise _Redo from exc
+            except Exception as exc:  # raised before it wrote anything (see the module doc)
                 p.result, p.error = None, exc
         if notes:
             conn.execute("SELECT pg_notify(%s, n) FROM unnest(%s::text[]) n",
