@@ -240,7 +240,7 @@ def info(data_dir: Path, as_json: bool) -> None:
     the slot that named it, then "pulling history" until it holds the envelopes stored before;
     groups it was removed from are counted until their data is deleted."""
     from proto.identity import node_id_hex, read_key_file
-    from syncnode.config import DB_NAME, KEY_NAME, STATE_NAME
+    from syncnode.config import KEY_NAME, STATE_NAME
     from syncnode.storage.sqlite_schema import groups_in_progress, storage_bytes, summary
 
     try:
@@ -253,7 +253,16 @@ def info(data_dir: Path, as_json: bool) -> None:
         state = json.loads(state_path.read_text())
         out.update(ticket=state.get("ticket"), http=state.get("http"),
                    last_pid=state.get("pid"))
-    db = data_dir / DB_NAME
+    from syncnode.config import load_config
+
+    try:
+        database = load_config(data_dir).database
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if isinstance(database, str):  # PostgreSQL: counts only
+        _info_postgres(out, database, as_json)
+        return
+    db = database
     held = summary(db) if db.exists() else {"groups": 0, "envelopes": 0, "decisions": 0,
                                             "catching_up": 0, "pulling": 0, "removed": 0}
     groups, messages, decisions = held["groups"], held["envelopes"], held["decisions"]
@@ -277,6 +286,28 @@ def info(data_dir: Path, as_json: bool) -> None:
     if behind > len(in_progress):
         click.echo(f"  ... and {behind - len(in_progress)} more")
     click.echo(f"storage:   {storage_bytes(db) / 1e6:.1f} MB in {db}")
+
+
+def _info_postgres(out: dict[str, object], url: str, as_json: bool) -> None:
+    from syncnode.storage.postgres_schema import describe
+    from syncnode.storage.postgres_schema import summary as pg_summary
+
+    try:
+        held = pg_summary(url)
+    except Exception as exc:  # psycopg.Error, a missing table: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(f"cannot read PostgreSQL ({describe(url)}): {first}"
+                                   ) from None
+    out.update(held, storage=f"PostgreSQL {describe(url)}")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"node id:   {out['node_id']}")
+    click.echo(f"ticket:    {out.get('ticket') or '(not run yet: start it to learn its address)'}")
+    click.echo(f"groups:    {held['groups']}  (decisions {held['decisions']}, envelopes "
+               f"{held['envelopes']})")
+    click.echo(f"storage:   {out['storage']}, {held['processes']} processes of this node "
+               "registered")
 
 
 def main() -> None:

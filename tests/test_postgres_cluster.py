@@ -29,10 +29,15 @@ from tests.syncnode_kit import Device, decide, found_group, update_value
 
 def node_process(root: Path, name: str, dsn: str, key_from: Path | None = None
                  ) -> NodeProcess:
-    node = NodeProcess(root / name, ["--database", dsn])
+    """A process of a node on ``dsn``: the first named by ``--database``, another (with the
+    first one's key) by ``storage`` in its syncnode.toml."""
+    node = NodeProcess(root / name, [] if key_from else ["--database", dsn])
     subprocess.run([*node.command, "init", "--data-dir", str(node.data_dir),
                     *(["--key", str(key_from)] if key_from else [])],
                    check=True, capture_output=True, text=True, timeout=60)
+    if key_from:
+        toml = node.data_dir / "syncnode.toml"
+        toml.write_text(toml.read_text().replace('storage = ""', f'storage = "{dsn}"'))
     return node
 
 
@@ -91,6 +96,9 @@ async def test_processes_of_one_node_serve_as_one(two: list[NodeProcess]) -> Non
                 with trio.fail_after(10):
                     assert await feed.__anext__() == env
                 latencies.append(time.perf_counter() - sent)
+    info = p2.info()  # syncnode info reads the shared database
+    assert (info["groups"], info["decisions"], info["envelopes"], info["processes"]) == \
+        (1, 1, 30, 2)
     latencies.sort()
     print(f"\nreal processes, store acked by p1 -> pushed by p2 to its subscriber: median "
           f"{latencies[15] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")

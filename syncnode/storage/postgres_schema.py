@@ -211,3 +211,14 @@ def _version(conn: psycopg.Connection) -> int:
         return 0
     got = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
     return int(got[0]) if got else 0
+
+
+def summary(dsn: str) -> dict[str, int]:
+    """Groups, envelopes and decisions held, as ``syncnode info`` shows them (read-only)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM groups), (SELECT count(*) FROM "
+                           "envelopes), (SELECT count(*) FROM decided WHERE slot>0), "
+                           "(SELECT count(*) FROM processes)").fetchone()
+    groups, envelopes, decisions, processes = row if row else (0, 0, 0, 0)
+    return {"groups": groups, "envelopes": envelopes, "decisions": decisions,
+            "processes": processes}
