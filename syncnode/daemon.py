@@ -192,9 +192,17 @@ async def _processes(service: Service, own: list[str], *,
     try:
         while True:
             now = time.time()
-            await store.register_process(token, own, os.getpid(), socket.gethostname(), now)
-            others = [a for t, addrs in await store.live_processes(now - 3 * PROCESS_HEARTBEAT)
-                      if t != token for a in addrs]
+            try:
+                await store.register_process(token, own, os.getpid(), socket.gethostname(),
+                                             now)
+                others = [a for t, addrs in await store.live_processes(
+                    now - 3 * PROCESS_HEARTBEAT) if t != token for a in addrs]
+            except Exception as exc:  # the database is away: keep what we advertise
+                if not started:
+                    raise
+                log.warning("process heartbeat failed", error=str(exc))
+                await trio.sleep(PROCESS_HEARTBEAT)
+                continue
             every = list(dict.fromkeys([*own, *others]))[:8]
             if not started:
                 task_status.started(every)

@@ -5,11 +5,13 @@ SIGKILL mid-traffic loses nothing it acknowledged, while the device reconnects t
 
 from __future__ import annotations
 
+import random
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,7 +26,15 @@ from proto.ticket import NodeTicket
 from proto.transport.iroh import IrohTransport
 from syncnode.procs import NodeProcess
 from tests.pg_kit import pg_dsn, pg_server  # noqa: F401
-from tests.syncnode_kit import Device, decide, found_group, update_value
+from tests.syncnode_kit import (
+    Device,
+    decide,
+    found_group,
+    signed_accept,
+    signed_prepare,
+    update_value,
+)
+from tests.test_postgres_processes import check_one_acceptor
 
 
 def node_process(root: Path, name: str, dsn: str, key_from: Path | None = None
@@ -102,6 +112,34 @@ async def test_processes_of_one_node_serve_as_one(two: list[NodeProcess]) -> Non
     latencies.sort()
     print(f"\nreal processes, store acked by p1 -> pushed by p2 to its subscriber: median "
           f"{latencies[15] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
+
+
+async def test_conflicting_paxos_requests_to_two_processes(two: list[NodeProcess]) -> None:
+    """Prepares and Accepts of one slot, ballots shuffled, sent at once over iroh to both
+    processes, 20 bursts of 10: the replies are those of one acceptor."""
+    p1, p2 = two
+    assert p2.ticket is not None
+    alice = Device("alice")
+    rng = random.Random(7)
+    replies: list[Any] = []
+    async with client(only(p1), alice) as c1, client(only(p2), alice) as c2:
+        g = await found_group([SyncnodeEntry(p2.ticket.node_id, p2.ticket.addrs)], [c1], alice)
+        value = update_value(g, alice).encode()
+
+        async def send(c: SyncnodeClient, msg: Any) -> None:
+            replies.append(await c.request(msg))
+
+        for burst in range(20):
+            rounds = list(range(burst * 10 + 1, burst * 10 + 11))
+            rng.shuffle(rounds)
+            async with trio.open_nursery() as nursery:
+                for i, rnd in enumerate(rounds):
+                    msg = signed_prepare(alice, g.group_id, 1, rnd) if rng.random() < 0.5 \
+                        else signed_accept(alice, g.group_id, 1, rnd, value)
+                    nursery.start_soon(send, (c1, c2)[i % 2], msg)
+    kinds = {type(r).__name__ for r in replies}
+    assert kinds == {"Promise", "Accepted", "Nack"}, kinds
+    check_one_acceptor(replies)
 
 
 async def test_a_killed_process_loses_nothing_acknowledged(two: list[NodeProcess]) -> None:

@@ -249,11 +249,16 @@ class MiscSql:
 
     async def register_process(self, token: str, addrs: Sequence[str], pid: int, host: str,
                                now: float) -> None:
-        """Record (or refresh) a live process of this node and its addresses."""
-        await self._write(lambda tx: tx.conn.execute(
-            "INSERT INTO processes VALUES (%s,%s,%s,%s,%s) ON CONFLICT (token) DO UPDATE SET "
-            "addrs=excluded.addrs, seen_at=excluded.seen_at",
-            (token, " ".join(addrs), pid, host, now)), "processes")
+        """Record (or refresh) a live process of this node and its addresses; forget the
+        records of processes unseen for an hour (killed ones never drop their own)."""
+        def write(tx: Tx) -> None:
+            tx.conn.execute("DELETE FROM processes WHERE seen_at < %s", (now - 3600,))
+            tx.conn.execute(
+                "INSERT INTO processes VALUES (%s,%s,%s,%s,%s) ON CONFLICT (token) DO UPDATE "
+                "SET addrs=excluded.addrs, seen_at=excluded.seen_at",
+                (token, " ".join(addrs), pid, host, now))
+
+        await self._write(write, "processes")
 
     async def drop_process(self, token: str) -> None:
         await self._write(lambda tx: tx.conn.execute(
