@@ -80,6 +80,8 @@ class Listener:
                         if got is not None and got[0] != self.origin:
                             token.run_sync_soon(self._deliver, got[1])
                 except psycopg.OperationalError as exc:
+                    if self._stop:
+                        return  # closing: the server may be going away with us
                     log.warning("notification connection lost; reconnecting", error=str(exc))
                     conn.close()
                     conn = self._reconnect()
