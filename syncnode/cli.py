@@ -298,6 +298,11 @@ def _info_postgres(out: dict[str, object], url: str, as_json: bool) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise click.ClickException(f"cannot read PostgreSQL ({describe(url)}): {first}"
                                    ) from None
+    addrs = held.pop("addrs")
+    if addrs:  # a ticket that lists every live process of the node
+        from proto.ticket import NodeTicket
+
+        out["ticket"] = str(NodeTicket(bytes.fromhex(str(out["node_id"])), tuple(addrs[:8])))
     out.update(held, storage=f"PostgreSQL {describe(url)}")
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -306,8 +311,8 @@ def _info_postgres(out: dict[str, object], url: str, as_json: bool) -> None:
     click.echo(f"ticket:    {out.get('ticket') or '(not run yet: start it to learn its address)'}")
     click.echo(f"groups:    {held['groups']}  (decisions {held['decisions']}, envelopes "
                f"{held['envelopes']})")
-    click.echo(f"storage:   {out['storage']}, {held['processes']} processes of this node "
-               "registered")
+    click.echo(f"storage:   {out['storage']}, {held['processes']} live processes of this "
+               "node (the ticket lists them all)")
 
 
 def main() -> None:

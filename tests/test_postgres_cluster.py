@@ -109,6 +109,7 @@ async def test_processes_of_one_node_serve_as_one(two: list[NodeProcess]) -> Non
     info = p2.info()  # syncnode info reads the shared database
     assert (info["groups"], info["decisions"], info["envelopes"], info["processes"]) == \
         (1, 1, 30, 2)
+    assert set(NodeTicket.parse(str(info["ticket"])).addrs) == set(p2.ticket.addrs)
     latencies.sort()
     print(f"\nreal processes, store acked by p1 -> pushed by p2 to its subscriber: median "
           f"{latencies[15] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")

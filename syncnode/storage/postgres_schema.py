@@ -20,6 +20,7 @@ walks over what is stored after it) run server-side, in one round trip instead o
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -213,12 +214,14 @@ def _version(conn: psycopg.Connection) -> int:
     return int(got[0]) if got else 0
 
 
-def summary(dsn: str) -> dict[str, int]:
-    """Groups, envelopes and decisions held, as ``syncnode info`` shows them (read-only)."""
+def summary(dsn: str) -> dict[str, Any]:
+    """Groups, envelopes and decisions held, and the live processes of the node with their
+    addresses, as ``syncnode info`` shows them (read-only)."""
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         row = conn.execute("SELECT (SELECT count(*) FROM groups), (SELECT count(*) FROM "
-                           "envelopes), (SELECT count(*) FROM decided WHERE slot>0), "
-                           "(SELECT count(*) FROM processes)").fetchone()
-    groups, envelopes, decisions, processes = row if row else (0, 0, 0, 0)
+                           "envelopes), (SELECT count(*) FROM decided WHERE slot>0)").fetchone()
+        live = conn.execute("SELECT addrs FROM processes WHERE seen_at >= "
+                            "extract(epoch FROM now()) - 15 ORDER BY token").fetchall()
+    groups, envelopes, decisions = row if row else (0, 0, 0)
     return {"groups": groups, "envelopes": envelopes, "decisions": decisions,
-            "processes": processes}
+            "processes": len(live), "addrs": [a for (addrs,) in live for a in addrs.split()]}
