@@ -300,7 +300,10 @@ class Service:
         return await self.notary.holdings(session, msg)
 
     async def _store(self, session: Session, msg: Envelope) -> Stored:
-        await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
+        g = await self.groups.require(msg.group_id)
+        if self.siblings is not None and msg.epoch > g.top:  # learned by another process?
+            await self.groups.reload(g)
+        await self.hosting.refuse_if_removed(g)
         stored = await self.envelopes.store_envelope(session, msg)
         self.on_stored(msg.group_id)
         self.compact_soon(await self.groups.require(msg.group_id))

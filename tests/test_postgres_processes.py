@@ -171,3 +171,30 @@ async def test_pushes_reach_subscribers_of_every_process(pg_dsn: str) -> None:  
         print(f"\ncross-process push (store acked by one process -> frame queued on "
               f"another): median {latencies[len(latencies) // 2] * 1000:.2f} ms, "
               f"max {latencies[-1] * 1000:.2f} ms")
+
+
+async def test_a_process_not_yet_told_of_a_decision_reads_it_before_refusing(
+        pg_dsn: str) -> None:  # noqa: F811
+    """Notifications take a moment (or a process missed them): an envelope of the new epoch,
+    or a Prepare of the next slot, sent to a process whose cache is behind is not refused
+    while the database has the decision."""
+    key, creator = SecretKey.generate(), Device("creator")
+    async with node_processes(pg_dsn, key, 2) as (p1, p2):
+        g = await founded([p1, p2], creator, key)
+        me = session_of(creator)
+        assert (await p2.group(g.group_id)).top == 0  # type: ignore[union-attr]  # cached
+        p2.store.on_change = None  # type: ignore[attr-defined]  # it hears nothing more
+        value = update_value(g, creator)
+        for msg in (signed_prepare(creator, g.group_id, 1, 1),
+                    signed_accept(creator, g.group_id, 1, 1, value.encode())):
+            reply = await p1.handle(me, msg)
+        cert = make_certificate(g.group_id, 1, reply.ballot, reply.value_hash,
+                                {reply.acceptor: reply.signature})
+        assert (await p1.handle(me, Decided(value.encode(), cert))).count == 1
+        assert (await p2.group(g.group_id)).top == 0  # type: ignore[union-attr]  # stale
+        env = Envelope.seal(creator.key, g.group_id, 1, 1, b"at epoch 1")
+        assert type(await p2.handle(me, env)).__name__ == "Stored"
+        creator.mls.apply(value.commit)
+        assert isinstance(await p2.handle(me, signed_prepare(creator, g.group_id, 2, 1)),
+                          Promise)
+        assert (await p2.handle(me, Decided(value.encode(), cert))).count == 0  # known
