@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,51 @@ async def test_a_killed_process_loses_nothing_acknowledged(two: list[NodeProcess
                 break
             marks = {alice.key_fpr: max(held)}
     assert held == set(range(1, 401)) and acked <= held
+
+
+def open_connections(node: NodeProcess) -> float:
+    status, text = node.get("/metrics")
+    assert status == 200
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("syncnode_connections_open"))
+
+
+async def test_devices_carry_on_when_their_process_is_killed(
+        tmp_path: Path, two: list[NodeProcess]) -> None:
+    """Two real device agents on a document of this node (its ticket lists both processes):
+    the process serving them is SIGKILLed, and they reconnect to the other, keep converging,
+    and every edit becomes durable. (It takes about 20 s here: a device keeps its iroh
+    endpoint, which sees both processes as one remote endpoint and keeps trying the dead path
+    for a while before the other; the bound is 60 s.)"""
+    from device.agent import Device as Agent
+    from tests.device_kit import FAST, converged, eventually
+
+    p1, p2 = two
+    assert p2.ticket is not None and len(p2.ticket.addrs) == 2
+    config = replace(FAST, keepalive_interval=0.5, keepalive_timeout=1.0)  # notice it sooner
+    async with Agent.open(tmp_path / "a", config=config) as a, \
+            Agent.open(tmp_path / "b", config=config) as b:
+        doc_a = await a.create_document([p2.ticket], name="notes")
+        doc_a.change(lambda e: e.counter("edits").increment(1))
+        with trio.fail_after(60):
+            doc_b = await b.join(doc_a.invite())
+        await converged([doc_a, doc_b])
+        victim, survivor = (p1, p2) if open_connections(p1) >= open_connections(p2) \
+            else (p2, p1)
+        assert open_connections(victim) >= 1  # at least one device is served by it
+        victim.kill()
+        killed = time.perf_counter()
+        for i in range(20):
+            for name, d in (("a", doc_a), ("b", doc_b)):
+                d.change(lambda e, item=f"{name}{i}": e.list("log").push(item))
+            await trio.sleep(0.05)
+        want = sorted(f"{name}{i}" for name in "ab" for i in range(20))
+        await converged([doc_a, doc_b], timeout=60)
+        await eventually(lambda: sorted(doc_a.value()["log"]) == want, 60, "every edit")
+        await converged([doc_a, doc_b], timeout=60)
+        print(f"\ndevices converged again {time.perf_counter() - killed:.1f} s after their "
+              "process was killed")
+        for d in (doc_a, doc_b):
+            with trio.fail_after(60):
+                await d.wait_durable()
+        assert open_connections(survivor) >= 2
