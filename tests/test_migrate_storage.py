@@ -100,3 +100,19 @@ async def check_one_of_everything_except_envelopes(p: PostgresStorage) -> None:
     assert [i.payload for i in items] == [b"item"]
     assert (await p.mailbox_usage()).other == 4
 
+
+
+def test_an_unusable_database_is_one_line(tmp_path: Path) -> None:
+    """No server needed: what an operator gets wrong about the database is one line each."""
+    init_data_dir(tmp_path / "n")
+    run = subprocess.run([*SYNCNODE, "run", "--data-dir", str(tmp_path / "n"), "--listen",
+                          "127.0.0.1:0", "--http", "127.0.0.1:0", "--database",
+                          f"postgresql://nobody@/x?host={tmp_path}/nowhere"],
+                         capture_output=True, text=True, timeout=60)
+    one_line(run, "cannot use PostgreSQL (database x on ")
+    (tmp_path / "n" / "syncnode.toml").write_text('storage = "mysql://x/y"\n')
+    run = subprocess.run([*SYNCNODE, "run", "--data-dir", str(tmp_path / "n")],
+                         capture_output=True, text=True, timeout=60)
+    one_line(run, "neither a path nor a postgresql:// URL")
+    done = migrate(tmp_path / "n", "sqlite:elsewhere")
+    assert done.returncode == 2 and "must be a postgresql:// URL" in done.stderr
