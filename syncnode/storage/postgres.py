@@ -22,6 +22,7 @@ address record statements are in :mod:`.postgres_misc`, the schema and its migra
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,6 +68,9 @@ class PostgresStorage(EnvelopeSql, MiscSql):
         self.writer = PgWriter(self._connect, self.channel, batching=batching)
         self._listener: Listener | None = None
         self._size = 0
+        self._stamp_lock = threading.Lock()
+        self._stamp_queue: list[Any] = []
+        self._stamp_queued = False
 
     def _connect(self) -> psycopg.Connection:
         return psycopg.connect(self.dsn, autocommit=True)

@@ -9,10 +9,13 @@ mailbox puts judge their quotas one after the other, never on the same stale usa
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import trio
 
 from syncnode.storage.base import (
     JOIN_REQUEST_KIND,
@@ -32,8 +35,22 @@ JOIN_CLASS, OTHER_CLASS = b"j", b"m"
 EVICT_BATCH = 64
 
 
+@dataclass
+class _Stamp:
+    """One caller of :meth:`MiscSql.next_stamp`, waiting for a batch of stamps."""
+
+    wall: int
+    done: trio.Event = field(default_factory=trio.Event)
+    value: int = 0
+    error: BaseException | None = None
+
+
 class MiscSql:
     """Mixed into PostgresStorage, which provides these."""
+
+    _stamp_lock: threading.Lock
+    _stamp_queue: list[_Stamp]
+    _stamp_queued: bool
 
     _rows: Callable[..., Any]
     _one: Callable[..., Any]
@@ -223,14 +240,51 @@ class MiscSql:
     async def next_stamp(self, wall_ms: int) -> int:
         # Under the node-wide clock lock, in a durable batch: a stamp handed out after another
         # process's was handed out (its batch committed) is larger, whatever the wall clocks.
-        def write(tx: Tx) -> int:
+        # Every stamp asked while one is being written is written with it: one statement for
+        # all the acks of a batch, not one each.
+        mine = _Stamp(wall_ms)
+        with self._stamp_lock:
+            self._stamp_queue.append(mine)
+            lead = not self._stamp_queued
+            self._stamp_queued = True
+        if not lead:
+            with trio.CancelScope(shield=True):  # asked: it completes, as a write does
+                await mine.done.wait()
+        else:
+            await self._write_stamps()
+        if mine.error is not None:
+            raise mine.error
+        return mine.value
+
+    async def _write_stamps(self) -> None:
+        taken: list[_Stamp] = []
+
+        def write(tx: Tx) -> None:
+            if not taken:  # (a batch run again keeps what it took the first time)
+                with self._stamp_lock:
+                    taken[:], self._stamp_queue = self._stamp_queue, []
+                    self._stamp_queued = False
+            n, wall = len(taken), max(s.wall for s in taken)
             row = tx.conn.execute(
                 "INSERT INTO meta VALUES ('statement_clock', %s) ON CONFLICT (key) DO UPDATE "
-                "SET value = greatest(meta.value::bigint + 1, excluded.value::bigint)::text "
-                "RETURNING value", (str(wall_ms),)).fetchone()
-            return int(row[0]) if row else wall_ms
+                "SET value = greatest(meta.value::bigint + %s, excluded.value::bigint)::text "
+                "RETURNING value", (str(wall + n - 1), n)).fetchone()
+            first = (int(row[0]) if row else wall + n - 1) - n + 1
+            for i, stamp in enumerate(taken):
+                stamp.value = first + i
 
-        return int(await self._write(write, "clock"))
+        error: BaseException | None = None
+        try:
+            await self._write(write, "clock")
+        except BaseException as exc:
+            error = exc
+            if not taken:  # never ran (closing): fail everyone waiting
+                with self._stamp_lock:
+                    taken[:], self._stamp_queue = self._stamp_queue, []
+                    self._stamp_queued = False
+        for stamp in taken:
+            stamp.error = error
+            stamp.done.set()
 
     async def claim_node(self, node_id: bytes) -> None:
         def write(tx: Tx) -> bytes:
