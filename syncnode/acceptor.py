@@ -143,7 +143,7 @@ class AcceptorDriver:
             if msg.slot <= g.top:
                 return await self.decided_at(g.group_id, msg.slot)  # tell the proposer
             if msg.slot > g.top + 1 and not reloaded:  # another process may have learned it
-                await self.groups.reload(g)
+                await self.groups.reload(g, throttled=True)
                 reloaded = True
                 continue
             if msg.slot > g.top + 1:

@@ -302,7 +302,7 @@ class Service:
     async def _store(self, session: Session, msg: Envelope) -> Stored:
         g = await self.groups.require(msg.group_id)
         if self.siblings is not None and msg.epoch > g.top:  # learned by another process?
-            await self.groups.reload(g)
+            await self.groups.reload(g, throttled=True)
         await self.hosting.refuse_if_removed(g)
         stored = await self.envelopes.store_envelope(session, msg)
         self.on_stored(msg.group_id)
