@@ -174,3 +174,29 @@ async def test_a_write_failing_in_the_database_fails_alone(pg_dsn: str) -> None:
         assert await s.envelope_count(G1) == 39
         assert (await s.group(G1)).bytes_used == len(b"genesis value") + sum(  # type: ignore
             len(b"e%d" % q) for q in range(1, 41) if q != 20)
+
+
+async def test_connections_cut_by_the_server_are_made_again(pg_dsn: str) -> None:  # noqa: F811
+    """A server restart or failover ends every connection (here: the server terminates them):
+    the writer runs its batch again on a new one, reads drop the dead pooled connections and
+    read again, and the listener reconnects and reports that changes may have been missed."""
+    async with processes(pg_dsn, 2) as (writer, other):
+        heard: list[str] = []
+        resynced = trio.Event()
+
+        def hear(change: Change) -> None:
+            heard.append(change.kind)
+            if change.kind == "resync":
+                resynced.set()
+
+        other.on_change = hear
+        await new_group(writer)
+        assert await other.group(G1) is not None  # a pooled connection to cut
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                          "backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        for seq in range(1, 6):  # every write succeeds
+            assert await writer.store_envelope(G1, A, seq, b"d%d" % seq, b"e%d" % seq)
+        assert await other.envelope_count(G1) == 5
+        with trio.fail_after(10):
+            await resynced.wait()

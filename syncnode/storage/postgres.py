@@ -154,10 +154,18 @@ class PostgresStorage(EnvelopeSql, MiscSql):
 
     async def _read(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
         def go() -> Any:
-            if self.pool is None:
+            pool = self.pool
+            if pool is None:
                 raise RuntimeError("the storage is not running")
-            with self.pool.connection() as conn:
-                return fn(conn)
+            try:
+                with pool.connection() as conn:
+                    return fn(conn)
+            except psycopg.OperationalError:
+                # Idle connections die with a server restart or failover: drop every broken
+                # one and read again once (a read may be repeated).
+                pool.check()
+                with pool.connection() as conn:
+                    return fn(conn)
 
         return await trio.to_thread.run_sync(go, limiter=self.limiter)
 
