@@ -10,6 +10,15 @@ catch-up from peers).
 Slot state lives in a bounded LRU over the storage's acceptor records (:class:`SlotCache`).
 State changed in memory but not yet durable is pinned until its write commits, so eviction can
 never resurrect an older promise; a load that raced a change of the same slot is read again.
+
+**Several processes on one database** (a :class:`~syncnode.storage.SharedStorage`): another
+process may promise or accept on the same slot at any moment, so no cache can be trusted.
+Each step is then taken on the record just read from the database (committed, so durable), in
+a mapping of its own (never on another request's uncommitted state), and kept only through
+:meth:`~syncnode.storage.Storage.put_acceptor_record_if` on the record it was taken on; if the
+record changed meanwhile, the step is thrown away and taken again on the new one. A step that
+writes nothing answers from committed state. So the node's processes answer proposers as one
+acceptor whose every promise and accept is decided and made durable in one transaction.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from proto.paxos.acceptor import EMPTY, Acceptor, Reject, RejectReason, SlotStat
 from proto.paxos.messages import Accept, AcceptorRecord, Decided, PaxosRejected, Prepare
 from proto.paxos.quorum import AcceptorSet
 from syncnode.budgets import LRU
-from syncnode.groups import Groups
+from syncnode.groups import Groups, GroupState
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
 from syncnode.storage import Storage
 
 SlotKey = tuple[bytes, int]
+SHARED_ATTEMPTS = 16
+"""Steps taken on one request before giving up on a slot other processes keep changing."""
 
 
 class SlotCache(MutableMapping[SlotKey, SlotState]):
@@ -113,7 +124,11 @@ class AcceptorDriver:
         self.metrics = metrics
         self.decided_at = decided_at
         self.slots = SlotCache(store, capacity)
-        self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for, self.slots,
+        self.shared = bool(getattr(store, "shared", False))
+        self._one_slot: dict[SlotKey, SlotState] = {}
+        """Shared storage: the state of the one slot the next step is taken on."""
+        self.acceptor = Acceptor(key, self._acceptors_for, self._proposer_key_for,
+                                 self._one_slot if self.shared else self.slots,
                                  validate_value=self._validate_value)
         self._inputs: tuple[bytes, int, Manifest | None] | None = None
         """(group, slot, manifest of slot - 1) of the step about to be taken."""
@@ -123,15 +138,22 @@ class AcceptorDriver:
         g = await self.groups.require(msg.group_id)
         if msg.slot == 0:
             raise RequestError(ErrorCode.INVALID, "slot 0 is the genesis, not decided by Paxos")
+        reloaded = not self.shared
         while True:
             if msg.slot <= g.top:
                 return await self.decided_at(g.group_id, msg.slot)  # tell the proposer
+            if msg.slot > g.top + 1 and not reloaded:  # another process may have learned it
+                await self.groups.reload(g, throttled=True)
+                reloaded = True
+                continue
             if msg.slot > g.top + 1:
                 self.groups.behind(session, g)
                 return PaxosRejected(msg.group_id, msg.slot, RejectReason.UNKNOWN_SLOT, 0,
                                      f"this syncnode has decided up to slot {g.top} only; "
                                      "catching up from peers, retry shortly")
             top = g.top
+            if self.shared:
+                return await self._shared_step(msg, g)
             await self.load(msg.group_id, msg.slot)
             if g.top == top:  # nothing was decided while we loaded
                 break
@@ -144,6 +166,34 @@ class AcceptorDriver:
         else:
             await self.store.barrier()  # the state this reply reports is durable
         return self.reply(msg, step.reply)
+
+    async def _shared_step(self, msg: Prepare | Accept, g: GroupState) -> Any:
+        """The step on a shared database (see the module doc): read, step, compare-and-set,
+        again on the new record if another process or request changed it meanwhile."""
+        key = (msg.group_id, msg.slot)
+        for _ in range(SHARED_ATTEMPTS):
+            try:
+                manifest: Manifest | None = await self.groups.manifest_at(msg.group_id,
+                                                                          msg.slot - 1)
+            except KeyError:
+                manifest = None
+            blob = await self.store.acceptor_record(*key)
+            if msg.slot <= g.top:  # decided while we read
+                return await self.decided_at(g.group_id, msg.slot)
+            rec = None if blob is None else decode_as(blob, AcceptorRecord)
+            self._one_slot.clear()
+            self._one_slot[key] = EMPTY if rec is None else SlotState(rec.promised, rec.accepted)
+            self._inputs = (msg.group_id, msg.slot, manifest)
+            step = self.acceptor.handle(msg)  # no await since the read: the state is ours
+            self._one_slot.clear()
+            if not step.persist:  # answered from what was read: committed, so durable
+                return self.reply(msg, step.reply)
+            (new,) = step.persist
+            if await self.store.put_acceptor_record_if(msg.group_id, msg.slot, blob,
+                                                       encode(new)):
+                return self.reply(msg, step.reply)
+            self.metrics.refuse("paxos_step_raced")  # taken on a state changed meanwhile
+        raise RequestError(ErrorCode.RATE_LIMITED, "this slot is contended; retry shortly")
 
     async def load(self, group_id: bytes, slot: int) -> None:
         """Load what the acceptor reads for ``slot``. Take the step right after, with no await

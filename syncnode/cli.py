@@ -61,13 +61,16 @@ def selfcheck() -> None:
 
 @cli.command(epilog=exit_codes("0    created", ERROR))
 @DATA_DIR
-def init(data_dir: Path) -> None:
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Use this existing node.key instead of a new one: another process of the "
+              "same node (all of them share one PostgreSQL database).")
+def init(data_dir: Path, key_file: Path | None) -> None:
     """Create the data dir, the node key (mode 0600) and a commented syncnode.toml.
 
     Refuses to touch an existing key: the key is the node's identity, and every document that
     names this node depends on it.
     """
-    from proto.identity import node_id_hex
+    from proto.identity import node_id_hex, read_key_file
     from syncnode.config import CONFIG_NAME, KEY_NAME
     from syncnode.startup import init_data_dir
 
@@ -75,7 +78,7 @@ def init(data_dir: Path) -> None:
     if key_path.exists():
         raise click.ClickException(f"{key_path} already exists; not overwriting the node key")
     try:
-        key = init_data_dir(data_dir)
+        key = init_data_dir(data_dir, read_key_file(key_file) if key_file else None)
     except (KeyFileError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"created {data_dir}")
@@ -91,6 +94,10 @@ def init(data_dir: Path) -> None:
 @click.option("--listen", help="UDP IP:PORT for the iroh endpoint, e.g. 0.0.0.0:7600; port 0 "
               "picks a free one the first time and reuses it on later starts.")
 @click.option("--relay", help='Relay server URL, or "off" for direct connections only.')
+@click.option("--database", "storage", metavar="URL|PATH",
+              help="Where the data is (the storage key of syncnode.toml): a postgresql:// URL "
+              "(several processes with the same node.key may share it) or a SQLite file "
+              "(default: syncnode.db in the data dir).")
 @click.option("--http", "http_listen", help="HOST:PORT of /healthz, /readyz and /metrics.")
 @click.option("--init", "init_dir", is_flag=True,
               help="Create the node key and syncnode.toml if the data dir has none (for "
@@ -99,7 +106,7 @@ def init(data_dir: Path) -> None:
               help="One fsync per write (for benchmarks only: much slower).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str | None,
-        http_listen: str | None, init_dir: bool, no_group_commit: bool,
+        storage: str | None, http_listen: str | None, init_dir: bool, no_group_commit: bool,
         log_level: str | None) -> None:
     """Run the daemon until SIGINT or SIGTERM (both stop it gracefully, exit code 0).
 
@@ -110,7 +117,7 @@ def run(data_dir: Path, config_file: Path | None, listen: str | None, relay: str
     try:
         _run(data_dir, config_file, init_dir, no_group_commit,
              {"listen": listen, "relay": relay, "http_listen": http_listen,
-              "log_level": log_level})
+              "log_level": log_level, "storage": storage})
     except KeyboardInterrupt:  # outside the daemon's own SIGINT handling
         from syncnode import daemon
 
@@ -149,6 +156,49 @@ def _run(data_dir: Path, config_file: Path | None, init_dir: bool, no_group_comm
             daemon.ignore_stop_signals()  # trio.run put the default handler back
     except (KeyFileError, ConfigError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@cli.command("migrate-storage", epilog=exit_codes(
+    "0    every row copied and counted again on PostgreSQL", ERROR))
+@DATA_DIR
+@click.option("--from", "source", metavar="[sqlite:]PATH",
+              help="The SQLite database to move (default: syncnode.db in the data dir).")
+@click.option("--to", "target", metavar="URL", required=True,
+              help="The PostgreSQL database, a postgresql:// URL; it must hold no node's data.")
+def migrate_storage(data_dir: Path, source: str | None, target: str) -> None:
+    """Move a stopped node's data from SQLite to PostgreSQL, all at once.
+
+    Groups, logs, acceptor state, envelopes, mailbox and the node's storage incarnation and
+    statement clock all move, so devices see the same node. The data dir's node.key binds the
+    database to the node. Then set storage = "URL" in syncnode.toml (or run --database URL).
+    The SQLite file is left as it was.
+    """
+    from proto.identity import read_key_file
+    from syncnode.config import DB_NAME, KEY_NAME
+    from syncnode.startup import StartupError, lock_data_dir
+    from syncnode.storage.migrate import MigrationError
+    from syncnode.storage.migrate import migrate_storage as migrate
+
+    if not target.startswith(("postgresql://", "postgres://")):
+        raise click.BadParameter("must be a postgresql:// URL", param_hint="--to")
+    path = Path(source.removeprefix("sqlite:")) if source else data_dir / DB_NAME
+    try:
+        key = read_key_file(data_dir / KEY_NAME)
+        fd = lock_data_dir(data_dir)  # a running node holds it: refuse
+    except (KeyFileError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        click.echo(f"copying {path} to PostgreSQL")
+        copied = migrate(path, target, key.public, click.echo)
+    except MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        import os
+
+        os.close(fd)
+    click.echo(f"migrated {copied['groups']} groups, {copied['envelopes']} envelopes, "
+               f"{copied['decided']} log entries; now set storage = \"{target}\" in "
+               f"{data_dir / 'syncnode.toml'} (or run --database URL)")
 
 
 @cli.command("dev-cluster", epilog=exit_codes(
@@ -190,7 +240,7 @@ def info(data_dir: Path, as_json: bool) -> None:
     the slot that named it, then "pulling history" until it holds the envelopes stored before;
     groups it was removed from are counted until their data is deleted."""
     from proto.identity import node_id_hex, read_key_file
-    from syncnode.config import DB_NAME, KEY_NAME, STATE_NAME
+    from syncnode.config import KEY_NAME, STATE_NAME
     from syncnode.storage.sqlite_schema import groups_in_progress, storage_bytes, summary
 
     try:
@@ -203,7 +253,16 @@ def info(data_dir: Path, as_json: bool) -> None:
         state = json.loads(state_path.read_text())
         out.update(ticket=state.get("ticket"), http=state.get("http"),
                    last_pid=state.get("pid"))
-    db = data_dir / DB_NAME
+    from syncnode.config import load_config
+
+    try:
+        database = load_config(data_dir).database
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if isinstance(database, str):  # PostgreSQL: counts only
+        _info_postgres(out, database, as_json)
+        return
+    db = database
     held = summary(db) if db.exists() else {"groups": 0, "envelopes": 0, "decisions": 0,
                                             "catching_up": 0, "pulling": 0, "removed": 0}
     groups, messages, decisions = held["groups"], held["envelopes"], held["decisions"]
@@ -227,6 +286,33 @@ def info(data_dir: Path, as_json: bool) -> None:
     if behind > len(in_progress):
         click.echo(f"  ... and {behind - len(in_progress)} more")
     click.echo(f"storage:   {storage_bytes(db) / 1e6:.1f} MB in {db}")
+
+
+def _info_postgres(out: dict[str, object], url: str, as_json: bool) -> None:
+    from syncnode.storage.postgres_schema import describe
+    from syncnode.storage.postgres_schema import summary as pg_summary
+
+    try:
+        held = pg_summary(url)
+    except Exception as exc:  # psycopg.Error, a missing table: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(f"cannot read PostgreSQL ({describe(url)}): {first}"
+                                   ) from None
+    addrs = held.pop("addrs")
+    if addrs:  # a ticket that lists every live process of the node
+        from proto.ticket import NodeTicket
+
+        out["ticket"] = str(NodeTicket(bytes.fromhex(str(out["node_id"])), tuple(addrs[:8])))
+    out.update(held, storage=f"PostgreSQL {describe(url)}")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"node id:   {out['node_id']}")
+    click.echo(f"ticket:    {out.get('ticket') or '(not run yet: start it to learn its address)'}")
+    click.echo(f"groups:    {held['groups']}  (decisions {held['decisions']}, envelopes "
+               f"{held['envelopes']})")
+    click.echo(f"storage:   {out['storage']}, {held['processes']} live processes of this "
+               "node (the ticket lists them all)")
 
 
 def main() -> None:

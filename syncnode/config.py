@@ -70,6 +70,9 @@ class Config:
     listen: str = "0.0.0.0:7600"
     relay: str = "off"
     http_listen: str = "127.0.0.1:7601"
+    storage: str = ""
+    """Where the data is: "" (``syncnode.db`` in the data dir), the path of a SQLite database,
+    or a ``postgresql://`` URL (several processes of the node may share it)."""
     group_commit: bool = True
     cache_groups: int = 1024
     cache_slots: int = 4096
@@ -90,6 +93,16 @@ class Config:
         return self.data_dir / DB_NAME
 
     @property
+    def database(self) -> str | Path:
+        """The storage location :func:`syncnode.storage.open.open_storage` takes."""
+        if not self.storage:
+            return self.db_path
+        if self.storage.startswith(("postgresql://", "postgres://")):
+            return self.storage
+        path = Path(self.storage).expanduser()
+        return path if path.is_absolute() else self.data_dir / path
+
+    @property
     def relays(self) -> list[str] | None:
         return None if self.relay == "off" else [self.relay]
 
@@ -104,6 +117,11 @@ listen = "0.0.0.0:7600"
 relay = "off"
 # /healthz, /readyz and /metrics. Keep it on loopback unless a firewall protects it.
 http_listen = "127.0.0.1:7601"
+# Where the data is: "" keeps it in syncnode.db in the data dir (SQLite, the default). A
+# "postgresql://user@host/db" URL puts it in PostgreSQL, where several `syncnode run`
+# processes with the same node.key can share it and act as one syncnode (README: "Moving to
+# PostgreSQL"). Move an existing node's data with `syncnode migrate-storage`.
+storage = ""
 # Batch concurrent writes into one transaction and one fsync. Turning it off is only useful
 # for benchmarks: every write then pays its own fsync.
 group_commit = true
@@ -263,6 +281,10 @@ def load_config(data_dir: Path, config_file: Path | None = None) -> Config:
         if not ok:
             raise ConfigError(f"[limits] accept_groups_from: {creator!r} is not a key fingerprint "
                               "(64 hex digits: `syncdevice --json init` prints it as \"device\")")
+    if config.storage and "://" in config.storage and not config.storage.startswith(
+            ("postgresql://", "postgres://")):
+        raise ConfigError(f"storage: {config.storage!r} is neither a path nor a postgresql:// "
+                          "URL")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {config.log_level!r} is not debug/info/warning/error")
     return config

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import trio
 
@@ -31,7 +33,15 @@ from syncnode.peers import PeerSync
 from syncnode.reconcile import Reconciler
 from syncnode.server import Server
 from syncnode.service import Service
-from syncnode.startup import bind_iroh, claim_data_dir, open_http, parse_http, parse_listen
+from syncnode.startup import (
+    StartupError,
+    bind_iroh,
+    claim_data_dir,
+    open_http,
+    parse_http,
+    parse_listen,
+)
+from syncnode.storage.open import is_postgres
 
 log = get_logger("syncnode.daemon")
 
@@ -64,6 +74,8 @@ async def run_daemon(config: Config, *, init: bool = False,
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             key, lock_fd = claim_data_dir(config.data_dir, init=init, echo=echo)
             try:
+                if is_postgres(config.database):
+                    await check_database(str(config.database), key.public)
                 async with AsyncExitStack() as stack:
                     listeners = await open_http(config.http_listen)
                     for listener in listeners:
@@ -94,7 +106,7 @@ async def _close_transport(transport: IrohTransport) -> None:
 async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs: list[str],
                  listeners: list[trio.SocketListener], signals: AsyncIterator[int],
                  echo: Callable[[str], None]) -> None:
-    service = Service(key, config.db_path, limits=config.limits,
+    service = Service(key, config.database, limits=config.limits,
                       group_commit=config.group_commit, cache_groups=config.cache_groups,
                       cache_slots=config.cache_slots)
     server = Server(service)
@@ -112,6 +124,8 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
         async with trio.open_nursery() as serving:
             await serving.start(transport.serve, server.handle_connection)
             http_port = await serving.start(health.serve, listeners)
+            if getattr(service.store, "shared", False):  # several processes: list them all
+                addrs = await serving.start(_processes, service, addrs)
             service.addresses.set_own(addrs)  # the peer sweep hands it to our peers
             serving.start_soon(peers.run)
             serving.start_soon(history.run)
@@ -145,6 +159,61 @@ async def _serve(config: Config, key: SecretKey, transport: IrohTransport, addrs
         if grace.cancelled_caught:
             log.error("writer did not drain in time; queued writes were not acknowledged")
             outer.cancel_scope.cancel()
+
+
+async def check_database(url: str, node_id: bytes) -> None:
+    """Reach the PostgreSQL database, migrate it and bind it to this node before anything is
+    served; a StartupError (one line) otherwise."""
+    from syncnode.storage.postgres_schema import preflight
+
+    try:
+        await trio.to_thread.run_sync(preflight, url, node_id)
+    except RuntimeError as exc:
+        raise StartupError(str(exc)) from None
+
+
+PROCESS_HEARTBEAT = 5.0
+"""Seconds between a process's heartbeats in the shared database; one unseen for three of them
+is left out of the ticket and the address record."""
+
+
+async def _processes(service: Service, own: list[str], *,
+                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Several processes, one node (shared storage): record this process's addresses in the
+    database with a heartbeat, and advertise every live process's (own first, at most 8, in
+    the ticket and the signed address record), so a device or peer that cannot reach one
+    process dials another. The record is dropped at a clean stop."""
+    import socket
+
+    store: Any = service.store
+    token = os.urandom(8).hex()
+    started = False
+    try:
+        while True:
+            now = time.time()
+            try:
+                await store.register_process(token, own, os.getpid(), socket.gethostname(),
+                                             now)
+                others = [a for t, addrs in await store.live_processes(
+                    now - 3 * PROCESS_HEARTBEAT) if t != token for a in addrs]
+            except Exception as exc:  # the database is away: keep what we advertise
+                if not started:
+                    raise
+                log.warning("process heartbeat failed", error=str(exc))
+                await trio.sleep(PROCESS_HEARTBEAT)
+                continue
+            every = list(dict.fromkeys([*own, *others]))[:8]
+            if not started:
+                task_status.started(every)
+                started = True
+            elif every != list(service.addresses.own.body.addrs if service.addresses.own
+                               else ()):
+                service.addresses.set_own(every)
+            await trio.sleep(PROCESS_HEARTBEAT)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await store.drop_process(token)
 
 
 def _url_host(host: str) -> str:

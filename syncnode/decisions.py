@@ -24,7 +24,7 @@ from syncnode.fanout import Publish
 from syncnode.groups import Groups, GroupState, may_read
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
-from syncnode.storage import Storage
+from syncnode.storage import Storage, StorageConflict
 
 log = get_logger("syncnode.service")
 
@@ -78,8 +78,17 @@ class DecidedLog:
                           slot=cert.slot, error=str(exc))
                 raise RequestError(ErrorCode.INVALID, f"certified value is invalid: {exc}"
                                    ) from None
-            await self.store.append_decided(g.group_id, cert.slot, msg.value, encode(cert),
-                                            encode_struct(value.manifest))
+            try:
+                await self.store.append_decided(g.group_id, cert.slot, msg.value, encode(cert),
+                                                encode_struct(value.manifest))
+            except StorageConflict:
+                # Another process of this node (shared storage) stored the slot since we read
+                # the group: catch up with what it stored and answer as for a known slot.
+                await self.groups.reload(g)
+                if cert.slot <= g.top:
+                    return await self._known(g, msg)
+                raise RequestError(ErrorCode.CONFLICT, f"slot {cert.slot} cannot be stored "
+                                   "yet; retry") from None
             g.top, g.manifest, g.bytes_used = cert.slot, value.manifest, \
                 g.bytes_used + len(msg.value)
         self.metrics.decisions.inc()

@@ -22,6 +22,9 @@ from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session
 from syncnode.storage import Storage
 
+RELOAD_EVERY = 0.05
+"""Seconds between reloads of one group that requests may cause (:meth:`Groups.reload`)."""
+
 
 @dataclass
 class GroupState:
@@ -36,6 +39,8 @@ class GroupState:
     compacted: bytes | None = None
     """The compaction point applied here (:mod:`syncnode.compaction`); the decided one is in
     ``manifest.compaction`` and may be ahead until this node holds its state envelope."""
+    reloaded_at: float = float("-inf")
+    """When a request last had :meth:`Groups.reload` read the group again (throttled)."""
 
 
 class Groups:
@@ -68,6 +73,34 @@ class Groups:
                        compacted=compacted)
         self.cache.put(group_id, g)
         return g
+
+    async def reload(self, g: GroupState, *, throttled: bool = False) -> list[int]:
+        """Bring ``g`` up to what storage holds, which another process of this node may have
+        changed (shared storage): the top slot and its manifest only ever move forward; the
+        bytes used and the applied compaction are taken as stored. Returns the slots decided
+        since ``g`` was read (oldest first). ``throttled`` (a request asked, which anyone may
+        send): at most once per :data:`RELOAD_EVERY` seconds per group, so made-up slots and
+        epochs cost the database nothing more."""
+        if throttled:
+            now = trio.current_time()
+            if now - g.reloaded_at < RELOAD_EVERY:
+                return []
+            g.reloaded_at = now
+        rec = await self.store.group(g.group_id)
+        if rec is None:
+            return []
+        compacted = await self.store.compaction(g.group_id)
+        learned = []
+        if rec.top > g.top:
+            try:
+                manifest = await self.manifest_at(g.group_id, rec.top)
+            except KeyError:
+                return []
+            if rec.top > g.top:  # still: not moved on by a request while we read
+                learned = list(range(g.top + 1, rec.top + 1))
+                g.top, g.manifest = rec.top, manifest
+        g.bytes_used, g.compacted = rec.bytes_used, compacted
+        return learned
 
     async def require(self, group_id: bytes) -> GroupState:
         g = await self.get(group_id)

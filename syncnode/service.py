@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -86,9 +85,10 @@ from syncnode.hosting import Hosting
 from syncnode.mailbox import Mailbox
 from syncnode.metrics import Metrics
 from syncnode.session import RequestError, Session, authenticate, challenge
+from syncnode.siblings import Siblings
 from syncnode.statements import Notary
 from syncnode.storage import Storage
-from syncnode.storage.sqlite import SqliteStorage
+from syncnode.storage.open import open_storage
 
 __all__ = [  # names other modules have imported from here
     "LRU", "PAGE_BYTES", "SUBSCRIBER_QUEUE", "GroupState", "KeyedBuckets", "RequestError",
@@ -101,8 +101,9 @@ log = get_logger("syncnode.service")
 class Service:
     """All request handling of one syncnode. Run :meth:`run` in a nursery before use.
 
-    ``storage`` is a :class:`~syncnode.storage.Storage`, or the path of a SQLite database
-    (opened here, with ``group_commit`` and ``threads`` for its writer). ``threads=False`` also
+    ``storage`` is a :class:`~syncnode.storage.Storage`, a ``postgresql://`` URL, or the path
+    of a SQLite database (opened here, with ``group_commit`` and ``threads`` for its
+    writer). ``threads=False`` also
     keeps the server from decoding on worker threads (the deterministic simulator)."""
 
     def __init__(self, key: SecretKey, storage: str | PathLike[str] | Storage, *,
@@ -117,7 +118,7 @@ class Service:
         self.clock = clock
         self.threads = threads
         self.store: Storage = storage if not isinstance(storage, (str, PathLike)) else \
-            SqliteStorage(Path(storage), batching=group_commit, threads=threads)
+            open_storage(storage, group_commit=group_commit, threads=threads)
         self.store.on_batch = self.metrics.on_batch
         self._nursery: trio.Nursery | None = None
         self.groups = Groups(self.store, self.metrics, cache_groups)
@@ -140,6 +141,13 @@ class Service:
                                self.fanout.notify_mailbox, node_id=self.node_id,
                                member_key=self._member_key)
         self.addresses = AddressBook(key, self.store, clock, self.limits.max_address_records)
+        self._siblings_scope = trio.CancelScope()
+        self.siblings: Siblings | None = None
+        """Shared storage: keeps this process in step with the node's others."""
+        if getattr(self.store, "shared", False):
+            self.siblings = Siblings(self.store, self.groups, self.hosting, self.decisions,
+                                     self.fanout, self.metrics)
+            self.store.on_change = self.siblings.heard  # type: ignore[attr-defined]
         self.on_stored: Callable[[bytes], None] = lambda group_id: None
         """Hook: a device's envelope for this group was stored (the reconciler's trigger)."""
         self.metrics.track_storage(self.store.size_bytes)
@@ -149,13 +157,21 @@ class Service:
         """Run the storage's writer (and fire-and-forget writes) until :meth:`aclose`."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
+            if self.siblings is not None:
+                nursery.start_soon(self._run_siblings)
             self.metrics.groups.set(await self.groups.count())
             self._nursery = nursery
             task_status.started()
 
+    async def _run_siblings(self) -> None:
+        assert self.siblings is not None
+        with self._siblings_scope:
+            await self.siblings.run()
+
     async def aclose(self) -> None:
         """Finish queued writes and close the storage."""
         await self.store.aclose()
+        self._siblings_scope.cancel()
 
     def _fire(self, write: Callable[[], Awaitable[object]]) -> None:
         """Run a write nobody waits for (evidence, housekeeping)."""
@@ -284,7 +300,10 @@ class Service:
         return await self.notary.holdings(session, msg)
 
     async def _store(self, session: Session, msg: Envelope) -> Stored:
-        await self.hosting.refuse_if_removed(await self.groups.require(msg.group_id))
+        g = await self.groups.require(msg.group_id)
+        if self.siblings is not None and msg.epoch > g.top:  # learned by another process?
+            await self.groups.reload(g, throttled=True)
+        await self.hosting.refuse_if_removed(g)
         stored = await self.envelopes.store_envelope(session, msg)
         self.on_stored(msg.group_id)
         self.compact_soon(await self.groups.require(msg.group_id))

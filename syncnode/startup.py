@@ -76,10 +76,11 @@ def parse_http(value: str, what: str = "--http") -> tuple[str, int]:
     return host.strip("[]"), _port(port, what, value, hint)
 
 
-def init_data_dir(data_dir: Path) -> SecretKey:
-    """Create the data dir (0700), a new node key (0600) and the commented config file."""
+def init_data_dir(data_dir: Path, key: SecretKey | None = None) -> SecretKey:
+    """Create the data dir (0700), a node key (0600; new unless ``key`` is given: another
+    process of the same node) and the commented config file."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = SecretKey.generate()
+    key = key or SecretKey.generate()
     write_key_file(data_dir / KEY_NAME, key)  # fails, changing nothing, if a key exists
     config_path = data_dir / CONFIG_NAME
     if not config_path.exists():

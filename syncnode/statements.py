@@ -64,9 +64,23 @@ class Notary:
         self._stamps: StampClock | None = None
         self._incarnation: bytes | None = None
         self._lock = trio.Lock()
+        self.shared = bool(getattr(store, "shared", False))
 
     async def stamp(self) -> int:
-        """The next statement stamp (ms), reserving more of the clock durably when needed."""
+        """The next statement stamp (ms), reserving more of the clock durably when needed.
+
+        On a database shared by several processes of this node, every stamp comes from the
+        database (:meth:`~syncnode.storage.SharedStorage.next_stamp`, one clock for all of
+        them): with a clock per process, a device could get an ack from one process and then
+        heads from another whose clock is behind, stamped earlier, and an honest node would
+        look backdated, or a heads read before the ack's write but stamped after it would
+        prove withholding that never happened."""
+        if self.shared:
+            if self._incarnation is None:
+                self._incarnation = await self.store.incarnation()
+            stamp: int = await self.store.next_stamp(  # type: ignore[attr-defined]
+                int(self.clock() * 1000))
+            return stamp
         while True:
             if self._stamps is not None:
                 t = self._stamps.next(int(self.clock() * 1000))

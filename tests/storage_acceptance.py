@@ -38,6 +38,7 @@ from syncnode.storage import (
 )
 
 __all__ = [
+    "test_acceptor_record_is_replaced_only_if_unchanged",
     "test_acceptor_records_replace",
     "test_acknowledged_writes_survive_a_crash",
     "test_address_records_keep_the_newest_within_capacity",
@@ -278,6 +279,32 @@ async def test_acceptor_records_replace(storage_factory: StorageFactory) -> None
         assert await s.acceptor_record(G1, 2) == b"promised 2"
         assert await s.acceptor_record(G2, 1) == b"other group"
         assert await s.acceptor_record(G2, 2) is None
+
+
+async def test_acceptor_record_is_replaced_only_if_unchanged(storage_factory: StorageFactory
+                                                             ) -> None:
+    """The compare-and-set several processes decide Paxos steps with: a step taken on a
+    state that changed meanwhile is not kept."""
+    async with opened(storage_factory) as s:
+        assert not await s.put_acceptor_record_if(G1, 1, b"never written", b"x")
+        assert await s.acceptor_record(G1, 1) is None
+        assert await s.put_acceptor_record_if(G1, 1, None, b"promised 1")
+        assert not await s.put_acceptor_record_if(G1, 1, None, b"promised 2")
+        assert not await s.put_acceptor_record_if(G1, 1, b"stale", b"promised 2")
+        assert await s.put_acceptor_record_if(G1, 1, b"promised 1", b"accepted 1")
+        assert await s.acceptor_record(G1, 1) == b"accepted 1"
+        results = []
+
+        async def step(record: bytes) -> None:
+            results.append(await s.put_acceptor_record_if(G1, 1, b"accepted 1", record))
+
+        async with trio.open_nursery() as nursery:  # in one batch: the first one wins
+            for i in range(5):
+                nursery.start_soon(step, b"step %d" % i)
+        assert sorted(results) == [False] * 4 + [True]
+        assert await s.acceptor_record(G1, 1) in {b"step %d" % i for i in range(5)}
+    async with opened(storage_factory) as s:
+        assert (await s.acceptor_record(G1, 1) or b"").startswith(b"step ")
 
 
 # -- envelopes ------------------------------------------------------------------------------------

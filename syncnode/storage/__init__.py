@@ -1,10 +1,12 @@
 """Where a syncnode keeps its data: the :class:`Storage` interface (:mod:`.base`) and its
-implementations (:mod:`.sqlite`, the default). Only the implementations hold SQL."""
+implementations (:mod:`.sqlite`, the default; :mod:`.postgres`, the server database). Only
+the implementations hold SQL."""
 
 from syncnode.storage.base import (
     JOIN_REQUEST_KIND,
     MAILBOX_ITEM_OVERHEAD,
     BatchHook,
+    Change,
     DecidedRecord,
     GroupRecord,
     HostingRecord,
@@ -14,6 +16,7 @@ from syncnode.storage.base import (
     MailboxRefusal,
     MailboxUsage,
     SenderSummary,
+    SharedStorage,
     Storage,
     StorageClosed,
     StorageConflict,
@@ -24,6 +27,7 @@ __all__ = [
     "JOIN_REQUEST_KIND",
     "MAILBOX_ITEM_OVERHEAD",
     "BatchHook",
+    "Change",
     "DecidedRecord",
     "GroupRecord",
     "HostingRecord",
@@ -33,6 +37,7 @@ __all__ = [
     "MailboxRefusal",
     "MailboxUsage",
     "SenderSummary",
+    "SharedStorage",
     "Storage",
     "StorageClosed",
     "StorageConflict",

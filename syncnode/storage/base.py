@@ -178,6 +178,20 @@ class MailboxUsage:
     """Every other item."""
 
 
+class Change(NamedTuple):
+    """A change another process of this node committed (:class:`SharedStorage`)."""
+
+    kind: str
+    """``envelope`` (``key`` the sender, ``number`` the seq, ``size`` its bytes), ``decided``
+    (``number`` the slot), ``mailbox`` (``key`` the recipient), ``group`` (anything else of
+    the group: created, adopted, hosting, compaction, deleted), or ``resync`` (changes may
+    have been missed: everything cached may be stale)."""
+    group_id: bytes
+    key: bytes
+    number: int
+    size: int
+
+
 class Storage(Protocol):
     """Everything a syncnode stores. Lifecycle: construct (backend-specific), start
     :meth:`run` in a nursery, use, :meth:`aclose`."""
@@ -273,6 +287,14 @@ class Storage(Protocol):
 
     async def put_acceptor_records(self, records: Sequence[tuple[bytes, int, bytes]]) -> None:
         """Replace the acceptor state of each ``(group_id, slot, record)``, all at once."""
+
+    async def put_acceptor_record_if(self, group_id: bytes, slot: int, expected: bytes | None,
+                                     record: bytes) -> bool:
+        """Replace the slot's acceptor state with ``record`` only if it is still ``expected``
+        (None: never written), deciding inside the write's transaction; whether it was
+        replaced. Several processes sharing one database decide Paxos steps with it
+        (:class:`SharedStorage`): a step taken on a state another process changed meanwhile
+        is not kept, and is taken again on the new state."""
 
     # -- envelopes ------------------------------------------------------------------------------
 
@@ -394,3 +416,31 @@ class Storage(Protocol):
                                  capacity: int) -> bool:
         """Keep ``record`` as the node's if it was issued later than the one kept; a node not
         yet kept is added only while fewer than ``capacity`` nodes are. Whether it was kept."""
+
+
+class SharedStorage(Storage, Protocol):
+    """A storage that several processes of one node use at once (PostgreSQL: ``shared`` is
+    True). What one process caches, another may change, so the service then:
+
+    * takes every Paxos acceptor step on the state read from storage and keeps it only through
+      :meth:`Storage.put_acceptor_record_if` (retrying on the newer state), never on its cache;
+    * stamps statements with :meth:`next_stamp`, one clock for all processes;
+    * hears every change another process commits through :attr:`on_change` (pushes to its own
+      subscribers, cache refreshes).
+
+    A storage without the attribute ``shared`` (SQLite) is used by one process only."""
+
+    shared: bool
+    on_change: Callable[[Change], None] | None
+    """Called on the trio thread, in commit order, for each change another process committed;
+    set by the owner before :meth:`run`."""
+
+    async def next_stamp(self, wall_ms: int) -> int:
+        """The node's next statement stamp: above every stamp any process of the node got
+        before (and above :meth:`statement_clock`), at least ``wall_ms``, durable before it is
+        returned; :meth:`statement_clock` is then at least that stamp."""
+
+    async def claim_node(self, node_id: bytes) -> None:
+        """Bind the database to this node id on first use; RuntimeError if it belongs to
+        another node (two identities on one database would be one acceptor answering as
+        two)."""

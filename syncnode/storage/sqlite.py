@@ -216,6 +216,18 @@ class SqliteStorage(CompactionSql):
 
         await self.writer.execute(write)
 
+    async def put_acceptor_record_if(self, group_id: bytes, slot: int, expected: bytes | None,
+                                     record: bytes) -> bool:
+        def write(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT record FROM acceptor WHERE group_id=? AND slot=?",
+                            (group_id, slot)).fetchone()
+            if (None if row is None else row[0]) != expected:
+                return False
+            c.execute("INSERT OR REPLACE INTO acceptor VALUES (?,?,?)", (group_id, slot, record))
+            return True
+
+        return bool(await self.writer.execute(write))
+
     # -- envelopes ------------------------------------------------------------------------------
 
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
