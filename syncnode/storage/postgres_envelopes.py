@@ -24,7 +24,8 @@ class EnvelopeSql:
 
 
     async def store_envelope(self, group_id: bytes, sender: bytes, seq: int, digest: bytes,
-                             envelope: bytes) -> bool:
+                             envelope: bytes, *, staged: Callable[[], None] | None = None
+                             ) -> bool:
         def write(tx: Tx) -> bool:
             row = tx.conn.execute("SELECT sn_store_envelope(%s,%s,%s,%s,%s,%s)",
                                   (group_id, sender, seq, digest, envelope,
@@ -36,7 +37,10 @@ class EnvelopeSql:
                 self._note(tx, "envelope", group_id, sender, seq, len(envelope))
             return outcome == 1
 
-        return bool(await self._write(write, "g:" + group_id.hex()))
+        new = bool(await self._write(write, "g:" + group_id.hex()))
+        if new and staged is not None:  # after the commit: this writer hands nothing on earlier
+            staged()
+        return new
 
     async def envelopes_after(self, group_id: bytes, watermarks: Mapping[bytes, int], *,
                               limit: int, max_bytes: int) -> tuple[list[bytes], bool]:
