@@ -38,6 +38,8 @@ VARIANTS = {
                     "after the wipe",
     "silent-reset": "devices do not notice that a wiped syncnode signs under a new incarnation "
                     "of its storage (no syncnode-reset alarm; its old acks stay kept)",
+    "send-unsynced": "devices send a sealed update before its seal is on disk (Store.sync "
+                     "skipped): a power loss rolls back a seal others already hold",
     "delete-beyond": "syncnodes applying a compaction point delete (and refuse) the two seqs "
                      "of each covered sender that follow it, besides what it covers",
 }
@@ -102,6 +104,15 @@ def planted(variant: str | None, world: World) -> Iterator[None]:
     if variant in ("members-govern", "readers-send"):
         with _patched(*_ROLE_BUGS[variant]):
             yield
+        return
+    if variant == "send-unsynced":
+        from device.store import Store
+        honest_sync = Store.sync
+        Store.sync = _no_sync  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            Store.sync = honest_sync  # type: ignore[method-assign]
         return
     if variant == "silent-reset":
         with _patched(("device.witness", "reset_between", _no_reset)):
@@ -275,3 +286,8 @@ def _patched(*patches: tuple[str, str, Any]) -> Iterator[None]:
     finally:
         for mod, name, original in saved:
             setattr(mod, name, original)
+
+
+async def _no_sync(self: Any, through: int | None = None) -> None:
+    """The bug: the send path returns at once, as if every commit were on disk."""
+

@@ -66,6 +66,7 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
     ("no-reconcile", "wipe", "0..3"),
     ("silent-reset", "wipe", "0..3"),
     ("delete-beyond", "compact", "0..5"),
+    ("send-unsynced", "crash", "0..5"),
 ])
 def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -> None:
     """A planted bug makes the sweep fail within a few seeds, naming the invariant."""
@@ -73,7 +74,7 @@ def test_negative_controls_are_caught(variant: str, scenario: str, seeds: str) -
             "--stop-on-violation", "--jobs", "2")
     assert r.returncode == 1, r.stdout[-3000:]
     invariants = ("agreement|certificates|converged|acked-delivered|alarms|join-complete|"
-                  "join-done|admin-only|reader-silent|withholding-detected|acked-stored|"
+                  "join-done|admin-only|reader-silent|withholding-detected|acked-stored|acked-kept|"
                   "compacted")
     assert re.search(rf"({invariants}): ", r.stdout), r.stdout[-3000:]
     assert "reproduce: python -m simulations run --seed" in r.stdout
