@@ -146,7 +146,9 @@ def _e2e(d: dict[str, Any]) -> dict[str, float]:
     a = d["a_latency"]
     return {"latency_p50_ms": a["median_ms"], "latency_p99_ms": a["p99_ms"],
             "changes_per_s": d["b_one_node"]["changes_per_s"],
-            "changes_per_s_3": d["c_three_nodes"]["changes_per_s"]}
+            "changes_per_s_3": d["c_three_nodes"]["changes_per_s"],
+            "device_cpu_ms": d["b_one_node"].get("device_cpu_ms_per_change", float("nan")),
+            "syncnode_cpu_ms": d["b_one_node"].get("syncnode_cpu_ms_per_change", float("nan"))}
 
 
 def _etcd(d: dict[str, Any]) -> dict[str, float]:
@@ -238,6 +240,9 @@ def table(by: dict[str, Step]) -> list[str]:
             lambda r: r >= 0.5)
         row("same, 3 syncnodes", _vals(e, "changes_per_s_3"), _vals(y, "changes_per_s"), "",
             ".0f", ">= 0.7x", lambda r: r >= 0.7)
+        rows.append(f"| CPU per change, 1 syncnode (ours: the 10 devices' process + the "
+                    f"syncnode) | {_range(_vals(e, 'device_cpu_ms'), '.2f')} + "
+                    f"{_range(_vals(e, 'syncnode_cpu_ms'), '.2f')} ms | | | | |")
     i = by.get("ours ingest")
     if i:
         row("syncnode ingest, group commit vs one fsync per message",
