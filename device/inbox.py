@@ -26,9 +26,7 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import trio
 
@@ -38,6 +36,7 @@ from device.mls import MlsError, identity_for
 from device.offers import take_offer
 from device.outbox import Outbox
 from device.reader_state import DirectState
+from device.receive_journal import ReceiveJournal
 from device.replica import Replica
 from device.rules import (
     Triage,
@@ -58,24 +57,6 @@ from proto.manifest import may_send
 from proto.payload import Payload, PayloadKind, unpack_updates
 
 log = get_logger("device.document")
-
-
-RECEIVE_SAVE_DELAY = 0.05
-"""Seconds a deferred receive step may wait for the next transaction (:meth:`Inbox.receive`)."""
-RECEIVE_SAVE_PAYLOADS = 256
-"""Payloads after which deferred receive steps are stored whatever the time."""
-
-
-@dataclass
-class _Unsaved:
-    """Receive steps applied in memory, not yet stored (:meth:`Inbox._save_into`)."""
-
-    updates: list[bytes] = field(default_factory=list)
-    added: set[tuple[bytes, int]] = field(default_factory=set)
-    removed: set[tuple[bytes, int]] = field(default_factory=set)
-    states: int = 0
-    payloads: int = 0
-    since: float | None = None
 
 
 class Inbox:
@@ -102,19 +83,20 @@ class Inbox:
         self.gap_asks = 0
         """State requests made for the current gap."""
         self._gap_last_ask = 0.0
-        self.unsaved = _Unsaved()
-        self._saving: _Unsaved | None = None
-        self.store.on_begin.append(self._save_into)
-        self.store.on_rollback.append(self._unsave)
+        self.journal = ReceiveJournal(replica)
 
     def waiting_for(self) -> int:
         """Updates of others that causal delivery waits for and this device does not hold."""
         b = self.replica.buffer
         return waiting_for(b.pending.values(), b.delivered)
 
-    def check_gap(self, backfilled: bytes | None = None) -> None:
-        """After a batch, or a full backfill from syncnode ``backfilled``: follow the gap, and
-        ask the members for the state when the syncnodes cannot fill it (module doc)."""
+    def check_gap(self, backfilled: bytes | None = None, started: float = 0.0) -> None:
+        """After a batch, or a full backfill from syncnode ``backfilled`` that began at
+        ``started``: follow the gap, and ask the members for the state when the syncnodes
+        cannot fill it (module doc). Only a backfill that began after the gap was found counts:
+        one that began before may have read the syncnode before the missing updates reached
+        it (an update pushed ahead of the one before it, both in flight, looked like a gap
+        nobody could fill when the join's first backfills ended just then)."""
         r = self.replica
         missing = self.waiting_for()
         if missing == 0:
@@ -125,7 +107,7 @@ class Inbox:
         now = trio.current_time()
         if self.gap_since is None:
             self.gap_since, self.gap_backfilled = now, set()
-        if backfilled is not None:
+        if backfilled is not None and started >= self.gap_since:
             self.gap_backfilled.add(backfilled)
         cfg = r.host.config
         if r.status != "active" or not gap_state_due(
@@ -147,9 +129,8 @@ class Inbox:
 
         Applied to the CRDT (and visible) at once. Stored in one transaction with the MLS
         state, at once, or with ``defer`` (the push processor under load) with the next
-        transaction of this device, at most :data:`RECEIVE_SAVE_DELAY` s or
-        :data:`RECEIVE_SAVE_PAYLOADS` payloads later: the MLS state (kilobytes, a third of a
-        receive's cost) is then saved once for many pushes."""
+        transaction of this device, soon after (:mod:`device.receive_journal`): the MLS
+        state (kilobytes, a third of a receive's cost) is then saved once for many pushes."""
         r = self.replica
         payloads: list[Payload] = []
         taken: set[tuple[bytes, int]] = set()
@@ -205,14 +186,7 @@ class Inbox:
             else:
                 r.alarm("bad-update", str(err))
         after = set(r.buffer.pending)
-        u = self.unsaved
-        u.updates += applied
-        u.added |= after - before
-        u.removed |= before - after
-        u.states += states
-        u.payloads += len(payloads)
-        if u.since is None:
-            u.since = trio.current_time()
+        self.journal.add(applied, after - before, before - after, states, len(payloads))
         if not defer or states:
             self.save()
         r.applied(len(applied))
@@ -226,54 +200,10 @@ class Inbox:
 
     def save(self) -> None:
         """Store what :meth:`receive` applied and has not stored yet (one transaction)."""
-        if self.unsaved.payloads:
-            with self.store.transaction(durable=False):
-                pass  # the on_begin hook (_save_into) writes it
+        self.journal.save()
 
     def save_deadline(self) -> float:
-        """When deferred receive steps must be stored (``inf``: none are waiting)."""
-        u = self.unsaved
-        if u.since is None or not u.payloads:
-            return float("inf")
-        if u.payloads >= RECEIVE_SAVE_PAYLOADS:
-            return -float("inf")
-        return u.since + RECEIVE_SAVE_DELAY
-
-    def _save_into(self, db: sqlite3.Connection) -> None:
-        """Write the deferred receive steps inside the transaction ``db`` just began.
-
-        Not fsynced: after a power loss (or, for deferred steps, a crash) this is redone from
-        the syncnodes; the MLS state, the CRDT updates and the watermarks roll back together,
-        because they are only ever written together, here, before anything else the
-        transaction writes (a seal's MLS state includes what the receive consumed)."""
-        u, r = self.unsaved, self.replica
-        self._saving = None  # a new transaction: the one before committed or was undone
-        if not u.payloads:
-            return
-        self.unsaved, self._saving = _Unsaved(), u
-        r.mls.persist()
-        db.executemany("INSERT INTO crdt_updates (group_id, data) VALUES (?,?)",
-                       [(r.group_id, b) for b in u.updates])
-        db.executemany("INSERT OR IGNORE INTO pending VALUES (?,?,?,?)",
-                       [(r.group_id, s, q, r.buffer.pending[(s, q)].encode())
-                        for (s, q) in u.added if (s, q) in r.buffer.pending])
-        db.executemany("DELETE FROM pending WHERE group_id=? AND sender=? AND seq=?",
-                       [(r.group_id, s, q) for (s, q) in u.removed])
-        db.execute("UPDATE documents SET delivered=? WHERE group_id=?",
-                   (r.delivered_blob(), r.group_id))
-        if u.states:
-            r.state_arrived(db)
-
-    def _unsave(self) -> None:
-        """The transaction that stored the deferred steps rolled back: they wait again."""
-        u, self._saving = self._saving, None
-        if u is not None:
-            n = self.unsaved
-            u.updates += n.updates
-            u.added, u.removed = (u.added | n.added) - n.removed, u.removed | n.removed
-            u.states += n.states
-            u.payloads += n.payloads
-            self.unsaved = u
+        return self.journal.deadline()
 
     def _record(self, contents: list[tuple[Payload, tuple[bytes, ...]]],
                 errors: list[CrdtError | None]) -> None:

@@ -178,6 +178,7 @@ class Session:
         """Fetch the envelopes past our watermarks from ``client``, every page."""
         r = self.replica
         more = True
+        started = trio.current_time()
         while more and r.status == "active":
             before = r.buffer.watermarks()
             page = await client.backfill(r.group_id, before)
@@ -186,7 +187,7 @@ class Session:
                 self.inbox.receive(page.envelopes)
             more = backfill_again(page.more, before, r.buffer.watermarks())
             await trio.lowlevel.checkpoint()
-        self.inbox.check_gap(client.node_id if not more else None)
+        self.inbox.check_gap(client.node_id if not more else None, started)
         self.inbox.ask_if_missing()
 
     async def _periodic_backfill(self, client: SyncnodeClient) -> None:
@@ -197,7 +198,8 @@ class Session:
     async def processor(self) -> None:
         """Apply pushed items in arrival order, envelopes in batches. While more keep coming,
         the received steps are stored together (:meth:`Inbox.receive` with ``defer``): by the
-        next transaction of the device, or when :meth:`Inbox.save_deadline` passes."""
+        next transaction of the device, or when :meth:`Inbox.save_deadline` passes
+        (:mod:`device.receive_journal`)."""
         try:
             await self._process()
         finally:

@@ -173,13 +173,13 @@ async def test_deferred_receive_steps_are_stored_by_the_next_transaction(tmp_pat
                 base = stored()
                 assert inbox.receive(envs, defer=True) >= 1  # as the processor does under load
                 assert other.value()["m"]["late"] == 1  # visible at once
-                assert inbox.unsaved.payloads and stored() == base  # not stored yet
+                assert inbox.journal.unsaved.payloads and stored() == base  # not stored yet
                 # A transaction that fails takes nothing with it: the steps wait again.
                 with pytest.raises(RuntimeError), dbv.store.transaction(durable=False):
                     raise RuntimeError("boom")
-                assert inbox.unsaved.payloads and stored() == base
+                assert inbox.journal.unsaved.payloads and stored() == base
                 other.change(lambda e: e.map("m").insert("mine", 1))  # stores them too
-                assert not inbox.unsaved.payloads and stored() > base
+                assert not inbox.journal.unsaved.payloads and stored() > base
                 delivered = dbv.store.one("SELECT delivered FROM documents WHERE group_id=?",
                                           other.group_id)[0]
                 assert delivered == other.replica.delivered_blob()
