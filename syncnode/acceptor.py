@@ -5,7 +5,8 @@ For a Prepare or Accept of a group's next slot it loads what the acceptor reads 
 state, the manifest that names the slot's acceptors and proposers), takes the acceptor's step,
 makes the step's records durable **before** the reply leaves, and answers. A slot already
 decided is answered with its decision; a slot beyond the next one with a rejection (and a
-catch-up from peers).
+catch-up from peers). An AcceptLeased (the fast path) also loads slot + 1, whose promise the
+acceptor may give in the same step; both records go to storage in one write (one fsync).
 
 Slot state lives in a bounded LRU over the storage's acceptor records (:class:`SlotCache`).
 State changed in memory but not yet durable is pinned until its write commits, so eviction can
@@ -23,7 +24,14 @@ from proto.identity import SecretKey
 from proto.manifest import LogValue, Manifest, ManifestError, validate_transition
 from proto.messages import ErrorCode
 from proto.paxos.acceptor import EMPTY, Acceptor, Reject, RejectReason, SlotState
-from proto.paxos.messages import Accept, AcceptorRecord, Decided, PaxosRejected, Prepare
+from proto.paxos.messages import (
+    Accept,
+    AcceptLeased,
+    AcceptorRecord,
+    Decided,
+    PaxosRejected,
+    Prepare,
+)
 from proto.paxos.quorum import AcceptorSet
 from syncnode.budgets import LRU
 from syncnode.groups import Groups
@@ -32,6 +40,7 @@ from syncnode.session import RequestError, Session
 from syncnode.storage import Storage
 
 SlotKey = tuple[bytes, int]
+Request = Prepare | Accept | AcceptLeased
 
 
 class SlotCache(MutableMapping[SlotKey, SlotState]):
@@ -103,7 +112,7 @@ class SlotCache(MutableMapping[SlotKey, SlotState]):
 
 
 class AcceptorDriver:
-    """Prepare and Accept requests of every hosted group."""
+    """Prepare, Accept and AcceptLeased requests of every hosted group."""
 
     def __init__(self, key: SecretKey, store: Storage, groups: Groups, metrics: Metrics,
                  capacity: int, *, decided_at: Callable[[bytes, int], Awaitable[Decided]]
@@ -118,7 +127,7 @@ class AcceptorDriver:
         self._inputs: tuple[bytes, int, Manifest | None] | None = None
         """(group, slot, manifest of slot - 1) of the step about to be taken."""
 
-    async def handle(self, session: Session, msg: Prepare | Accept) -> Any:
+    async def handle(self, session: Session, msg: Request) -> Any:
         self.metrics.paxos.labels(type(msg).__name__).inc()
         g = await self.groups.require(msg.group_id)
         if msg.slot == 0:
@@ -132,7 +141,7 @@ class AcceptorDriver:
                                      f"this syncnode has decided up to slot {g.top} only; "
                                      "catching up from peers, retry shortly")
             top = g.top
-            await self.load(msg.group_id, msg.slot)
+            await self.load(msg.group_id, msg.slot, lease=isinstance(msg, AcceptLeased))
             if g.top == top:  # nothing was decided while we loaded
                 break
         step = self.acceptor.handle(msg)
@@ -145,17 +154,21 @@ class AcceptorDriver:
             await self.store.barrier()  # the state this reply reports is durable
         return self.reply(msg, step.reply)
 
-    async def load(self, group_id: bytes, slot: int) -> None:
-        """Load what the acceptor reads for ``slot``. Take the step right after, with no await
-        in between (the loaded state is only pinned until then)."""
+    async def load(self, group_id: bytes, slot: int, *, lease: bool = False) -> None:
+        """Load what the acceptor reads for ``slot`` (and ``slot + 1`` with ``lease``). Take the
+        step right after, with no await in between (the loaded state is only pinned until
+        then; with two slots, loading one may evict the other, hence the loop)."""
         try:
             manifest: Manifest | None = await self.groups.manifest_at(group_id, slot - 1)
         except KeyError:
             manifest = None
-        await self.slots.load((group_id, slot))
+        keys = [(group_id, slot), (group_id, slot + 1)][:1 + lease]
+        while not all(self.slots.loaded(k) for k in keys):
+            for k in keys:
+                await self.slots.load(k)
         self._inputs = (group_id, slot, manifest)
 
-    def reply(self, msg: Prepare | Accept, reply: Any) -> Any:
+    def reply(self, msg: Request, reply: Any) -> Any:
         if isinstance(reply, Reject):
             self.metrics.paxos.labels("Rejected").inc()
             return PaxosRejected(msg.group_id, msg.slot, int(reply.reason), reply.rule,
