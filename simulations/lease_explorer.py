@@ -18,8 +18,12 @@ is checked for agreement and validity **per slot**, certificates, proposer outco
 below a promise, and (``check_promises``) that no acceptor ever lowers a promise.
 
 Acceptor kinds: ``correct``; ``yes-man`` (Byzantine: signs anything, grants every lease);
-``lease-lowers-promise``, the planted bug: it grants a lease even after promising a higher
-ballot for the next slot to someone else, overwriting that promise. The explorer must find it.
+``lease-lowers-promise``, a planted bug: it grants a lease even after promising a higher
+ballot for the next slot to someone else, overwriting that promise; ``lease-forgets``, another:
+it signs the lease but keeps no record of it. The explorer must find both. (On a syncnode the
+first cannot happen: it refuses requests for slot n + 1 until it holds slot n's decision, and
+after that answers slot n with the decision, so its lease always comes first; the second is
+what ``--break lease-forgets`` plants in the simulator sweep.)
 """
 
 from __future__ import annotations
@@ -73,6 +77,14 @@ class LeaseLowersPromise(Acceptor):
         return (rec,), self._promise(accept.group_id, nxt, accept.ballot, None)
 
 
+class LeaseForgettingAcceptor(Acceptor):
+    """Planted bug: the lease promise is signed and sent but never kept (not in memory, not on
+    disk). Also the syncnodes' acceptor under ``--break lease-forgets`` (the sweep)."""
+
+    def _lease(self, accept: Accept) -> tuple[tuple[AcceptorRecord, ...], Promise | None]:
+        return (), self._promise(accept.group_id, accept.slot + 1, accept.ballot, None)
+
+
 class LeasingYesMan(YesManAcceptor):
     """Byzantine: besides signing any vote, promises any lease without keeping it."""
 
@@ -81,7 +93,8 @@ class LeasingYesMan(YesManAcceptor):
 
 
 KINDS: dict[str, type[Acceptor]] = {
-    "correct": Acceptor, "yes-man": LeasingYesMan, "lease-lowers-promise": LeaseLowersPromise}
+    "correct": Acceptor, "yes-man": LeasingYesMan, "lease-lowers-promise": LeaseLowersPromise,
+    "lease-forgets": LeaseForgettingAcceptor}
 
 
 @dataclass(frozen=True)
