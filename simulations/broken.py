@@ -17,7 +17,7 @@ from proto.compaction import CompactionPoint
 from proto.manifest import LogValue
 from proto.paxos.acceptor import Acceptor, Step
 from proto.paxos.messages import Accept, Nack, Prepare
-from simulations.lease_explorer import LeaseForgettingAcceptor
+from simulations.lease_model import LeaseForgettingAcceptor
 from syncnode.compaction import Compactor
 from syncnode.service import Service
 

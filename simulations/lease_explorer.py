@@ -32,17 +32,16 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proto.identity import SecretKey, fingerprint
-from proto.paxos.acceptor import Acceptor, SlotState
+from proto.paxos.acceptor import SlotState
 from proto.paxos.learner import Decision, Learner
 from proto.paxos.messages import (
     Accept,
     Accepted,
     AcceptedLeased,
     AcceptLeased,
-    AcceptorRecord,
     Ballot,
     EquivocationProof,
     Nack,
@@ -52,92 +51,22 @@ from proto.paxos.messages import (
 )
 from proto.paxos.proposer import Lost, Phase, Proposer
 from proto.paxos.quorum import AcceptorSet, CertificateError, verify_certificate
-from simulations.paxos_explorer import (
-    Violation,
-    YesManAcceptor,
-    _describe,
-    _replace,
-    _trace,
-    memoised_signatures,
+from simulations.lease_model import (
+    KINDS,
+    LeaseConfig,
+    LeaseResult,
+    _below,
+    _rename,
+    _say,
+    _vote,
 )
+from simulations.paxos_explorer import Violation, _replace, _trace, memoised_signatures
+
+__all__ = ["KINDS", "LeaseConfig", "LeaseExplorer", "LeaseResult", "main"]
 
 GROUP = b"explored-group"
 SLOTS = 2
 LEADER, LEADER_NEXT = 0, 1  # proposer indices: the leader at slot 0, then at slot 1
-
-
-class LeaseLowersPromise(Acceptor):
-    """Planted bug: the lease ignores a higher promise already made for the next slot."""
-
-    def _lease(self, accept: Accept) -> tuple[tuple[AcceptorRecord, ...], Promise | None]:
-        nxt = accept.slot + 1
-        if self.state(accept.group_id, nxt).accepted is not None:
-            return (), None
-        rec = self._commit(accept.group_id, nxt, SlotState(accept.ballot, None))
-        return (rec,), self._promise(accept.group_id, nxt, accept.ballot, None)
-
-
-class LeaseForgettingAcceptor(Acceptor):
-    """Planted bug: the lease promise is signed and sent but never kept (not in memory, not on
-    disk). Also the syncnodes' acceptor under ``--break lease-forgets`` (the sweep)."""
-
-    def _lease(self, accept: Accept) -> tuple[tuple[AcceptorRecord, ...], Promise | None]:
-        return (), self._promise(accept.group_id, accept.slot + 1, accept.ballot, None)
-
-
-class LeasingYesMan(YesManAcceptor):
-    """Byzantine: besides signing any vote, promises any lease without keeping it."""
-
-    def _lease(self, accept: Accept) -> tuple[tuple[AcceptorRecord, ...], Promise | None]:
-        return (), self._promise(accept.group_id, accept.slot + 1, accept.ballot, None)
-
-
-KINDS: dict[str, type[Acceptor]] = {
-    "correct": Acceptor, "yes-man": LeasingYesMan, "lease-lowers-promise": LeaseLowersPromise,
-    "lease-forgets": LeaseForgettingAcceptor}
-
-
-@dataclass(frozen=True)
-class LeaseConfig:
-    rivals: int = 1
-    acceptors: tuple[str, ...] = ("correct",) * 3
-    max_rounds: int = 2
-    """Rounds of the slot-1 proposers (the rivals, and the leader after its fast attempt)."""
-    leader_rounds: int = 1
-    """Rounds of the leader at slot 0 (more multiplies the states; the lease at a later
-    ballot of slot 0 is the same mechanism)."""
-    crashes: bool = True
-    check_promises: bool = True
-    expect_forks: bool = False
-    max_states: int | None = None
-
-
-@dataclass
-class LeaseResult:
-    config: LeaseConfig
-    states: int = 0
-    transitions: int = 0
-    complete: bool = True
-    seconds: float = 0.0
-    violations: list[Violation] = field(default_factory=list)
-    fast_paths: int = 0
-    """States reached through the leader taking the fast path."""
-    fast_decisions: int = 0
-    """States in which slot 1 is chosen at the lease's ballot (a one-round-trip decision)."""
-    decided_both: int = 0
-    detected_forks: int = 0
-
-    def summary(self) -> str:
-        c = self.config
-        v = f"{len(self.violations)} violation(s)" if self.violations else "no violations"
-        return (f"lease: leader + {c.rivals} rival(s) x {list(c.acceptors)}, {c.leader_rounds}"
-                f"/{c.max_rounds} rounds, crashes={'on' if c.crashes else 'off'}: "
-                f"{self.states:,} states, "
-                f"{self.transitions:,} transitions ({'complete' if self.complete else 'bounded'}"
-                f", {self.seconds:.1f} s), {self.fast_paths:,} after a fast path, "
-                f"{self.fast_decisions:,} with slot 1 chosen at the lease ballot, "
-                f"{self.decided_both:,} with both slots chosen, {self.detected_forks:,} "
-                f"detected forks; {v}")
 
 
 Part = tuple[tuple[SlotState, ...], tuple[SlotState, ...]]  # (memory, persisted) per slot
@@ -505,26 +434,33 @@ class LeaseExplorer:
         return len(voters) >= self.aset.quorum
 
 
-def _rename(m: tuple[object, ...], perm: tuple[int, ...]) -> tuple[object, ...]:
-    """An abstract message with its acceptor (Promises and votes: field 3) renamed."""
-    if m[0] in (2, 3):
-        return (*m[:3], perm[m[3]], *m[4:])  # type: ignore[index]
-    return m
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Exhaustively explore the Paxos fast path.")
+    ap.add_argument("--acceptors", default="correct,correct,correct",
+                    help=f"comma-separated kinds: {', '.join(KINDS)}")
+    ap.add_argument("--rivals", type=int, default=1)
+    ap.add_argument("--leader-rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the slot-1 proposers")
+    ap.add_argument("--no-promise-check", action="store_true")
+    ap.add_argument("--expect-forks", action="store_true")
+    ap.add_argument("--max-states", type=int)
+    ap.add_argument("--require-complete", action="store_true")
+    a = ap.parse_args(argv)
+    r = LeaseExplorer(LeaseConfig(a.rivals, tuple(a.acceptors.split(",")), a.rounds,
+                                  a.leader_rounds, True, not a.no_promise_check,
+                                  a.expect_forks, a.max_states)).run()
+    print(r.summary())
+    for v in r.violations:
+        print(f"VIOLATION {v.invariant}: {v.detail}")
+        for i, step in enumerate(v.trace):
+            print(f"  {i:3d}. {step}")
+    if a.require_complete and not r.complete:
+        print("INCOMPLETE: the exploration stopped before covering the whole state space")
+        return 1
+    return 1 if r.violations else 0
 
 
-def _vote(m: object) -> Accepted:
-    return m.accepted if isinstance(m, AcceptedLeased) else m  # type: ignore[return-value]
-
-
-def _below(b: Ballot | None, promised: Ballot | None) -> bool:
-    return promised is not None and (b is None or b < promised)
-
-
-def _say(m: object) -> str:
-    s = getattr(m, "slot", "?")
-    if isinstance(m, AcceptLeased):
-        return f"s{s}:AcceptLeased{_describe(m.accept)[6:]}"
-    if isinstance(m, AcceptedLeased):
-        return (f"s{s}:{_describe(m.accepted)}"
-                + ("+lease" if m.lease is not None else "+no lease"))
-    return f"s{s}:{_describe(m)}"
+if __name__ == "__main__":
+    raise SystemExit(main())
