@@ -61,14 +61,14 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-async def decisions(nodes: list[NodeProcess], count: int) -> list[float]:
+async def decisions(nodes: list[NodeProcess], count: int, fast: bool = True) -> list[float]:
     from scripts.bench_syncnode import _connect
     from tests.syncnode_kit import Device as KitDevice
     from tests.syncnode_kit import new_group, update_value
 
     alice = KitDevice("alice")
     g = new_group(alice, [n.entry for n in nodes])
-    extra: dict[str, Any] = {} if LeaseBook is None else {"leases": LeaseBook()}
+    extra: dict[str, Any] = {} if LeaseBook is None or not fast else {"leases": LeaseBook()}
     out = []
     async with AsyncExitStack() as stack:
         clients = [await _connect(stack, n, alice) for n in nodes]
@@ -159,6 +159,12 @@ async def control_path(root: Path, nodes: list[NodeProcess], args: argparse.Name
     res["decision_mean_ms"] = statistics.mean(lat) * 1e3
     print(f"decision ({args.decisions}): p50 {res['decision_p50_ms']:.2f} ms, "
           f"p99 {res['decision_p99_ms']:.2f} ms", flush=True)
+    if LeaseBook is not None:  # the same, without the fast path, in the same run
+        full = await decisions(nodes, args.decisions, fast=False)
+        res["decision_full_p50_ms"] = _pct(full, 50) * 1e3
+        res["decision_full_p99_ms"] = _pct(full, 99) * 1e3
+        print(f"decision, full protocol: p50 {res['decision_full_p50_ms']:.2f} ms, "
+              f"p99 {res['decision_full_p99_ms']:.2f} ms", flush=True)
     for n in (2, 5, 10):
         times = await rotation(root, tickets, n, args.rotations)
         res[f"rotation_all_ms_{n}"] = statistics.median(times) * 1e3
