@@ -216,7 +216,7 @@ class Membership:
             if not learn_more(progressed, r.epoch, page.top):
                 return
 
-    async def _learn_round(self) -> None:
+    async def learn_round(self) -> None:
         """Before proposing, learn what the linked syncnodes decided beyond our epoch (so a
         ballot is not spent on a slot that is already taken). Returns once a quorum of the
         slot's acceptors answered, every link finished, or ``keepalive_timeout`` passed: a
@@ -265,7 +265,7 @@ class Membership:
                     # With a lease for the next slot the learn round is skipped: it only saves
                     # a wasted ballot, and a slot someone else took meanwhile shows up anyway
                     # (the syncnodes answer the Accept with the decision).
-                    await self._learn_round()
+                    await self.learn_round()
                 slot = r.epoch + 1
                 row = self.store.one("SELECT slot, value FROM proposal WHERE group_id=?",
                                      r.group_id)
