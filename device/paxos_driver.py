@@ -159,16 +159,31 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
             if outcome is not None:
                 break
             await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
+        if isinstance(outcome, Decided) and announce:
+            # Announced while the stragglers still run: a vote that comes late may still
+            # bring a lease promise (when one of the quorum's votes brought none).
+            await announce_decision(await _targets(clients, acceptors), outcome, timeout,
+                                    quorum=acceptors.quorum, background=background)
+            _late_votes(proposer, requests)
         nursery.cancel_scope.cancel()  # stragglers: their replies no longer matter
     if outcome is None:
         raise ProposeFailed(f"no decision for slot {slot} after {attempts} ballots")
     following = proposer.next_lease()
     if leases is not None and following is not None:
         leases.keep(following)
-    if isinstance(outcome, Decided) and announce:
-        await announce_decision(await _targets(clients, acceptors), outcome, timeout,
-                                quorum=acceptors.quorum, background=background)
     return outcome
+
+
+def _late_votes(proposer: Proposer, requests: _Requests) -> None:
+    """Feed the replies that came after the outcome (the proposer keeps only lease promises
+    of its own ballot from them)."""
+    while True:
+        try:
+            reply = requests.replies.receive_nowait()
+        except trio.WouldBlock:
+            return
+        if isinstance(reply.message, AcceptedLeased):
+            proposer.receive(reply.message)
 
 
 async def _ballot(proposer: Proposer, requests: _Requests, clients: Sequence[SyncnodeClient],

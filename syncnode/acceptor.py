@@ -141,7 +141,9 @@ class AcceptorDriver:
                                      f"this syncnode has decided up to slot {g.top} only; "
                                      "catching up from peers, retry shortly")
             top = g.top
-            await self.load(msg.group_id, msg.slot, lease=isinstance(msg, AcceptLeased))
+            leased = await self.load(msg.group_id, msg.slot, lease=isinstance(msg, AcceptLeased))
+            if isinstance(msg, AcceptLeased) and not leased:
+                msg = msg.accept  # no room to hold slot + 1 as well: a plain Accept, no lease
             if g.top == top:  # nothing was decided while we loaded
                 break
         step = self.acceptor.handle(msg)
@@ -154,19 +156,24 @@ class AcceptorDriver:
             await self.store.barrier()  # the state this reply reports is durable
         return self.reply(msg, step.reply)
 
-    async def load(self, group_id: bytes, slot: int, *, lease: bool = False) -> None:
+    async def load(self, group_id: bytes, slot: int, *, lease: bool = False) -> bool:
         """Load what the acceptor reads for ``slot`` (and ``slot + 1`` with ``lease``). Take the
         step right after, with no await in between (the loaded state is only pinned until
-        then; with two slots, loading one may evict the other, hence the loop)."""
+        then). Returns False when ``slot + 1`` could not be held too (loading one slot may
+        evict the other from a tiny or busy cache): the caller then gives no lease."""
         try:
             manifest: Manifest | None = await self.groups.manifest_at(group_id, slot - 1)
         except KeyError:
             manifest = None
-        keys = [(group_id, slot), (group_id, slot + 1)][:1 + lease]
-        while not all(self.slots.loaded(k) for k in keys):
-            for k in keys:
-                await self.slots.load(k)
+        here, nxt = (group_id, slot), (group_id, slot + 1)
+        for _ in range(3 if lease else 0):
+            await self.slots.load(nxt)
+            await self.slots.load(here)
+            if self.slots.loaded(nxt) and self.slots.loaded(here):
+                break
+        await self.slots.load(here)
         self._inputs = (group_id, slot, manifest)
+        return not lease or self.slots.loaded(nxt)
 
     def reply(self, msg: Request, reply: Any) -> Any:
         if isinstance(reply, Reject):

@@ -230,3 +230,36 @@ async def test_a_rival_breaks_the_lease_and_the_leader_loses_to_it(
         assert isinstance(lost, Lost)
         assert lost.value == theirs.encode()
         assert lost.certificate.value_hash == won.certificate.value_hash
+
+
+async def test_a_node_that_cannot_hold_two_slots_answers_without_a_lease(
+        tmp_path: Path) -> None:
+    """A slot cache of one entry cannot hold slot n + 1 beside slot n: the node accepts as
+    usual and grants no lease (it must not loop, nor read state it did not load); the other
+    two nodes still give the proposer its quorum of lease promises."""
+    net = MemoryNetwork(seed=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        c = MemoryCluster(net, nursery, tmp_path)
+        tiny = await c.start_node(cache_slots=1)
+        for _ in range(2):
+            await c.start_node()
+        alice = Device("alice")
+        leases = LeaseBook()
+        async with c.clients(alice) as clients:
+            g = await found_group([n.entry for n in c.nodes], clients, alice)
+            links = {c.node_id: Recording(c) for c in clients}
+            for _ in range(3):
+                value = update_value(g, alice)
+                with trio.fail_after(TIMEOUT / 2):
+                    outcome = await propose(alice.key, list(links.values()), g.group_id,
+                                            g.next_slot, value.encode(), g.manifest.acceptors(),
+                                            leases=leases)
+                assert isinstance(outcome, Decided)
+                g.values.append(value)
+                alice.mls.apply(value.commit)
+            assert links[tiny.key.public].asked.count("Prepare") == 1  # the fast path held
+            lease = leases.take(g.group_id, g.next_slot)
+            assert lease is not None
+            assert tiny.key.public not in {p.acceptor for p in lease.promises}
+        nursery.cancel_scope.cancel()
