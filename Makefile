@@ -31,6 +31,7 @@ sweep-nightly: venv
 # the long sweep. Both exit non-zero on any violation.
 nightly: venv
 	$(PY) -m simulations.paxos_explorer --require-complete
+	$(PY) -m simulations.lease_explorer --rounds 2 --require-complete
 	$(MAKE) sweep-nightly
 
 bench: venv

@@ -86,9 +86,9 @@ class Leaving:
         acceptors = r.manifest.acceptors()
         await self.links.wait_for_quorum()
         told = 0
-        for node, client in list(self.links.clients.items()):
-            if node not in acceptors:
-                continue
+
+        async def tell(node: bytes, client: SyncnodeClient) -> None:
+            nonlocal told
             try:
                 for admin in admins:
                     await client.mailbox_put(admin.sig_pub, MailboxKind.LEAVE_REQUEST, payload,
@@ -96,7 +96,18 @@ class Leaving:
                 told += 1
             except SyncnodeError as exc:
                 log.info("leave request not stored", node=short_id(node), error=str(exc))
+
+        # All syncnodes at once: an admin may act on the first copy, and once it removed us
+        # the others refuse our puts (we are no longer a member), so one at a time could
+        # fail a leave that was carried out (a fast commit takes a few milliseconds).
+        async with trio.open_nursery() as nursery:
+            for node, client in list(self.links.clients.items()):
+                if node in acceptors:
+                    nursery.start_soon(tell, node, client)
         if told < acceptors.quorum:
+            await self.membership.learn_round()
+            if r.manifest.device(r.me) is None:
+                return  # refused because an admin already removed us: the leave is done
             raise Offline(f"the leave request reached {told} of {len(acceptors)} syncnodes; "
                           f"leaving needs {acceptors.quorum} (the document stays as it was)")
 

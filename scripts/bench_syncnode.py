@@ -6,8 +6,10 @@
     counts once the node acknowledged it as durable. Run twice in the same invocation: with group
     commit, and with ``--no-group-commit`` (one transaction + fsync per envelope).
 (b) Paxos decision latency: one device decides successive slots (real MLS key-update commits,
-    about 1.3 KB values) on 3 syncnodes; latency is from the first Prepare to the proposer
+    about 1.3 KB values) on 3 syncnodes; latency is from the first request to the proposer
     holding a certificate (the announcement of the decision to the syncnodes is not timed).
+    Every decision after the first takes the fast path (the lease the previous one left);
+    ``--no-fast-path`` measures the full protocol (Prepare and Accept) instead.
 (c) resident memory of a syncnode hosting 10,000 idle groups: after registering them, and after
     a restart (state is loaded lazily, so an idle node stays small).
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from device.paxos_driver import announce_decision, propose
+from device.paxos_driver import LeaseBook, announce_decision, propose
 from proto.envelope import Envelope
 from proto.identity import SecretKey
 from proto.paxos.messages import Decided
@@ -103,8 +105,10 @@ async def ingest(node: NodeProcess, seconds: float, depth: int) -> float:
         return acked / (time.perf_counter() - started)
 
 
-async def decision_latency(nodes: list[NodeProcess], decisions: int) -> list[float]:
+async def decision_latency(nodes: list[NodeProcess], decisions: int, fast: bool = True
+                           ) -> list[float]:
     alice = Device("alice")
+    leases = LeaseBook() if fast else None
     g = new_group(alice, [n.entry for n in nodes])
     latencies = []
     async with AsyncExitStack() as stack:
@@ -116,7 +120,7 @@ async def decision_latency(nodes: list[NodeProcess], decisions: int) -> list[flo
             raw = v.encode()
             started = time.perf_counter()
             outcome = await propose(alice.key, clients, g.group_id, g.next_slot, raw,
-                                    g.manifest.acceptors(), announce=False)
+                                    g.manifest.acceptors(), announce=False, leases=leases)
             latencies.append(time.perf_counter() - started)
             assert isinstance(outcome, Decided)
             await announce_decision(clients, outcome)
@@ -177,7 +181,7 @@ def paxos_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> 
     print(f"(b) Paxos decision latency, 3 syncnodes, {args.decisions} decisions")
     nodes = start_cluster(root / "paxos", 3)
     try:
-        lat = trio.run(decision_latency, nodes, args.decisions)
+        lat = trio.run(decision_latency, nodes, args.decisions, not args.no_fast_path)
     finally:
         for n in nodes:
             n.stop()
@@ -225,6 +229,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=10_000)
     ap.add_argument("--phases", default="abc", help="which of (a), (b), (c) to run")
     ap.add_argument("--json", help="also write the figures here (scripts/bench_peers.py reads it)")
+    ap.add_argument("--no-fast-path", action="store_true", help="(b) without leases")
     args = ap.parse_args()
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-syncnode-") as tmp:

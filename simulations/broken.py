@@ -17,6 +17,7 @@ from proto.compaction import CompactionPoint
 from proto.manifest import LogValue
 from proto.paxos.acceptor import Acceptor, Step
 from proto.paxos.messages import Accept, Nack, Prepare
+from simulations.lease_model import LeaseForgettingAcceptor
 from syncnode.compaction import Compactor
 from syncnode.service import Service
 
@@ -42,6 +43,8 @@ VARIANTS = {
                      "skipped): a power loss rolls back a seal others already hold",
     "delete-beyond": "syncnodes applying a compaction point delete (and refuse) the two seqs "
                      "of each covered sender that follow it, besides what it covers",
+    "lease-forgets": "acceptors sign the fast path's next-slot promise (a lease) but keep no "
+                     "record of it, so a rival's lower ballot is promised and accepted there",
 }
 
 
@@ -55,6 +58,13 @@ class _PromiseIgnoringService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.acceptor = _PromiseIgnoringAcceptor(**{
+            f.name: getattr(self.acceptor, f.name) for f in dataclasses.fields(Acceptor)})
+
+
+class _LeaseForgettingService(Service):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acceptor = LeaseForgettingAcceptor(**{
             f.name: getattr(self.acceptor, f.name) for f in dataclasses.fields(Acceptor)})
 
 
@@ -72,6 +82,7 @@ class _GreedyCompactingService(Service):
 
 def service_factory(variant: str | None) -> Callable[[SimNode], type[Service]] | None:
     planted = {"ignore-promises": _PromiseIgnoringService,
+               "lease-forgets": _LeaseForgettingService,
                "delete-beyond": _GreedyCompactingService}.get(variant or "")
     if planted is not None:
         from simulations.world import SERVICES

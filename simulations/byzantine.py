@@ -17,7 +17,7 @@ from proto.identity import SecretKey
 from proto.manifest import LogValue, genesis
 from proto.messages import ErrorCode
 from proto.paxos.acceptor import EMPTY, SlotState
-from proto.paxos.messages import Accept, Decided, Prepare
+from proto.paxos.messages import Accept, AcceptLeased, Decided, Prepare
 from proto.service import (
     Backfill,
     BackfillPage,
@@ -103,7 +103,7 @@ class EquivocatingService(Service):
         super().__init__(*args, **kwargs)
         self.forks: dict[tuple[bytes, int, bytes], SlotState] = {}
 
-    async def _paxos(self, session: Session, msg: Prepare | Accept) -> Any:
+    async def _paxos(self, session: Session, msg: Prepare | Accept | AcceptLeased) -> Any:
         await self.require_group(msg.group_id)
         await self.paxos.load(msg.group_id, msg.slot)  # what the acceptor reads, into memory
         key = (msg.group_id, msg.slot)

@@ -227,6 +227,23 @@ class Run(GovernanceSteps, CompactionSteps):
             self.op(dev, f"{dev.name} rotate (race)", lambda doc: doc.rotate_keys())
         return f"{a.name} and {b.name} rotate at once"
 
+    async def do_lease_race(self, step: Step) -> str | None:
+        """A rival's commit in flight when the device holding the fast path's lease (it
+        decided the last slot) commits again, a few milliseconds later: the lease must stop
+        the rival or the rival must break the lease, never both values decided."""
+        members = self.running_members()
+        holders = [m for m in members if m.doc is not None
+                   and m.doc.membership.leases.holds(m.doc.group_id, m.doc.epoch + 1)]
+        a = self.pick(holders, step.pick[0])
+        b = self.pick([m for m in members if m is not a], step.pick[1])
+        if a is None or b is None:
+            return None
+        self.op(b, f"{b.name} rotate (rival)", lambda doc: doc.rotate_keys())
+        delay = (step.pick[2] % 40) / 1000
+        await trio.sleep(delay)
+        self.op(a, f"{a.name} rotate (lease)", lambda doc: doc.rotate_keys())
+        return f"{b.name} rotates, {a.name} (lease holder) {delay * 1000:.0f} ms later"
+
     async def do_add(self, step: Step) -> str | None:
         inviter = self.pick(self.running_admins(), step.pick[0])
         if inviter is None or len(self.world.devices) >= MAX_DEVICES:

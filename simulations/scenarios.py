@@ -89,6 +89,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("equivocate", "two colluding syncnodes (a majority) accept two values per slot",
              frozenset({"contention"}), nodes=("equivocate", "equivocate", "honest"),
              colluding=True, extra={"rotate-race": 10}),
+    Scenario("leases", "the fast path under contention: the lease holder commits again "
+             "while a rival's commit is in flight; lossy network", frozenset({"lossy"}),
+             extra={"lease-race": 12, "rotate": 6}),
     Scenario("migrate", "the document moves to spare syncnodes one replacement at a time "
              "while devices edit; syncnodes crash, old and new sets are partitioned, and "
              "replaced syncnodes retire (stopped, data deleted)",

@@ -5,7 +5,8 @@ For a Prepare or Accept of a group's next slot it loads what the acceptor reads 
 state, the manifest that names the slot's acceptors and proposers), takes the acceptor's step,
 makes the step's records durable **before** the reply leaves, and answers. A slot already
 decided is answered with its decision; a slot beyond the next one with a rejection (and a
-catch-up from peers).
+catch-up from peers). An AcceptLeased (the fast path) also loads slot + 1, whose promise the
+acceptor may give in the same step; both records go to storage in one write (one fsync).
 
 Slot state lives in a bounded LRU over the storage's acceptor records (:class:`SlotCache`).
 State changed in memory but not yet durable is pinned until its write commits, so eviction can
@@ -32,7 +33,14 @@ from proto.identity import SecretKey
 from proto.manifest import LogValue, Manifest, ManifestError, validate_transition
 from proto.messages import ErrorCode
 from proto.paxos.acceptor import EMPTY, Acceptor, Reject, RejectReason, SlotState
-from proto.paxos.messages import Accept, AcceptorRecord, Decided, PaxosRejected, Prepare
+from proto.paxos.messages import (
+    Accept,
+    AcceptLeased,
+    AcceptorRecord,
+    Decided,
+    PaxosRejected,
+    Prepare,
+)
 from proto.paxos.quorum import AcceptorSet
 from syncnode.budgets import LRU
 from syncnode.groups import Groups, GroupState
@@ -43,6 +51,7 @@ from syncnode.storage import Storage
 SlotKey = tuple[bytes, int]
 SHARED_ATTEMPTS = 16
 """Steps taken on one request before giving up on a slot other processes keep changing."""
+Request = Prepare | Accept | AcceptLeased
 
 
 class SlotCache(MutableMapping[SlotKey, SlotState]):
@@ -114,7 +123,7 @@ class SlotCache(MutableMapping[SlotKey, SlotState]):
 
 
 class AcceptorDriver:
-    """Prepare and Accept requests of every hosted group."""
+    """Prepare, Accept and AcceptLeased requests of every hosted group."""
 
     def __init__(self, key: SecretKey, store: Storage, groups: Groups, metrics: Metrics,
                  capacity: int, *, decided_at: Callable[[bytes, int], Awaitable[Decided]]
@@ -133,7 +142,7 @@ class AcceptorDriver:
         self._inputs: tuple[bytes, int, Manifest | None] | None = None
         """(group, slot, manifest of slot - 1) of the step about to be taken."""
 
-    async def handle(self, session: Session, msg: Prepare | Accept) -> Any:
+    async def handle(self, session: Session, msg: Request) -> Any:
         self.metrics.paxos.labels(type(msg).__name__).inc()
         g = await self.groups.require(msg.group_id)
         if msg.slot == 0:
@@ -153,8 +162,12 @@ class AcceptorDriver:
                                      "catching up from peers, retry shortly")
             top = g.top
             if self.shared:
+                if isinstance(msg, AcceptLeased):  # one record per compare-and-set: no lease
+                    msg = msg.accept
                 return await self._shared_step(msg, g)
-            await self.load(msg.group_id, msg.slot)
+            leased = await self.load(msg.group_id, msg.slot, lease=isinstance(msg, AcceptLeased))
+            if isinstance(msg, AcceptLeased) and not leased:
+                msg = msg.accept  # no room to hold slot + 1 as well: a plain Accept, no lease
             if g.top == top:  # nothing was decided while we loaded
                 break
         step = self.acceptor.handle(msg)
@@ -195,17 +208,26 @@ class AcceptorDriver:
             self.metrics.refuse("paxos_step_raced")  # taken on a state changed meanwhile
         raise RequestError(ErrorCode.RATE_LIMITED, "this slot is contended; retry shortly")
 
-    async def load(self, group_id: bytes, slot: int) -> None:
-        """Load what the acceptor reads for ``slot``. Take the step right after, with no await
-        in between (the loaded state is only pinned until then)."""
+    async def load(self, group_id: bytes, slot: int, *, lease: bool = False) -> bool:
+        """Load what the acceptor reads for ``slot`` (and ``slot + 1`` with ``lease``). Take the
+        step right after, with no await in between (the loaded state is only pinned until
+        then). Returns False when ``slot + 1`` could not be held too (loading one slot may
+        evict the other from a tiny or busy cache): the caller then gives no lease."""
         try:
             manifest: Manifest | None = await self.groups.manifest_at(group_id, slot - 1)
         except KeyError:
             manifest = None
-        await self.slots.load((group_id, slot))
+        here, nxt = (group_id, slot), (group_id, slot + 1)
+        for _ in range(3 if lease else 0):
+            await self.slots.load(nxt)
+            await self.slots.load(here)
+            if self.slots.loaded(nxt) and self.slots.loaded(here):
+                break
+        await self.slots.load(here)
         self._inputs = (group_id, slot, manifest)
+        return not lease or self.slots.loaded(nxt)
 
-    def reply(self, msg: Prepare | Accept, reply: Any) -> Any:
+    def reply(self, msg: Request, reply: Any) -> Any:
         if isinstance(reply, Reject):
             self.metrics.paxos.labels("Rejected").inc()
             return PaxosRejected(msg.group_id, msg.slot, int(reply.reason), reply.rule,

@@ -8,7 +8,7 @@ The parts, one concept each (their modules say more):
 * :mod:`syncnode.admission` -- whether a new group is taken (``RegisterGroup``);
 * :mod:`syncnode.hosting` -- groups adopted after their genesis (``AdoptGroup``), removed ones
   (GONE, retention), and each group's status (``FetchGroupStatus``);
-* :mod:`syncnode.acceptor` -- the Paxos acceptor driver (Prepare, Accept);
+* :mod:`syncnode.acceptor` -- the Paxos acceptor driver (Prepare, Accept, AcceptLeased);
 * :mod:`syncnode.decisions` -- the decided log: learning, equivocation evidence, log and heads;
 * :mod:`syncnode.envelopes` -- the envelope store and backfill;
 * :mod:`syncnode.statements` -- signed acks, heads and backfill answers (``FetchHoldings``);
@@ -44,7 +44,7 @@ from proto.logs import get_logger
 from proto.manifest import Manifest
 from proto.messages import ErrorCode
 from proto.paxos.acceptor import Acceptor
-from proto.paxos.messages import Accept, Decided, Prepare
+from proto.paxos.messages import Accept, AcceptLeased, Decided, Prepare
 from proto.service import (
     AdoptGroup,
     Authenticate,
@@ -221,7 +221,7 @@ class Service:
     def _may_read(self, session: Session, m: Manifest) -> bool:
         return may_read(session, m)
 
-    def _paxos_reply(self, msg: Prepare | Accept, reply: Any) -> Any:
+    def _paxos_reply(self, msg: Prepare | Accept | AcceptLeased, reply: Any) -> Any:
         return self.paxos.reply(msg, reply)
 
     async def decided_at(self, group_id: bytes, slot: int) -> Decided:
@@ -281,7 +281,7 @@ class Service:
     async def _group_status(self, session: Session, msg: FetchGroupStatus) -> GroupStatus:
         return await self.hosting.status(session, msg.group_id)
 
-    async def _paxos(self, session: Session, msg: Prepare | Accept) -> Any:
+    async def _paxos(self, session: Session, msg: Prepare | Accept | AcceptLeased) -> Any:
         g = await self.groups.require(msg.group_id)
         if msg.slot > g.top:  # a decided slot is still answered with its decision
             await self.hosting.refuse_if_removed(g)
@@ -382,6 +382,7 @@ class Service:
         FetchGroupStatus: "_group_status",
         Prepare: "_paxos",
         Accept: "_paxos",
+        AcceptLeased: "_paxos",
         Decided: "_learn",
         FetchDecided: "_fetch_decided",
         FetchHeads: "_fetch_heads",

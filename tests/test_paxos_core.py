@@ -11,6 +11,8 @@ from proto.identity import SecretKey, fingerprint
 from proto.paxos import (
     Accept,
     Accepted,
+    AcceptedLeased,
+    AcceptLeased,
     Acceptor,
     AcceptorSet,
     Ballot,
@@ -19,9 +21,11 @@ from proto.paxos import (
     Decision,
     EquivocationProof,
     Learner,
+    Lease,
     Lost,
     Nack,
     Phase,
+    Prepare,
     Promise,
     Proposer,
     Reject,
@@ -277,3 +281,80 @@ def test_conflicting_certificates_give_an_equivocation_proof() -> None:
                                                             EquivocationProof)
     with pytest.raises(CertificateError):
         verify_equivocation(EquivocationProof(event.first, event.first), SET_012)
+
+
+# -- the fast path (leases) ---------------------------------------------------------------------
+
+
+def _leased(slot: int, value: bytes, accs: list[Acceptor], lease: Lease | None = None,
+            acceptors: AcceptorSet = SET_012) -> Proposer:
+    p = Proposer(DEVICES[0], G, slot, value, acceptors, lease=lease, want_lease=True)
+    _run_to_decision(p, accs)
+    return p
+
+
+def test_a_leased_accept_persists_the_vote_and_the_next_promise_together() -> None:
+    accs = [acceptor(i) for i in range(3)]
+    p = Proposer(DEVICES[0], G, 1, b"v1", SET_012, want_lease=True)
+    (prep,) = p.start()
+    (accept,) = p.receive(accs[0].handle(prep).reply) + p.receive(  # type: ignore[arg-type]
+        accs[1].handle(prep).reply)  # type: ignore[arg-type]
+    assert isinstance(accept, AcceptLeased)
+    step = accs[0].handle(accept)
+    assert isinstance(step.reply, AcceptedLeased) and step.reply.lease is not None
+    assert [(r.slot, r.promised) for r in step.persist] == [(1, p.ballot), (2, p.ballot)]
+    assert step.reply.lease.slot == 2 and step.reply.lease.accepted is None
+    restarted = Acceptor.restore(NODES[0], acceptors_for, proposer_key_for, step.persist)
+    assert restarted.state(G, 2).promised == p.ballot  # the lease survives a restart
+
+
+def test_the_next_slot_is_decided_with_accept_alone() -> None:
+    accs = [acceptor(i) for i in range(3)]
+    first = _leased(1, b"v1", accs)
+    lease = first.next_lease()
+    assert isinstance(first.outcome, Decided) and lease is not None and lease.slot == 2
+    second = Proposer(DEVICES[0], G, 2, b"v2", SET_012, lease=lease, want_lease=True)
+    (msg,) = second.start()
+    assert isinstance(msg, AcceptLeased) and msg.ballot == lease.ballot
+    # a retry (timeout, Nack) never reuses the lease's ballot: it is spent
+    assert second.clone().retry()[0].ballot.round == lease.ballot.round + 1
+    for a in accs:
+        second.receive(a.handle(msg).reply)  # type: ignore[arg-type]
+    assert isinstance(second.outcome, Decided) and second.outcome.value == b"v2"
+
+
+def test_no_lease_over_a_higher_promise_or_an_accepted_value() -> None:
+    accs = [acceptor(i) for i in range(3)]
+    rival = Proposer(DEVICES[1], G, 2, b"r", SET_012, first_round=7)
+    (prep,) = rival.start()
+    assert isinstance(accs[0].handle(prep).reply, Promise)  # acceptor 0 promised (7, rival)
+    first = _leased(1, b"v1", accs)
+    lease = first.next_lease()
+    assert lease is not None
+    assert {q.acceptor for q in lease.promises} == {NODES[1].public, NODES[2].public}
+    assert accs[0].state(G, 2).promised == prep.ballot  # never lowered
+    # the lease is still a quorum (1 and 2); acceptor 0 Nacks it and the others accept
+    second = Proposer(DEVICES[0], G, 2, b"v2", SET_012, lease=lease)
+    (msg,) = second.start()
+    assert isinstance(accs[0].handle(msg).reply, Nack)
+
+
+def test_a_lease_that_is_no_quorum_of_the_next_set_falls_back_to_prepare() -> None:
+    """Slot 5 moved to nodes 2-4: promises of nodes 0-2 are one of them, not a quorum."""
+    accs = [acceptor(i) for i in range(3)]
+    first = _leased(4, b"v4", accs)
+    lease = first.next_lease()
+    assert lease is not None and lease.slot == 5
+    second = Proposer(DEVICES[0], G, 5, b"v5", SET_234, lease=lease)
+    (msg,) = second.start()
+    assert isinstance(msg, Prepare) and msg.ballot.round == lease.ballot.round + 1
+
+
+def test_a_lease_is_only_for_its_own_slot_and_proposer() -> None:
+    accs = [acceptor(i) for i in range(3)]
+    lease = _leased(1, b"v1", accs).next_lease()
+    assert lease is not None
+    wrong_slot = Proposer(DEVICES[0], G, 3, b"x", SET_012, lease=lease)
+    assert isinstance(wrong_slot.start()[0], Prepare)
+    other = Proposer(DEVICES[1], G, 2, b"x", SET_012, lease=lease)
+    assert isinstance(other.start()[0], Prepare)

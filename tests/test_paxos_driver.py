@@ -12,14 +12,22 @@ import pytest
 import trio
 import trio.testing
 
-from device.paxos_driver import propose
+from device.paxos_driver import LeaseBook, propose
 from proto.errors import TransportError
 from proto.paxos.messages import Decided
+from proto.paxos.proposer import Lost
 from proto.rpc import Channel, SyncnodeClient
 from proto.service import FetchHeads
 from proto.transport.base import Stream
 from proto.transport.memory import MemoryNetwork
-from tests.syncnode_kit import Device, MemoryCluster, found_group, update_value
+from tests.syncnode_kit import (
+    Device,
+    MemoryCluster,
+    add_value,
+    found_group,
+    new_group,
+    update_value,
+)
 
 TIMEOUT = 60.0
 """The driver's per-phase bound in these tests: far above anything a quorum needs, so
@@ -155,4 +163,103 @@ async def test_a_request_interrupted_while_sending_breaks_the_channel(
         with pytest.raises(TransportError, match="interrupted"):
             await channel.call(FetchHeads(()))
         assert pipe.sent == []
+        nursery.cancel_scope.cancel()
+
+
+class Recording:
+    """A syncnode link that records the type of every request it carries."""
+
+    def __init__(self, inner: SyncnodeClient) -> None:
+        self.inner = inner
+        self.node_id = inner.node_id
+        self.asked: list[str] = []
+
+    async def request(self, msg: Any) -> Any:
+        self.asked.append(type(msg).__name__)
+        return await self.inner.request(msg)
+
+
+async def test_a_decision_leaves_a_lease_and_the_next_commit_skips_phase_1(
+        cluster: MemoryCluster) -> None:
+    alice = Device("alice")
+    leases = LeaseBook()
+    async with cluster.clients(alice) as clients:
+        g = await found_group([n.entry for n in cluster.nodes], clients, alice)
+        links = [Recording(c) for c in clients]
+        for expected in (["Prepare", "AcceptLeased", "Decided"], ["AcceptLeased", "Decided"],
+                         ["AcceptLeased", "Decided"]):
+            value = update_value(g, alice)
+            outcome = await propose(alice.key, links, g.group_id, g.next_slot, value.encode(),
+                                    g.manifest.acceptors(), leases=leases)
+            assert isinstance(outcome, Decided) and outcome.value == value.encode()
+            for link in links:
+                assert link.asked == expected
+                link.asked.clear()
+            g.values.append(value)
+            alice.mls.apply(value.commit)
+            assert leases.holds(g.group_id, g.next_slot)
+
+
+async def test_a_rival_breaks_the_lease_and_the_leader_loses_to_it(
+        cluster: MemoryCluster) -> None:
+    """Bob commits slot 2 with the full protocol while Alice holds the lease for it; Bob's
+    decision is not announced, so the syncnodes can only stop Alice's fast Accept by their
+    promises to Bob. Alice must fall back and end with Bob's value (Lost), never her own."""
+    alice, bob = Device("alice"), Device("bob")
+    leases = LeaseBook()
+    async with cluster.clients(alice) as clients:
+        g = new_group(alice, [n.entry for n in cluster.nodes])
+        for c in clients:
+            await c.register_group(g.values[0])
+        add = add_value(g, alice, [bob])
+        outcome = await propose(alice.key, clients, g.group_id, 1, add.encode(),
+                                g.manifest.acceptors(), leases=leases)
+        assert isinstance(outcome, Decided)
+        g.values.append(add)
+        alice.mls.apply(add.commit)
+        bob.mls.join(add.welcome)
+        assert leases.holds(g.group_id, 2)
+        theirs = update_value(g, bob)
+        won = await propose(bob.key, clients, g.group_id, 2, theirs.encode(),
+                            g.manifest.acceptors(), announce=False, backoff=0.001)
+        assert isinstance(won, Decided)
+        ours = update_value(g, alice)
+        lost = await propose(alice.key, clients, g.group_id, 2, ours.encode(),
+                             g.manifest.acceptors(), announce=False, leases=leases,
+                             backoff=0.001)
+        assert isinstance(lost, Lost)
+        assert lost.value == theirs.encode()
+        assert lost.certificate.value_hash == won.certificate.value_hash
+
+
+async def test_a_node_that_cannot_hold_two_slots_answers_without_a_lease(
+        tmp_path: Path) -> None:
+    """A slot cache of one entry cannot hold slot n + 1 beside slot n: the node accepts as
+    usual and grants no lease (it must not loop, nor read state it did not load); the other
+    two nodes still give the proposer its quorum of lease promises."""
+    net = MemoryNetwork(seed=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        c = MemoryCluster(net, nursery, tmp_path)
+        tiny = await c.start_node(cache_slots=1)
+        for _ in range(2):
+            await c.start_node()
+        alice = Device("alice")
+        leases = LeaseBook()
+        async with c.clients(alice) as clients:
+            g = await found_group([n.entry for n in c.nodes], clients, alice)
+            links = {c.node_id: Recording(c) for c in clients}
+            for _ in range(3):
+                value = update_value(g, alice)
+                with trio.fail_after(TIMEOUT / 2):
+                    outcome = await propose(alice.key, list(links.values()), g.group_id,
+                                            g.next_slot, value.encode(), g.manifest.acceptors(),
+                                            leases=leases)
+                assert isinstance(outcome, Decided)
+                g.values.append(value)
+                alice.mls.apply(value.commit)
+            assert links[tiny.key.public].asked.count("Prepare") == 1  # the fast path held
+            lease = leases.take(g.group_id, g.next_slot)
+            assert lease is not None
+            assert tiny.key.public not in {p.acceptor for p in lease.promises}
         nursery.cancel_scope.cancel()

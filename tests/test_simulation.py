@@ -58,6 +58,7 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
 @pytest.mark.parametrize(("variant", "scenario", "seeds"), [
     ("early-apply", "baseline", "0..5"),
     ("ignore-promises", "lossy", "0..11"),
+    ("lease-forgets", "leases", "0..5"),
     ("join-early", "baseline", "0..5"),
     ("trust-first-genesis", "forge", "0..3"),
     ("members-govern", "baseline", "0..7"),

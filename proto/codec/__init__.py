@@ -40,7 +40,8 @@ Why this shape:
 Tag ranges (keep this table current when adding messages):
 
 * ``0x01-0x0F`` connection handshake and generic errors (:mod:`proto.messages`)
-* ``0x20-0x3F`` Paxos (:mod:`proto.paxos.messages`)
+* ``0x20-0x3F`` Paxos (:mod:`proto.paxos.messages`); its fast path took ``0x66``/``0x67``
+  (``AcceptLeased``, ``AcceptedLeased``) from the range below
 * ``0x40-0x7F`` syncnode service requests/responses (later issues)
 * ``0x80-0xBF`` device-to-device messages (later issues)
 

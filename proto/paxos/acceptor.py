@@ -5,6 +5,13 @@ One single-decree instance per ``(group, slot)``. The acceptor never releases a 
 durable (fsync) **before** sending ``reply``. A crash between the two loses only the reply, which
 the proposer's retry recovers; a reply never claims state that a restart could forget.
 
+**Fast path.** :class:`~proto.paxos.messages.AcceptLeased` is an Accept for slot ``n`` that also
+asks for a promise of its ballot ``b`` for slot ``n + 1``. The acceptor gives it only as an
+ordinary promise would be given: when it has promised nothing above ``b`` for ``n + 1`` (it
+never lowers a promise) and accepted nothing there (so the promise reports nothing). Both
+records are persisted in the same step, before the reply: one fsync covers the vote for ``n``
+and the promise for ``n + 1``.
+
 Requests are authenticated: the proposer's signature must verify under the key the membership
 view gives for the ballot's fingerprint at that slot, and the acceptor must itself be in the
 slot's acceptor set. Anything else gets a :class:`Reject` and changes nothing.
@@ -26,7 +33,9 @@ from proto.paxos.messages import (
     Accept,
     Accepted,
     AcceptedBody,
+    AcceptedLeased,
     AcceptedValue,
+    AcceptLeased,
     AcceptorRecord,
     Ballot,
     Nack,
@@ -63,7 +72,7 @@ class Reject:
     rule: int = 0
 
 
-Reply = Promise | Accepted | Nack | Reject
+Reply = Promise | Accepted | AcceptedLeased | Nack | Reject
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,11 @@ class Acceptor:
 
     # -- request handling ---------------------------------------------------------------------
 
-    def handle(self, msg: Prepare | Accept) -> Step:
+    def handle(self, msg: Prepare | Accept | AcceptLeased) -> Step:
         if isinstance(msg, Prepare):
             return self.handle_prepare(msg)
+        if isinstance(msg, AcceptLeased):
+            return self.handle_accept_leased(msg)
         return self.handle_accept(msg)
 
     def _refusal(self, msg: Prepare | Accept, ctx: str) -> Step | None:
@@ -163,6 +174,28 @@ class Acceptor:
         new = SlotState(msg.ballot, AcceptedValue(msg.ballot, msg.value))
         persist = () if new == st else (self._commit(msg.group_id, msg.slot, new),)
         return Step(persist, self._accepted(msg.group_id, msg.slot, msg.ballot, msg.value))
+
+    def handle_accept_leased(self, msg: AcceptLeased) -> Step:
+        """Accept ``msg.accept`` as usual; if accepted, also promise its ballot for the next
+        slot when that is what Prepare would do with nothing to report (see the module doc)."""
+        step = self.handle_accept(msg.accept)
+        if not isinstance(step.reply, Accepted):
+            return step  # refused: no lease either
+        persist, lease = self._lease(msg.accept)
+        return Step(step.persist + persist, AcceptedLeased(step.reply, lease))
+
+    def _lease(self, accept: Accept) -> tuple[tuple[AcceptorRecord, ...], Promise | None]:
+        """The promise of ``accept.ballot`` for ``accept.slot + 1`` and the record that makes
+        it durable, or no promise. Never lowers a promise: a higher one made to another
+        proposer must keep its Accepts below it out (that is what makes the lease safe)."""
+        group_id, nxt, ballot = accept.group_id, accept.slot + 1, accept.ballot
+        st = self.state(group_id, nxt)
+        if st.accepted is not None or (st.promised is not None and ballot < st.promised):
+            return (), None
+        persist: tuple[AcceptorRecord, ...] = ()
+        if st.promised != ballot:
+            persist = (self._commit(group_id, nxt, SlotState(ballot, None)),)
+        return persist, self._promise(group_id, nxt, ballot, None)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Paxos wire messages, signed bodies and decision certificates (tags ``0x20-0x3F``).
+"""Paxos wire messages, signed bodies and decision certificates (tags ``0x20-0x3F``, and
+``0x66``/``0x67`` for the fast path).
 
 What is signed, by whom, under which context (:mod:`proto.identity`):
 
@@ -10,6 +11,11 @@ What is signed, by whom, under which context (:mod:`proto.identity`):
   to what it claimed to have accepted, so a lying acceptor leaves signed evidence.
 
 ``Nack`` is unsigned: it can only slow a proposer down, never make it decide.
+
+The fast path (:class:`AcceptLeased` / :class:`AcceptedLeased`) adds no new kind of vote: an
+acceptor that accepts slot ``n`` at ballot ``b`` may also give an ordinary signed
+:class:`Promise` for ``(n + 1, b)``; a quorum of those is phase 1 of slot ``n + 1`` done in
+advance (:class:`Lease`), so the next commit needs only phase 2.
 """
 
 from __future__ import annotations
@@ -238,3 +244,60 @@ class PaxosRejected:
     reason: U16
     rule: U16
     detail: Annotated[str, MaxLen(512)]
+
+
+@message(0x66)
+@dataclass(frozen=True)
+class AcceptLeased:
+    """An :class:`Accept` for slot ``n`` that also asks each acceptor to promise the same ballot
+    for slot ``n + 1`` (the proposer expects to commit again: :mod:`proto.paxos.lease`)."""
+
+    accept: Accept
+
+    @property
+    def group_id(self) -> bytes:
+        return self.accept.group_id
+
+    @property
+    def slot(self) -> int:
+        return self.accept.slot
+
+    @property
+    def ballot(self) -> Ballot:
+        return self.accept.ballot
+
+
+@message(0x67)
+@dataclass(frozen=True)
+class AcceptedLeased:
+    """The answer to :class:`AcceptLeased`: the Accepted vote for slot ``n`` and, when the
+    acceptor could give it, its signed Promise of the same ballot for slot ``n + 1`` with
+    nothing accepted there (None when it had promised a higher ballot or accepted a value)."""
+
+    accepted: Accepted
+    lease: Promise | None
+
+    @property
+    def group_id(self) -> bytes:
+        return self.accepted.group_id
+
+    @property
+    def slot(self) -> int:
+        return self.accepted.slot
+
+    @property
+    def ballot(self) -> Ballot:
+        return self.accepted.ballot
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Promises for ``(group_id, slot, ballot)`` collected from the previous slot's
+    :class:`AcceptedLeased` answers. Held by one proposer in memory and spent at most once:
+    a proposer that used the ballot of a lease with one value must never use it with another.
+    """
+
+    group_id: bytes
+    slot: int
+    ballot: Ballot
+    promises: tuple[Promise, ...]

@@ -10,6 +10,15 @@ proposes the one with the highest ballot, never its own. The outcome is
 :class:`~proto.paxos.messages.Decided` when its own value was chosen, :class:`Lost` when another
 was (the driver then processes the winner and may retry in the next slot), or an
 :class:`~proto.paxos.messages.EquivocationProof`.
+
+**Fast path.** With ``want_lease`` phase 2 sends :class:`~proto.paxos.messages.AcceptLeased`,
+and the signed next-slot promises that come back with the votes of the current ballot are kept;
+:meth:`Proposer.next_lease` hands them over once the slot is decided. A proposer built with that
+``lease`` for the next slot starts at the lease's ballot with those promises already in, as if
+its own Prepare had just been answered: when they are a quorum of *its* slot's acceptors it
+sends Accept at once (one round trip); otherwise, and on any retry, it runs the full protocol
+with a higher round. The lease is spent by :meth:`Proposer.start` whatever happens, so its
+ballot carries at most one value.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ from proto.paxos.messages import (
     Accept,
     AcceptBody,
     Accepted,
+    AcceptedLeased,
+    AcceptLeased,
     Ballot,
     Certificate,
     Decided,
     EquivocationProof,
+    Lease,
     Nack,
     Prepare,
     PrepareBody,
@@ -65,7 +77,8 @@ Outcome = Decided | Lost | EquivocationProof
 
 class Proposer:
     def __init__(self, key: SecretKey, group_id: bytes, slot: int, value: bytes,
-                 acceptors: AcceptorSet, *, first_round: int = 1) -> None:
+                 acceptors: AcceptorSet, *, first_round: int = 1, lease: Lease | None = None,
+                 want_lease: bool = False) -> None:
         self.key = key
         self.fingerprint = fingerprint(key.public)
         self.group_id = group_id
@@ -80,6 +93,12 @@ class Proposer:
         self.outcome: Outcome | None = None
         self._known_values = {value_hash(value): value}
         self.learner = Learner(lambda g, s: acceptors if (g, s) == (group_id, slot) else None)
+        self.want_lease = want_lease
+        self.lease_promises: dict[bytes, Promise] = {}
+        """Next-slot promises of the current ballot (fast path), by acceptor."""
+        self._lease = lease if lease is not None and _lease_fits(lease, self) else None
+        if lease is not None:
+            self._next_round = max(self._next_round, lease.ballot.round + 1)
 
     @property
     def ballot(self) -> Ballot:
@@ -89,10 +108,16 @@ class Proposer:
     def wants_retry(self) -> bool:
         return self.phase is Phase.BACKING_OFF
 
-    def start(self) -> list[Prepare]:
-        """Begin (or restart) phase 1 with a round above every round seen so far."""
+    def start(self) -> list[Prepare] | list[Accept | AcceptLeased]:
+        """Begin (or restart) phase 1 with a round above every round seen so far; the first
+        call with a lease that is a quorum of this slot's acceptors goes to phase 2 at once."""
         if self.phase is Phase.DONE:
             return []
+        lease, self._lease = self._lease, None  # spent, whatever comes of it
+        if lease is not None:
+            fast = self._start_leased(lease)
+            if fast:
+                return fast
         self.round = self._next_round
         self._next_round = self.round + 1
         self.phase = Phase.PREPARING
@@ -102,20 +127,72 @@ class Proposer:
         return [Prepare(self.group_id, self.slot, self.ballot,
                         self.key.sign(PREPARE_CTX, encode_struct(body)))]
 
-    retry = start  # a timeout or a Nack both mean: try again with a higher ballot
+    def retry(self) -> list[Prepare]:
+        """A timeout or a Nack both mean: try again with a higher ballot (full protocol)."""
+        self._lease = None
+        out = self.start()
+        return out  # type: ignore[return-value]  # without a lease start() only prepares
 
-    def receive(self, msg: Promise | Accepted | Nack) -> list[Prepare | Accept]:
-        if self.phase is Phase.DONE or (msg.group_id, msg.slot) != (self.group_id, self.slot):
+    def _start_leased(self, lease: Lease) -> list[Accept | AcceptLeased]:
+        """Phase 2 straight away at the lease's ballot, if its promises make a quorum."""
+        self.round = lease.ballot.round
+        self.phase = Phase.PREPARING
+        self.promises = {}
+        self.proposal = None
+        self.lease_promises = {}
+        out: list[Accept | AcceptLeased] = []
+        for p in lease.promises:
+            if p.accepted is None:  # a lease reports nothing accepted, by construction
+                out.extend(self._on_promise(p))
+        if out:
+            return out
+        self.phase = Phase.IDLE
+        return []
+
+    def next_lease(self) -> Lease | None:
+        """The promises for slot + 1 gathered with this slot's decision, if it is decided and
+        any came (whether they are a quorum is for the next slot's acceptor set to say)."""
+        if self.outcome is None or isinstance(self.outcome, EquivocationProof):
+            return None
+        if not self.lease_promises:
+            return None
+        return Lease(self.group_id, self.slot + 1, self.ballot,
+                     tuple(p for _, p in sorted(self.lease_promises.items())))
+
+    def receive(self, msg: Promise | Accepted | AcceptedLeased | Nack
+                ) -> list[Prepare | Accept | AcceptLeased]:
+        if (msg.group_id, msg.slot) != (self.group_id, self.slot):
+            return []
+        if self.phase is Phase.DONE:  # late votes can still bring lease promises
+            if isinstance(msg, AcceptedLeased):
+                self._on_lease(msg)
+            return []
+        if isinstance(msg, AcceptedLeased):
+            self._on_lease(msg)
+            self._on_accepted(msg.accepted)
             return []
         if isinstance(msg, Promise):
-            return self._on_promise(msg)
+            return list(self._on_promise(msg))
         if isinstance(msg, Accepted):
             self._on_accepted(msg)
             return []
         self._on_nack(msg)
         return []
 
-    def _on_promise(self, msg: Promise) -> list[Prepare | Accept]:
+    def _on_lease(self, msg: AcceptedLeased) -> None:
+        """Keep the next-slot promise that came with a vote for our current ballot."""
+        p, vote = msg.lease, msg.accepted
+        if (p is None or self.phase not in (Phase.ACCEPTING, Phase.DONE)
+                or self.proposal is None or vote.ballot != self.ballot
+                or p.ballot != self.ballot or p.acceptor != vote.acceptor
+                or (p.group_id, p.slot) != (self.group_id, self.slot + 1)
+                or p.accepted is not None or p.acceptor not in self.acceptors):
+            return
+        if not is_valid_signature(p.acceptor, PROMISE_CTX, encode_struct(p.body()), p.signature):
+            return
+        self.lease_promises[p.acceptor] = p
+
+    def _on_promise(self, msg: Promise) -> list[Accept | AcceptLeased]:
         if (self.phase is not Phase.PREPARING or msg.ballot != self.ballot
                 or msg.acceptor not in self.acceptors or msg.acceptor in self.promises):
             return []
@@ -135,9 +212,11 @@ class Proposer:
         else:
             self.proposal = self.own_value
         self.phase = Phase.ACCEPTING
+        self.lease_promises = {}
         body = AcceptBody(self.group_id, self.slot, self.ballot, value_hash(self.proposal))
-        return [Accept(self.group_id, self.slot, self.ballot, self.proposal,
-                       self.key.sign(ACCEPT_CTX, encode_struct(body)))]
+        accept = Accept(self.group_id, self.slot, self.ballot, self.proposal,
+                        self.key.sign(ACCEPT_CTX, encode_struct(body)))
+        return [AcceptLeased(accept) if self.want_lease else accept]
 
     def _on_accepted(self, msg: Accepted) -> None:
         event = self.learner.on_accepted(msg)
@@ -164,6 +243,7 @@ class Proposer:
         """An independent copy (for simulators that branch on one proposer state)."""
         q = copy.copy(self)
         q.promises = dict(self.promises)
+        q.lease_promises = dict(self.lease_promises)
         q._known_values = dict(self._known_values)
         q.learner = Learner(self.learner.acceptors_for, dict(self.learner.decided),
                             list(self.learner.proofs),
@@ -173,5 +253,12 @@ class Proposer:
     def snapshot(self) -> tuple[object, ...]:
         """Hashable summary of the proposer's state (for state-space exploration)."""
         return (self.round, self._next_round, self.phase, self.proposal,
-                tuple(sorted(self.promises)), self.outcome,
+                tuple(sorted(self.promises)), self.outcome, tuple(sorted(self.lease_promises)),
+                self._lease is not None,
                 tuple(sorted((k, tuple(sorted(v))) for k, v in self.learner._votes.items())))
+
+
+def _lease_fits(lease: Lease, p: Proposer) -> bool:
+    """A lease is only ever for the slot, group and proposer it was gathered for."""
+    return ((lease.group_id, lease.slot) == (p.group_id, p.slot)
+            and lease.ballot.proposer == p.fingerprint)
