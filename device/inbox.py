@@ -40,7 +40,9 @@ from device.receive_journal import ReceiveJournal
 from device.replica import Replica
 from device.rules import (
     Triage,
+    backfill_shows_gap,
     check_plaintext,
+    first_missing,
     gap_state_due,
     lacks_something,
     state_request_due,
@@ -90,13 +92,16 @@ class Inbox:
         b = self.replica.buffer
         return waiting_for(b.pending.values(), b.delivered)
 
-    def check_gap(self, backfilled: bytes | None = None, started: float = 0.0) -> None:
+    def check_gap(self, backfilled: bytes | None = None, started: float = 0.0,
+                  served: dict[bytes, int] | None = None) -> None:
         """After a batch, or a full backfill from syncnode ``backfilled`` that began at
         ``started``: follow the gap, and ask the members for the state when the syncnodes
         cannot fill it (module doc). Only a backfill that began after the gap was found counts:
-        one that began before may have read the syncnode before the missing updates reached
-        it (an update pushed ahead of the one before it, both in flight, looked like a gap
-        nobody could fill when the join's first backfills ended just then)."""
+        one that began before counts only if it served later seqs of each sender than the
+        missing ones (``served``: per sender, the highest seq it served): else it may have read
+        the syncnode before the missing updates reached it (an update pushed ahead of the one
+        before it, both in flight, looked like a gap nobody could fill when the join's first
+        backfills ended just then)."""
         r = self.replica
         missing = self.waiting_for()
         if missing == 0:
@@ -107,7 +112,8 @@ class Inbox:
         now = trio.current_time()
         if self.gap_since is None:
             self.gap_since, self.gap_backfilled = now, set()
-        if backfilled is not None and started >= self.gap_since:
+        if backfilled is not None and (started >= self.gap_since or backfill_shows_gap(
+                first_missing(r.buffer.pending.values(), r.buffer.delivered), served or {})):
             self.gap_backfilled.add(backfilled)
         cfg = r.host.config
         if r.status != "active" or not gap_state_due(

@@ -109,6 +109,11 @@ class Outbox:
         fsyncs on every device) is paid for many edits at once."""
         cfg = self.host.config
         r = self.replica
+        # A device just started (a one-shot `syncdevice edit`) first learns the decisions it
+        # missed, for at most connect_timeout: an update sealed in an epoch the group has
+        # left cannot be read by members added since (they ask the others for the state).
+        with trio.move_on_after(cfg.connect_timeout):
+            await r.learned.wait()
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()

@@ -103,6 +103,10 @@ class Replica:
         """Syncnodes whose log :meth:`Membership.find_fork` searched already."""
         """Fires when something shows that syncnodes decided slots we have not applied."""
         self.epoch_changed = Signal()
+        self.learned = trio.Event()
+        """Set once a syncnode told us every decision it has (this run): edits are sealed
+        after it, so they do not go out in an epoch the group has left (members added since
+        could not read them)."""
         self.apply_lock = trio.Lock()
         """Held while received envelopes or decisions are applied (one engine step at a time)."""
         self.state_loaded = trio.Event()

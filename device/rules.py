@@ -193,6 +193,35 @@ def waiting_for(pending: Iterable[Payload], delivered: Mapping[bytes, int]) -> i
     return missing
 
 
+def first_missing(pending: Iterable[Payload], delivered: Mapping[bytes, int]) -> dict[bytes, int]:
+    """Per sender that causal delivery waits for, the first seq this device does not hold
+    (:func:`waiting_for` counts them)."""
+    need: dict[bytes, int] = {}
+    held: dict[bytes, set[int]] = {}
+    for p in pending:
+        held.setdefault(p.sender, set()).add(p.seq)
+        need[p.sender] = max(need.get(p.sender, 0), p.seq - 1)
+        for d in p.deps:
+            if d.sender != p.sender:
+                need[d.sender] = max(need.get(d.sender, 0), d.seq)
+    out = {}
+    for sender, upto in need.items():
+        q, have = delivered.get(sender, 0) + 1, held.get(sender, set())
+        while q <= upto and q in have:
+            q += 1
+        if q <= upto:
+            out[sender] = q
+    return out
+
+
+def backfill_shows_gap(gaps: Mapping[bytes, int], served: Mapping[bytes, int]) -> bool:
+    """Whether a backfill that began before the gap was found still shows that its syncnode
+    lacks the missing updates: for each sender, it served a later seq than the first missing
+    one (it skipped it). One that stopped below it may simply have read before the update
+    arrived there (an update pushed ahead of its predecessor, both in flight)."""
+    return all(served.get(sender, 0) > seq for sender, seq in gaps.items())
+
+
 def gap_state_due(*, missing: int, since: float | None, now: float,
                   backfilled: Collection[bytes], syncnodes: Collection[bytes], wait: float,
                   asked: int, last_ask: float, retry: float, retry_max: float) -> bool:

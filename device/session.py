@@ -80,6 +80,7 @@ class Session:
             nursery.start_soon(self.links.keepalive, client)
             nursery.start_soon(self.links.follow_addresses, client)
             await self.membership.learn(client)
+            self.replica.learned.set()
             await self.backfill(client)
             nursery.start_soon(self._periodic_backfill, client)
             nursery.start_soon(self.outbox.witness.run, client)
@@ -179,15 +180,18 @@ class Session:
         r = self.replica
         more = True
         started = trio.current_time()
+        served: dict[bytes, int] = {}
         while more and r.status == "active":
             before = r.buffer.watermarks()
             page = await client.backfill(r.group_id, before)
             self.outbox.witness.backfilled(client.node_id, before, page)
+            for env in page.envelopes:
+                served[env.sender] = max(served.get(env.sender, 0), env.seq)
             async with r.apply_lock:
                 self.inbox.receive(page.envelopes)
             more = backfill_again(page.more, before, r.buffer.watermarks())
             await trio.lowlevel.checkpoint()
-        self.inbox.check_gap(client.node_id if not more else None, started)
+        self.inbox.check_gap(client.node_id if not more else None, started, served)
         self.inbox.ask_if_missing()
 
     async def _periodic_backfill(self, client: SyncnodeClient) -> None:

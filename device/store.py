@@ -10,7 +10,10 @@ documents offered to this device through a group, and alarms.
 Crash rule: each engine step (flush an edit, apply received messages, apply a decision) runs in
 **one transaction** that also writes the MLS state it changed, so after a crash the database
 is at a step boundary: never a ciphertext in the outbox whose ratchet state was not saved,
-never a delivered update that is not in the CRDT state.
+never a delivered update that is not in the CRDT state. Steps that other devices or the
+syncnodes can redo (received messages, acks) commit without an fsync; a seal too, but nothing
+it encrypted leaves before :meth:`Store.sync` put it on disk. Received steps may even wait for
+the next transaction (:mod:`device.receive_journal`), which writes them first.
 
 The device directory is private to its owner (0700, files 0600, see :func:`private_home`): the
 database holds the keys that let anyone who reads them act as this device.

@@ -15,10 +15,12 @@ from device.rules import (
     Triage,
     address_is_news,
     backfill_again,
+    backfill_shows_gap,
     check_plaintext,
     conflicts,
     decision_fit,
     durable_count,
+    first_missing,
     fits_one_message,
     gap_state_due,
     has_quorum,
@@ -309,3 +311,14 @@ def test_a_gap_is_asked_about_once_every_syncnode_was_tried_or_after_a_wait() ->
     assert not due(backfilled={N1, N2, N3}, asked=30, last_ask=100.0, now=699.0)
     assert due(backfilled={N1, N2, N3}, asked=30, last_ask=100.0, now=700.0)
     assert due(backfilled={N1, N2, N3}, asked=10_000, last_ask=100.0, now=700.0)
+
+
+def test_a_backfill_begun_before_a_gap_proves_it_only_if_it_skipped_the_missing_seq() -> None:
+    # Alice's 5 waits for her 4 (3 delivered); bob's 2 waits for alice's 7.
+    pending = [payload(seq=5), payload(sender=BOB, seq=2, deps=(Dep(ALICE, 7),))]
+    gaps = first_missing(pending, {ALICE: 3, BOB: 1})
+    assert gaps == {ALICE: 4}
+    assert first_missing([payload(seq=4), payload(seq=5)], {ALICE: 3}) == {}
+    assert backfill_shows_gap(gaps, {ALICE: 6, BOB: 2})  # it served 6 and not 4: it lacks 4
+    assert not backfill_shows_gap(gaps, {ALICE: 3})  # it stopped below: may have read early
+    assert not backfill_shows_gap(gaps, {})
