@@ -12,7 +12,7 @@
   (:meth:`Inbox._answer`). A state a new member got directly is loaded with
   :meth:`Inbox.load_state`.
 * **gaps**: an update that causal delivery waits for and that no syncnode served (every one
-  was backfilled from since, or ``gap_wait`` passed: :func:`device.rules.gap_state_due`) was
+  was backfilled from since, or ``gap_wait`` passed: :func:`device.gaps.gap_state_due`) was
   lost on the syncnodes, or never reached them; the members that delivered it hold it in
   their state, so the device asks them for it, again with a growing pause while none answers
   (:meth:`Inbox.check_gap`). ``sync_status()`` shows the count (``waiting_for``) and the
@@ -32,6 +32,7 @@ import trio
 
 from device.compaction_check import state_facts
 from device.events import Change
+from device.gaps import backfill_shows_gap, first_missing, gap_state_due, waiting_for
 from device.mls import MlsError, identity_for
 from device.offers import take_offer
 from device.outbox import Outbox
@@ -40,14 +41,10 @@ from device.receive_journal import ReceiveJournal
 from device.replica import Replica
 from device.rules import (
     Triage,
-    backfill_shows_gap,
     check_plaintext,
-    first_missing,
-    gap_state_due,
     lacks_something,
     state_request_due,
     triage,
-    waiting_for,
 )
 from proto import entropy
 from proto.crdt import CrdtError

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from device.gaps import backfill_shows_gap, first_missing, gap_state_due, waiting_for
 from device.rules import (
     MAX_FLUSH_BYTES,
     STATE_HEADROOM,
@@ -15,14 +16,11 @@ from device.rules import (
     Triage,
     address_is_news,
     backfill_again,
-    backfill_shows_gap,
     check_plaintext,
     conflicts,
     decision_fit,
     durable_count,
-    first_missing,
     fits_one_message,
-    gap_state_due,
     has_quorum,
     is_durable,
     lacks_something,
@@ -39,7 +37,6 @@ from device.rules import (
     status_after,
     take_batch,
     triage,
-    waiting_for,
     watchdog_wait,
 )
 from proto.envelope import Envelope
