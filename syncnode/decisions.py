@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from proto.codec import decode_as, encode, encode_struct
+from proto.codec import decode_as, encode
 from proto.identity import short_id
 from proto.logs import get_logger
 from proto.manifest import ManifestError, verify_decided
@@ -80,7 +80,7 @@ class DecidedLog:
                                    ) from None
             try:
                 await self.store.append_decided(g.group_id, cert.slot, msg.value, encode(cert),
-                                                encode_struct(value.manifest))
+                                                value.manifest.wire)
             except StorageConflict:
                 # Another process of this node (shared storage) stored the slot since we read
                 # the group: catch up with what it stored and answer as for a known slot.
