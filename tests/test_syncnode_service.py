@@ -118,7 +118,7 @@ async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> No
     g = await _group_with(cluster, alice, bob)
     node = cluster.nodes[0]
     async with cluster.clients(bob, [node]) as (bc,), cluster.clients(alice, [node]) as (ac,):
-        async with bc.subscribe(g.group_id) as feed:
+        async with bc.subscribe(g.group_id) as feed, ac.subscribe(g.group_id) as own_feed:
             sent = [Envelope.seal(alice.key, g.group_id, seq, 1, alice.mls.encrypt(b"u%d" % seq))
                     for seq in range(1, 6)]
             for env in sent:
@@ -128,17 +128,22 @@ async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> No
             assert pushed == sent
             assert [bob.mls.decrypt(e.ciphertext) for e in pushed] == [b"u%d" % i
                                                                       for i in range(1, 6)]
+            # Not echoed to its sender: alice's own feed brings bob's envelope first.
+            reply = Envelope.seal(bob.key, g.group_id, 1, 1, bob.mls.encrypt(b"r"))
+            await bc.store(reply)
+            with trio.fail_after(5):
+                assert await own_feed.__anext__() == reply
         # Same (sender, seq) with other content is refused: it would be a device equivocating.
         clash = Envelope.seal(alice.key, g.group_id, 3, 1, b"other")
         with pytest.raises(RemoteError) as err:
             await ac.store(clash)
         assert err.value.code == ErrorCode.CONFLICT
         # Backfill by watermark, paged.
-        page = await bc.backfill(g.group_id, {alice.key_fpr: 2}, limit=2)
+        page = await bc.backfill(g.group_id, {alice.key_fpr: 2, bob.key_fpr: 1}, limit=2)
         assert [e.seq for e in page.envelopes] == [3, 4] and page.more
-        page = await bc.backfill(g.group_id, {alice.key_fpr: 4}, limit=2)
+        page = await bc.backfill(g.group_id, {alice.key_fpr: 4, bob.key_fpr: 1}, limit=2)
         assert [e.seq for e in page.envelopes] == [5] and not page.more
-        assert node.service.metrics.messages_pushed._value.get() == 5
+        assert node.service.metrics.messages_pushed._value.get() == 6
 
 
 async def test_readers_updates_are_refused(cluster: MemoryCluster) -> None:
