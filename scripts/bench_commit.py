@@ -45,6 +45,7 @@ from device.document import Document
 from device.paxos_driver import announce_decision, propose
 from proto.logs import configure_logging
 from proto.paxos.messages import Decided
+from scripts.bench_kit import PEERS, ensure_peers, pct
 from syncnode.procs import NodeProcess, start_cluster
 
 try:  # the fast path (issue 19); absent on older code, which this script also measures
@@ -52,13 +53,7 @@ try:  # the fast path (issue 19); absent on older code, which this script also m
 except ImportError:  # pragma: no cover
     LeaseBook = None  # type: ignore[assignment,misc]
 
-PEERS = Path("/work/shared/peers")
 CONFIG = DeviceConfig()
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 async def decisions(nodes: list[NodeProcess], count: int, fast: bool = True) -> list[float]:
@@ -155,14 +150,14 @@ async def control_path(root: Path, nodes: list[NodeProcess], args: argparse.Name
     res: dict[str, Any] = {}
     tickets = [n.ticket for n in nodes if n.ticket is not None]
     lat = await decisions(nodes, args.decisions)
-    res["decision_p50_ms"], res["decision_p99_ms"] = _pct(lat, 50) * 1e3, _pct(lat, 99) * 1e3
+    res["decision_p50_ms"], res["decision_p99_ms"] = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
     res["decision_mean_ms"] = statistics.mean(lat) * 1e3
     print(f"decision ({args.decisions}): p50 {res['decision_p50_ms']:.2f} ms, "
           f"p99 {res['decision_p99_ms']:.2f} ms", flush=True)
     if LeaseBook is not None:  # the same, without the fast path, in the same run
         full = await decisions(nodes, args.decisions, fast=False)
-        res["decision_full_p50_ms"] = _pct(full, 50) * 1e3
-        res["decision_full_p99_ms"] = _pct(full, 99) * 1e3
+        res["decision_full_p50_ms"] = pct(full, 50) * 1e3
+        res["decision_full_p99_ms"] = pct(full, 99) * 1e3
         print(f"decision, full protocol: p50 {res['decision_full_p50_ms']:.2f} ms, "
               f"p99 {res['decision_full_p99_ms']:.2f} ms", flush=True)
     for n in (2, 5, 10):
@@ -216,6 +211,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the flat results here")
     args = ap.parse_args()
     configure_logging("warning")
+    if not args.skip_peers:
+        ensure_peers()  # before our part: a missing peer fails in seconds, not after it
     with tempfile.TemporaryDirectory(prefix="bench-commit-") as tmp:
         root = Path(tmp)
         nodes = start_cluster(root / "cluster", 3)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -33,31 +32,19 @@ from typing import Any
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from device.agent import Device, DeviceConfig
 from device.document import Change, Document
 from proto.logs import configure_logging
+from scripts.bench_kit import cpu_seconds, pct
 from syncnode.procs import NodeProcess, start_cluster
 
 CONFIG = DeviceConfig()
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process so far (this one by default): CPU per change is
-    the figure a busy machine distorts least."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def nodes_cpu(nodes: list[NodeProcess]) -> float:
     return sum(cpu_seconds(n.proc.pid) for n in nodes if n.proc is not None)
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def counter_of(doc: Document, writer: int) -> int:

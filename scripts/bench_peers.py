@@ -11,9 +11,10 @@ the machine hits both sides of a ratio:
   shapes over real syncnode processes, every update MLS-encrypted, fsynced on the sending
   device and on a quorum of syncnodes; y-leveldb does not fsync); syncnode ingest with group
   commit against one fsync per message (``bench_syncnode.py --phases a``).
-* control path (issue 19, ``--control``): etcd put p50 (3 members, fsync) against our Paxos
-  decision p50 on 3 syncnodes (``bench_syncnode.py --phases b``, or ``bench_commit.py`` when
-  present).
+* control path (issue 19, ``--control``): etcd put p50 (3 members, fsync) and Automerge's warm
+  load of a 10k-change document (``am_bench.mjs --phases c``) against ``bench_commit.py``: our
+  Paxos decision p50 on 3 syncnodes, a key rotation applied on all of 2 / 5 / 10 devices, the
+  join of a 10k-change document and the first join after a quiet spell.
 
 While it runs, a sampler records the machine's busy cores and the cores used by processes that
 are not this script's descendants ("foreign" load); the table shows it next to each step, so a
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-PEERS = REPO.parent / "shared" / "peers"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.bench_kit import PEERS, REPO, ensure_peers
+
 PY = sys.executable
 
 
@@ -155,6 +157,10 @@ def _etcd(d: dict[str, Any]) -> dict[str, float]:
     return {"put_p50_ms": d["a_seq_put_leader"]["median_ms"]}
 
 
+def _automerge(d: dict[str, Any]) -> dict[str, float]:
+    return {"warm_load_ms": d["c_load_history"]["warm_server_load_ms"]["median_ms"]}
+
+
 def steps(args: argparse.Namespace, out: Path) -> list[Step]:
     n, pace, dur = str(args.n), str(args.pace_ms), str(args.duration)
     s = [
@@ -174,9 +180,12 @@ def steps(args: argparse.Namespace, out: Path) -> list[Step]:
             Step("etcd", PEERS / "etcd",
                  [str(PEERS / "venv/bin/python"), "etcd_bench.py", "--phases", "a", "--seq",
                   "2000", "--reps", "1"], 600, _etcd),
-            Step("ours decision", REPO,
-                 [PY, "scripts/bench_syncnode.py", "--phases", "b", "--decisions", "200"], 300,
-                 lambda d: {k: d[k] for k in ("decision_p50_ms", "decision_p99_ms")}),
+            Step("automerge", PEERS / "automerge",
+                 ["node", "am_bench.mjs", "--phases", "c", "--cold_reps", "0", "--data_dir",
+                  str(out / "am-data")], 600, _automerge),
+            Step("ours control", REPO,
+                 [PY, "scripts/bench_commit.py", "--skip-peers", "--skip-260k"], 900,
+                 lambda d: {k: v for k, v in d.items() if isinstance(v, float)}),
         ]
     return s
 
@@ -248,11 +257,21 @@ def table(by: dict[str, Step]) -> list[str]:
         row("syncnode ingest, group commit vs one fsync per message",
             _vals(i, "ingest_group_commit_per_s"), _vals(i, "ingest_one_fsync_per_s"), "msg/s",
             ".0f", ">= 10x", lambda r: r >= 10, "one fsync per message: ")
-    t, d = by.get("etcd"), by.get("ours decision")
-    if t and d:
+    t, c, am = by.get("etcd"), by.get("ours control"), by.get("automerge")
+    if t and c:
+        put = _vals(t, "put_p50_ms")
         row("Paxos decision p50, 3 syncnodes vs etcd put p50 (3 members)",
-            _vals(d, "decision_p50_ms"), _vals(t, "put_p50_ms"), "ms", ".2f", "<= 3x",
-            lambda r: r <= 3)
+            _vals(c, "decision_p50_ms"), put, "ms", ".2f", "<= 3x", lambda r: r <= 3)
+        for n in (2, 5, 10):
+            row(f"key rotation applied on all {n} devices vs etcd put",
+                _vals(c, f"rotation_all_ms_{n}"), put, "ms", ".1f", "<= 6x", lambda r: r <= 6)
+    if am and c:
+        warm = _vals(am, "warm_load_ms")
+        row("join of a 10k-change document vs Automerge warm load", _vals(c, "join_10k_ms"),
+            warm, "ms", ".0f", "<= 1x", lambda r: r <= 1)
+        row("first join after a quiet spell vs Automerge warm load",
+            _vals(c, "join_first_after_quiet_ms"), warm, "ms", ".0f", "<= 1x (no outlier)",
+            lambda r: r <= 1)
     rows.append("")
     rows.append("| step | foreign load, mean cores (max) per repetition |")
     rows.append("|---|---|")
@@ -262,14 +281,6 @@ def table(by: dict[str, Step]) -> list[str]:
     return rows
 
 
-def ensure_peers() -> None:
-    ready = ((PEERS / "yjs/node_modules").is_dir() and (PEERS / "venv/bin/python").exists()
-             and shutil.which("etcd") is not None)
-    if not ready:
-        print(f"setting up the peers: {PEERS / 'setup.sh'} (once)", file=sys.stderr)
-        subprocess.run(["bash", str(PEERS / "setup.sh")], check=True, timeout=1800)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="exit codes: 0 done, 1 a step failed, 2 usage error")
@@ -277,7 +288,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=300, help="changes in the latency phase")
     ap.add_argument("--pace-ms", type=float, default=10.0, help="pause between latency changes")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of the window:32 run")
-    ap.add_argument("--control", action="store_true", help="also the control path (etcd)")
+    ap.add_argument("--control", action="store_true",
+                    help="also the control path (bench_commit.py vs etcd and Automerge)")
     ap.add_argument("--layout", choices=("one-process", "process-per-device"),
                     help="bench_e2e.py's device layout (default: its own)")
     ap.add_argument("--out", type=Path, help="results folder (default: a new bench-results/<time>)")

@@ -39,6 +39,7 @@ from proto.identity import SecretKey
 from proto.paxos.messages import Decided
 from proto.rpc import SyncnodeClient
 from proto.transport.iroh import IrohTransport
+from scripts.bench_kit import pct
 from syncnode.procs import NodeProcess, start_cluster
 from tests.syncnode_kit import Device, add_value, new_group, update_value
 
@@ -149,11 +150,6 @@ async def idle_groups(node: NodeProcess, count: int) -> float:
     return time.perf_counter() - started
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-
-
 def ingest_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> None:
     print(f"(a) durable ingest, {CLIENTS} clients, {ENVELOPE} B envelopes, "
           f"{args.seconds:.0f} s per mode, depth {args.depth}")
@@ -185,9 +181,9 @@ def paxos_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> 
     finally:
         for n in nodes:
             n.stop()
-    print(f"    p50 {_pct(lat, 50) * 1e3:6.2f} ms   p99 {_pct(lat, 99) * 1e3:6.2f} ms   "
+    print(f"    p50 {pct(lat, 50) * 1e3:6.2f} ms   p99 {pct(lat, 99) * 1e3:6.2f} ms   "
           f"mean {statistics.mean(lat) * 1e3:6.2f} ms")
-    out.update(decision_p50_ms=_pct(lat, 50) * 1e3, decision_p99_ms=_pct(lat, 99) * 1e3)
+    out.update(decision_p50_ms=pct(lat, 50) * 1e3, decision_p99_ms=pct(lat, 99) * 1e3)
 
 
 def idle_phase(root: Path, args: argparse.Namespace, out: dict[str, float]) -> None:
