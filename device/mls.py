@@ -78,6 +78,8 @@ class SqliteGroupStorage(mls_rs_uniffi.GroupStateStorage):  # type: ignore[misc]
         self.db.executemany("INSERT OR REPLACE INTO mls_epochs VALUES (?,?,?)",
                             [(gid, r.id, bytes(r.data)) for r in [*epoch_inserts,
                                                                   *epoch_updates]])
+        if not epoch_inserts:
+            return  # no new epoch, nothing newly old: most writes (every send and receive)
         top = self.max_epoch_id(gid)
         if top is not None:
             self.db.execute("DELETE FROM mls_epochs WHERE group_id=? AND epoch_id<=?",

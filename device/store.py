@@ -265,7 +265,9 @@ class Store:
         except FileNotFoundError:  # nothing written in WAL mode yet: nothing to sync
             return
         try:
-            os.fsync(fd)
+            # fdatasync: the data and what reading it back needs (the file size), not the
+            # timestamps; what SQLite itself uses for its own syncs on Linux.
+            os.fdatasync(fd)
         finally:
             os.close(fd)
 

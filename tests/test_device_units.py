@@ -152,3 +152,28 @@ def test_rotation_is_due_after_the_time_or_the_messages_whichever_first() -> Non
     assert rotation_wait(101.0, 100.0, 9, after=0, after_messages=10) == float("inf")
     assert rotation_wait(101.0, 100.0, 10**6, after=0, after_messages=0) is None  # off
     assert 0.1 <= rotation_jitter(1.0) <= rotation_jitter(week) == 30.0
+
+
+def test_mls_storage_keeps_the_newest_epochs_and_writes_within_an_epoch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The binding's writes: a new epoch prunes records beyond ``retention``; a write within
+    an epoch (every send and receive ratchets the current one) updates it and prunes nothing."""
+    from types import SimpleNamespace
+
+    from device.mls import SqliteGroupStorage
+    from device.store import Store
+
+    store = Store(tmp_path)
+    mls = SqliteGroupStorage(store.db, retention=2)
+    gid = b"g" * 32
+
+    def rec(epoch: int, data: bytes) -> SimpleNamespace:
+        return SimpleNamespace(id=epoch, data=data)
+
+    for epoch in range(1, 6):
+        mls.write(gid, b"s%d" % epoch, [rec(epoch, b"e%d" % epoch)], [])
+    kept = [r[0] for r in store.db.execute(
+        "SELECT epoch_id FROM mls_epochs WHERE group_id=? ORDER BY epoch_id", (gid,))]
+    assert kept == [4, 5]
+    mls.write(gid, b"s5'", [], [rec(5, b"e5'")])
+    assert mls.state(gid) == b"s5'" and mls.epoch(gid, 5) == b"e5'" and mls.epoch(gid, 4) == b"e4"
+    assert mls.max_epoch_id(gid) == 5
