@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -250,9 +250,11 @@ class Membership:
 
     # -- our commits -----------------------------------------------------------------------------
 
-    async def commit(self, build: Callable[[], LogValue | None]) -> int:
+    async def commit(self, build: Callable[[], LogValue | None], *,
+                     before_announce: Callable[[], Awaitable[object]] | None = None) -> int:
         """Get one commit of ours decided. ``build`` makes it for the current epoch (None: no
-        longer needed). Losing a slot re-bases: the winner is applied and ``build`` runs again."""
+        longer needed). Losing a slot re-bases: the winner is applied and ``build`` runs again.
+        ``before_announce``: see :func:`device.paxos_driver.propose`."""
         r = self.replica
         host = r.host
         cfg = host.config
@@ -305,7 +307,8 @@ class Membership:
                                             attempts=cfg.propose_attempts,
                                             backoff=cfg.propose_backoff,
                                             timeout=cfg.keepalive_timeout,
-                                            background=host.spawn, leases=self.leases)
+                                            background=host.spawn, leases=self.leases,
+                                            before_announce=before_announce)
                 except ProposeFailed as exc:
                     raise Offline(str(exc)) from None
                 if isinstance(outcome, Decided):
@@ -331,9 +334,11 @@ class Membership:
             raise Offline(f"no commit decided after {cfg.rebase_attempts} rounds of contention")
 
     async def add_device(self, key_package: bytes, sig_pub: bytes, endpoint_id: bytes,
-                         role: Role = Role.WRITER, addrs: tuple[str, ...] = ()) -> int:
+                         role: Role = Role.WRITER, addrs: tuple[str, ...] = (), *,
+                         before_announce: Callable[[], Awaitable[object]] | None = None) -> int:
         """Add a device by its KeyPackage; returns the slot that added it (the state for it is
-        published as the add is applied). Admins only."""
+        published as the add is applied). Admins only. ``before_announce``: see
+        :func:`device.paxos_driver.propose`."""
         r = self.replica
         self.require_admin("add devices")
         fpr = fingerprint(sig_pub)
@@ -346,7 +351,7 @@ class Membership:
             m = next_manifest(r.manifest, commit, add=(entry,))
             return sign_value(r.host.key, m, commit, welcome)
 
-        return await self.commit(build)
+        return await self.commit(build, before_announce=before_announce)
 
     async def remove_device(self, device_id: str) -> int:
         """Remove the member whose id starts with ``device_id``; returns the slot. Admins

@@ -133,7 +133,8 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
                   value: bytes, acceptors: AcceptorSet, *, attempts: int = 12,
                   backoff: float = 0.02, timeout: float = REPLY_TIMEOUT,
                   rng: random.Random | None = None, announce: bool = True,
-                  background: Spawn | None = None, leases: LeaseBook | None = None) -> Outcome:
+                  background: Spawn | None = None, leases: LeaseBook | None = None,
+                  before_announce: Callable[[], Awaitable[object]] | None = None) -> Outcome:
     """Run Paxos for ``(group_id, slot)`` proposing ``value``; return the outcome.
 
     ``Decided`` if ``value`` won, :class:`Lost` (with the winner) otherwise. Raises
@@ -144,7 +145,9 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
     (each bounded by ``timeout``), or are awaited, bounded, when it is None. Without
     ``announce`` the caller does it with :func:`announce_decision`. With ``leases``, the
     fast path: a lease held for ``slot`` is spent on the first ballot, and the one this
-    decision brings for ``slot + 1`` is kept there.
+    decision brings for ``slot + 1`` is kept there. ``before_announce`` is awaited between a
+    won decision and its announce: work that ran alongside the ballot and must be done before
+    anyone can learn the decision (the join's staged copy of the document).
     """
     rng = rng or entropy.rng()
     lease = leases.take(group_id, slot) if leases is not None else None
@@ -160,6 +163,8 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
                 break
             await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
         if isinstance(outcome, Decided) and announce:
+            if before_announce is not None:
+                await before_announce()
             # Announced while the stragglers still run: a vote that comes late may still
             # bring a lease promise (when one of the quorum's votes brought none).
             await announce_decision(await _targets(clients, acceptors), outcome, timeout,

@@ -371,3 +371,53 @@ async def test_join_requests_reach_an_online_inviter_by_push(tmp_path: Path) -> 
         with trio.fail_after(30):
             joined = await b.join(ticket)
         assert joined.value() == {"m": {"k": "v"}}
+
+
+async def test_the_add_is_balloted_while_the_copy_is_staged_and_announced_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inviter stores the joiner's copy of the document alongside the add's ballot (not
+    before it), and announces the decided add, which lets the joiner learn it, only once that
+    copy is stored."""
+    import device.invites as invites
+    import device.paxos_driver as driver
+
+    gate, balloted, events = trio.Event(), trio.Event(), []
+    stage, ballot, announce = invites.Invites._stage, driver._ballot, driver.announce_decision
+
+    async def held_stage(self: invites.Invites, req: object) -> int:
+        await gate.wait()
+        n = await stage(self, req)  # type: ignore[arg-type]
+        events.append("staged")
+        return n
+
+    async def spy_ballot(*args: object, **kw: object) -> object:
+        out = await ballot(*args, **kw)  # type: ignore[arg-type]
+        events.append("ballot")
+        balloted.set()
+        return out
+
+    async def spy_announce(*args: object, **kw: object) -> object:
+        events.append("announce")
+        return await announce(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(invites.Invites, "_stage", held_stage)
+    monkeypatch.setattr(driver, "_ballot", spy_ballot)
+    monkeypatch.setattr(driver, "announce_decision", spy_announce)
+    async with memory_cluster(tmp_path, 5) as (net, _, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda e: e.map("m").insert("k", "v"))
+        joined: list[object] = []
+
+        async def join() -> None:
+            joined.append(await b.join(doc.invite()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(join)
+            with trio.fail_after(20):  # the ballot ends while the copy is held back
+                await balloted.wait()
+            await trio.sleep(0.3)
+            assert "announce" not in events and not joined and doc.epoch == 0
+            gate.set()
+        assert events == ["ballot", "staged", "announce"]
+        assert joined and joined[0].value() == doc.value()  # type: ignore[attr-defined]
