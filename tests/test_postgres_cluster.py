@@ -91,17 +91,19 @@ async def test_processes_of_one_node_serve_as_one(two: list[NodeProcess]) -> Non
     assert p1.ticket is not None and p2.ticket is not None
     assert p1.ticket.node_id == p2.ticket.node_id
     assert set(p2.ticket.addrs) == {p2.ticket.addrs[0], p1.ticket.addrs[0]}  # lists both
-    alice = Device("alice")
-    async with client(only(p1), alice) as c1, client(only(p2), alice) as c2:
-        g = await found_group([SyncnodeEntry(p2.ticket.node_id, p2.ticket.addrs)], [c1], alice)
+    alice, bob = Device("alice"), Device("bob")
+    async with client(only(p1), alice) as c1, client(only(p2), bob) as c2:
+        # Slot 1 adds bob (a sender's own envelopes are not pushed back to it).
+        g = await found_group([SyncnodeEntry(p2.ticket.node_id, p2.ticket.addrs)], [c1], alice,
+                              [bob])
         assert isinstance(await decide(g, alice, [c1], update_value(g, alice)), Decided)
-        alice.mls.apply(g.values[1].commit)
+        alice.mls.apply(g.values[2].commit)
         page = await c2.fetch_decided(g.group_id, 1)  # decided through p1, served by p2
-        assert page.top == 1 and page.decided[0].value == g.values[1].encode()
+        assert page.top == 2 and page.decided[1].value == g.values[2].encode()
         latencies = []
         async with c2.subscribe(g.group_id) as feed:
             for seq in range(1, 31):
-                env = Envelope.seal(alice.key, g.group_id, seq, 1, b"update %d" % seq)
+                env = Envelope.seal(alice.key, g.group_id, seq, 2, b"update %d" % seq)
                 sent = time.perf_counter()
                 await c1.store(env)
                 with trio.fail_after(10):
@@ -109,7 +111,7 @@ async def test_processes_of_one_node_serve_as_one(two: list[NodeProcess]) -> Non
                 latencies.append(time.perf_counter() - sent)
     info = p2.info()  # syncnode info reads the shared database
     assert (info["groups"], info["decisions"], info["envelopes"], info["processes"]) == \
-        (1, 1, 30, 2)
+        (1, 2, 30, 2)
     assert set(NodeTicket.parse(str(info["ticket"])).addrs) == set(p2.ticket.addrs)
     latencies.sort()
     print(f"\nreal processes, store acked by p1 -> pushed by p2 to its subscriber: median "

@@ -35,7 +35,15 @@ from syncnode.service import Service
 from syncnode.session import Session
 from syncnode.storage.postgres import PostgresStorage
 from tests.pg_kit import pg_dsn, pg_server  # noqa: F401
-from tests.syncnode_kit import Device, Group, new_group, signed_accept, signed_prepare, update_value
+from tests.syncnode_kit import (
+    Device,
+    Group,
+    add_value,
+    new_group,
+    signed_accept,
+    signed_prepare,
+    update_value,
+)
 
 
 def session_of(device: Device) -> Session:
@@ -140,33 +148,43 @@ async def test_a_promise_made_by_one_process_binds_the_other(pg_dsn: str  # noqa
 async def test_pushes_reach_subscribers_of_every_process(pg_dsn: str) -> None:  # noqa: F811
     """An envelope stored through one process and a decision learned through another reach
     a subscriber of a third, in order; prints the push latency across processes."""
-    key, creator = SecretKey.generate(), Device("creator")
+    key, creator, bob = SecretKey.generate(), Device("creator"), Device("bob")
     async with node_processes(pg_dsn, key, 3) as services:
         g = await founded(services, creator, key)
         me = session_of(creator)
-        _, sub = await services[2].subscribe(me, Subscribe(g.group_id))
+
+        async def decide(value: bytes) -> Decided:
+            """Paxos through process 0, learned through process 1."""
+            slot = g.next_slot
+            for msg in (signed_prepare(creator, g.group_id, slot, 1),
+                        signed_accept(creator, g.group_id, slot, 1, value)):
+                reply = await services[0].handle(me, msg)
+            assert isinstance(reply, Accepted)
+            decided = Decided(value, make_certificate(g.group_id, slot, reply.ballot,
+                                                      reply.value_hash,
+                                                      {reply.acceptor: reply.signature}))
+            assert (await services[1].handle(me, decided)).count == 1
+            return decided
+
+        # Slot 1 adds bob, who subscribes (a sender's own envelopes are not pushed back to it).
+        add = add_value(g, creator, [bob])
+        await decide(add.encode())
+        g.values.append(add)
+        creator.mls.apply(add.commit)
+        _, sub = await services[2].subscribe(session_of(bob), Subscribe(g.group_id))
         latencies = []
         for seq in range(1, 21):
-            env = Envelope.seal(creator.key, g.group_id, seq, 0, b"update %d" % seq)
+            env = Envelope.seal(creator.key, g.group_id, seq, 1, b"update %d" % seq)
             sent = time.perf_counter()
             assert type(await services[seq % 2].handle(me, env)).__name__ == "Stored"
             with trio.fail_after(5):
                 got = decode(await sub.receive.receive())
             latencies.append(time.perf_counter() - sent)
             assert got == env
-        # A decision: Paxos through process 0, learned through process 1.
-        value = update_value(g, creator).encode()
-        for msg in (signed_prepare(creator, g.group_id, 1, 1),
-                    signed_accept(creator, g.group_id, 1, 1, value)):
-            reply = await services[0].handle(me, msg)
-        assert isinstance(reply, Accepted)
-        decided = Decided(value, make_certificate(g.group_id, 1, reply.ballot,
-                                                  reply.value_hash,
-                                                  {reply.acceptor: reply.signature}))
-        assert (await services[1].handle(me, decided)).count == 1
+        decided = await decide(update_value(g, creator).encode())
         with trio.fail_after(5):
             assert decode(await sub.receive.receive()) == decided
-        assert (await services[2].group(g.group_id)).top == 1  # type: ignore[union-attr]
+        assert (await services[2].group(g.group_id)).top == 2  # type: ignore[union-attr]
         latencies.sort()
         print(f"\ncross-process push (store acked by one process -> frame queued on "
               f"another): median {latencies[len(latencies) // 2] * 1000:.2f} ms, "
