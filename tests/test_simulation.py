@@ -58,7 +58,9 @@ def test_a_run_prints_its_trace_and_a_clean_run_passes() -> None:
 @pytest.mark.parametrize(("variant", "scenario", "seeds"), [
     ("early-apply", "baseline", "0..5"),
     ("ignore-promises", "lossy", "0..11"),
-    ("lease-forgets", "leases", "0..5"),
+    # Rare in the sweep (seeds 7 and 20 of 0..29 catch it at this commit; schedules shift
+    # with any timing change); the lease explorer catches it exhaustively (test_paxos_model).
+    ("lease-forgets", "leases", "0..29"),
     ("join-early", "baseline", "0..5"),
     ("trust-first-genesis", "forge", "0..3"),
     ("members-govern", "baseline", "0..7"),
