@@ -29,7 +29,7 @@ from device.errors import JoinError
 from device.host import Host
 from device.p2p import Progress
 from device.replica import insert_document, mark_needs_state
-from device.state_fetch import Say, fetch_first_state, read_mailbox
+from device.state_fetch import Say, clear_handoff, fetch_first_state, read_mailbox
 from proto import entropy
 from proto.codec import encode
 from proto.errors import DecodeError, SyncnodeError, TransportError
@@ -145,6 +145,8 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
         say(f"added at epoch {slot}; fetching the document")
         loaded = await fetch_first_state(device, doc, t, clients, parts, say, on_progress)
     device.start_document(doc)
+    if loaded:
+        device.spawn(clear_handoff, device, doc, t)
     if not loaded:
         phase.what = ("waiting for a member to send the document through the syncnodes "
                       "(this device is a member now; it keeps asking whenever it runs)")

@@ -135,8 +135,16 @@ async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
         log.warning("the document state does not load", error=str(exc))
         return False
     say(f"received the document {how} ({len(data):,} bytes)")
-    await _ack_handoff(device, clients, t)
     return True
+
+
+async def clear_handoff(device: Host, doc: Document, t: InviteTicket) -> None:
+    """Delete what the inviter left for us, over the document's own links once they are up:
+    after the join returned, not on its path (reading the pages back to learn their ids cost
+    a join about a tenth of its time). Best effort: the items also expire."""
+    with trio.move_on_after(device.config.connect_timeout):
+        await doc.wait_connected(1)
+    await _ack_handoff(device, list(doc.clients.values()), t)
 
 
 async def _staged_from(device: Host, doc: Document, c: SyncnodeClient, t: InviteTicket,

@@ -421,3 +421,23 @@ async def test_the_add_is_balloted_while_the_copy_is_staged_and_announced_after_
             gate.set()
         assert events == ["ballot", "staged", "announce"]
         assert joined and joined[0].value() == doc.value()  # type: ignore[attr-defined]
+
+
+async def test_the_joiner_deletes_the_staged_copy_after_joining(tmp_path: Path) -> None:
+    """The copy the inviter stored for the joiner is deleted by the joiner once it joined
+    (in the background, over the document's own links), from every syncnode."""
+    from proto.rpc import SyncnodeClient
+
+    async with memory_cluster(tmp_path, 7) as (net, _, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda e: e.text("t").insert(0, "hello"))
+        with trio.fail_after(30):
+            joined = await b.join(doc.invite())
+        assert joined.value() == doc.value()
+        for node in nodes:
+            async with SyncnodeClient.connect(b.transport, node.ticket) as c:
+                await c.authenticate(b.key)
+                with trio.fail_after(10):
+                    while (await c.mailbox_fetch(b.key.public)).items:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
