@@ -262,11 +262,13 @@ async def _await_welcome(device: Host, clients: list[SyncnodeClient], t: InviteT
     started = trio.current_time()
     logs: dict[bytes, _Log] = {}
     complaints: dict[bytes, str] = {}
+    read_to: dict[bytes, int] = {}  # per syncnode: our mailbox's items read so far
     while True:
         for c in list(clients):
             known = _log_of(logs, c.node_id)
             try:
-                await read_mailbox(device, c, t, parts)
+                read_to[c.node_id] = await read_mailbox(device, c, t, parts,
+                                                        after=read_to.get(c.node_id, 0))
                 found = await _scan_log(device, c, t, known)
             except TransportError as exc:  # gone: stop asking it
                 log.info("lost a syncnode while waiting", node=short_id(c.node_id),

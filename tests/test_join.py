@@ -441,3 +441,40 @@ async def test_the_joiner_deletes_the_staged_copy_after_joining(tmp_path: Path) 
                 with trio.fail_after(10):
                     while (await c.mailbox_fetch(b.key.public)).items:  # noqa: ASYNC110
                         await trio.sleep(0.05)
+
+
+async def test_a_waiting_joiner_reads_the_staged_copy_once_per_syncnode(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the joiner polls for its add, the copy staged for it sits in its mailbox: each
+    poll reads only what is new there, not the whole copy again from every syncnode."""
+    from collections import Counter
+
+    import device.paxos_driver as driver
+    from proto.rpc import SyncnodeClient
+    from proto.service import MailboxKind
+
+    announce, fetch = driver.announce_decision, SyncnodeClient.mailbox_fetch
+    reads: Counter[tuple[bytes, int]] = Counter()
+
+    async def late_announce(*args: object, **kw: object) -> object:
+        await trio.sleep(0.5)  # the joiner polls (every 20 ms) with the copy staged
+        return await announce(*args, **kw)  # type: ignore[arg-type]
+
+    async def counted_fetch(self: SyncnodeClient, *args: object, **kw: object) -> object:
+        page = await fetch(self, *args, **kw)  # type: ignore[arg-type]
+        for item in page.items:
+            if item.kind == MailboxKind.STATE_HANDOFF:
+                reads[(self.node_id, item.item_id)] += 1
+        return page
+
+    monkeypatch.setattr(driver, "announce_decision", late_announce)
+    monkeypatch.setattr(SyncnodeClient, "mailbox_fetch", counted_fetch)
+    async with memory_cluster(tmp_path, 9) as (net, _, nodes), \
+            memory_device(net, tmp_path / "a") as a, memory_device(net, tmp_path / "b") as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda e: e.text("t").insert(0, "x" * 5000))
+        with trio.fail_after(30):
+            joined = await b.join(doc.invite())
+        assert joined.value() == doc.value()
+        # Read while waiting (once), maybe by the staged fetch, and by the clean-up.
+        assert reads and max(reads.values()) <= 3, reads
