@@ -308,7 +308,8 @@ class Membership:
                                             backoff=cfg.propose_backoff,
                                             timeout=cfg.keepalive_timeout,
                                             background=host.spawn, leases=self.leases,
-                                            before_announce=before_announce)
+                                            before_announce=before_announce,
+                                            on_decided=self.apply_decided)
                 except ProposeFailed as exc:
                     raise Offline(str(exc)) from None
                 if isinstance(outcome, Decided):
