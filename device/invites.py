@@ -171,8 +171,8 @@ class Invites:
                    say: Callable[[str], None] = lambda _m: None) -> tuple[Added, str]:
         """Until the device holding ``ticket`` is added and has the document: it took it from
         us directly, or (after ``grace`` seconds) it can take it from the syncnodes, where it
-        was stored before the add. Returns who was added and ``"direct"`` or ``"syncnodes"``.
-        Raises :class:`InviteError` when the ticket expires unused."""
+        was stored before the add was announced. Returns who was added and ``"direct"`` or
+        ``"syncnodes"``. Raises :class:`InviteError` when the ticket expires unused."""
         t = InviteTicket.parse(ticket)
         key = secret_hash(t.secret)
         said: set[str] = set()

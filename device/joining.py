@@ -9,7 +9,7 @@
    is read once we are one.
 3. Get the document from whichever source answers first, all tried at once: the inviter and the
    other members directly (peer to peer), and the copy the inviter stored for us on the
-   syncnodes before it proposed the add (:mod:`device.state_fetch`). If none has it, members
+   syncnodes before it announced the add (:mod:`device.state_fetch`). If none has it, members
    answer a state request through the syncnodes.
 4. Return only once the document's content is here; at the timeout, raise :class:`JoinError`
    saying what was still missing.

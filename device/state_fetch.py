@@ -2,11 +2,11 @@
 
 The first source that verifies wins (:func:`fetch_first_state`), tried in this order, each
 starting when the one before failed or took too long: the inviter directly (peer to peer,
-:mod:`device.p2p`); the copy the inviter stored for us on the syncnodes before it proposed the
+:mod:`device.p2p`); the copy the inviter stored for us on the syncnodes before it announced the
 add, which arrives in our mailbox there in parts (:func:`read_mailbox`, :mod:`proto.handoff`)
 next to a refusal, if the inviter refused the ticket; then the other members directly,
 staggered like "happy eyeballs" (they may be behind the inviter). What the inviter left for us
-is deleted once the document is loaded (:func:`_ack_handoff`).
+is deleted after the join returned, over the document's own links (:func:`clear_handoff`).
 """
 
 from __future__ import annotations
