@@ -160,6 +160,9 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
                   f"p99 {out['a_latency']['p99_ms']:.2f} ms over {args.n} changes")
     if tag == "b_one_node" and "b" not in phases:
         return
+    if args.layout == "process-per-device":
+        await per_process(root, nodes, out, tag)
+        return
     async with AsyncExitStack() as stack:
         print(f"setting up 10 devices on {len(nodes)} syncnode(s)...", file=sys.stderr)
         docs = await open_group(stack, root, nodes, 10)
@@ -182,6 +185,38 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
               f"{res['syncnode_cpu_ms_per_change']:.2f} ms")
 
 
+async def per_process(root: Path, nodes: list[NodeProcess], out: dict[str, Any], tag: str
+                      ) -> None:
+    """Phase (b)/(c) with one process per device (:mod:`scripts.bench_layout`)."""
+    from scripts.bench_layout import throughput_processes
+
+    async with AsyncExitStack() as stack:
+        print(f"setting up 10 devices on {len(nodes)} syncnode(s)...", file=sys.stderr)
+        docs = await open_group(stack, root, nodes, 10)
+        group_id = docs[0].group_id
+        for doc in docs:
+            doc.flush()
+        with trio.fail_after(60):
+            for doc in docs:
+                await doc.wait_durable()
+    homes = [root / f"dev{i}" for i in range(10)]
+    node0 = nodes_cpu(nodes)
+    res = await throughput_processes(homes, group_id, 5, DURATION[0], 32, CONFIG)
+    node1 = nodes_cpu(nodes)
+    res["device_cpu_ms_per_change"] = res.pop("devices_cpu_s") * 1000 / max(1, res["changes"])
+    res["syncnode_cpu_ms_per_change"] = (node1 - node0) * 1000 / max(1, res["changes"])
+    res["layout"] = "process-per-device"
+    out[tag] = res
+    print(f"({tag[0]}) {len(nodes)} syncnode(s), 5 writers + 5 readers, window:32, one process "
+          f"per device: {res['changes_per_s']:.0f} changes/s ({res['changes']} in "
+          f"{res['seconds']:.1f} s), all readers converged {res['converge_after_s'] * 1000:.0f} "
+          f"ms later; CPU per change: devices {res['device_cpu_ms_per_change']:.2f} ms, "
+          f"syncnodes {res['syncnode_cpu_ms_per_change']:.2f} ms")
+
+
+DURATION = [10.0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=300, help="changes for the latency phase")
@@ -193,7 +228,12 @@ def main() -> int:
     ap.add_argument("--profile", help="write a cProfile of phase (b) here")
     ap.add_argument("--yjs", help="y_bench.mjs JSON output to compare with")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--layout", choices=("one-process", "process-per-device"),
+                    default="one-process",
+                    help="phases (b)/(c): all ten devices in this process, or one process each "
+                         "(the shape of real devices; the latency phase stays in one process)")
     args = ap.parse_args()
+    DURATION[0] = args.duration
     configure_logging("warning")
     global CONFIG
     if args.flush_interval is not None:
