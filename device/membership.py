@@ -308,8 +308,7 @@ class Membership:
                                             backoff=cfg.propose_backoff,
                                             timeout=cfg.keepalive_timeout,
                                             background=host.spawn, leases=self.leases,
-                                            before_announce=before_announce,
-                                            on_decided=self.apply_decided)
+                                            before_announce=before_announce)
                 except ProposeFailed as exc:
                     raise Offline(str(exc)) from None
                 if isinstance(outcome, Decided):

@@ -134,8 +134,7 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
                   backoff: float = 0.02, timeout: float = REPLY_TIMEOUT,
                   rng: random.Random | None = None, announce: bool = True,
                   background: Spawn | None = None, leases: LeaseBook | None = None,
-                  before_announce: Callable[[], Awaitable[object]] | None = None,
-                  on_decided: Callable[[Decided], Awaitable[object]] | None = None) -> Outcome:
+                  before_announce: Callable[[], Awaitable[object]] | None = None) -> Outcome:
     """Run Paxos for ``(group_id, slot)`` proposing ``value``; return the outcome.
 
     ``Decided`` if ``value`` won, :class:`Lost` (with the winner) otherwise. Raises
@@ -148,9 +147,7 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
     fast path: a lease held for ``slot`` is spent on the first ballot, and the one this
     decision brings for ``slot + 1`` is kept there. ``before_announce`` is awaited between a
     won decision and its announce: work that ran alongside the ballot and must be done before
-    anyone can learn the decision (the join's staged copy of the document). ``on_decided``
-    runs next, before the announce too: the proposer applies its own decision while the
-    syncnodes have yet to learn it (it was the last device to apply its own key rotation).
+    anyone can learn the decision (the join's staged copy of the document).
     """
     rng = rng or entropy.rng()
     lease = leases.take(group_id, slot) if leases is not None else None
@@ -168,8 +165,6 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
         if isinstance(outcome, Decided) and announce:
             if before_announce is not None:
                 await before_announce()
-            if on_decided is not None:
-                await on_decided(outcome)
             # Announced while the stragglers still run: a vote that comes late may still
             # bring a lease promise (when one of the quorum's votes brought none).
             await announce_decision(await _targets(clients, acceptors), outcome, timeout,
