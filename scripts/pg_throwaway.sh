@@ -34,7 +34,9 @@ fi
 
 as_owner() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$@"
+    # From /: the caller's directory may be one the postgres user cannot enter (pg_ctl then
+    # prints "could not change directory ... Permission denied").
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
