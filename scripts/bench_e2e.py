@@ -282,4 +282,11 @@ def compare(out: dict[str, Any], y: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupted = False
+    try:
+        sys.exit(main())
+    except* KeyboardInterrupt:  # every syncnode and device process is stopped on the way out
+        interrupted = True
+    if interrupted:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -96,34 +96,39 @@ async def throughput_processes(homes: list[Path], group_id: bytes, writers: int,
         async with locks[i]:  # one writer of each pipe at a time
             await stdin.send_all(msg.encode() + b"\n")
 
-    async with trio.open_nursery() as nursery:
-        for i, home in enumerate(homes):
-            role = "writer" if i < writers else "reader"
-            argv = [sys.executable, __file__, "child", str(home), role, str(i),
-                    group_id.hex(), str(writers), str(window), str(config.flush_interval)]
-            procs[i] = await trio.lowlevel.open_process(argv, stdin=-1, stdout=-1)
-            nursery.start_soon(read_child, i, procs[i])
-        with trio.fail_after(120):
-            for _ in homes:
-                await ready.acquire()
-        t0 = time.perf_counter()
-        for i in range(len(homes)):
-            await tell(i, f"GO {duration}")
-        with trio.fail_after(duration + 60):
-            for _ in range(writers):
-                await done.acquire()
-        elapsed = time.perf_counter() - t0
-        await relay()
-        with trio.fail_after(120):
-            await converged.wait()
-        converge = time.perf_counter() - t0 - elapsed
-        for i in range(len(homes)):
-            await tell(i, "STOP")
-        with trio.fail_after(60):
-            for _ in homes:
-                await done.acquire()
-            for p in procs.values():
-                await p.wait()
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, home in enumerate(homes):
+                role = "writer" if i < writers else "reader"
+                argv = [sys.executable, __file__, "child", str(home), role, str(i),
+                        group_id.hex(), str(writers), str(window), str(config.flush_interval)]
+                procs[i] = await trio.lowlevel.open_process(argv, stdin=-1, stdout=-1)
+                nursery.start_soon(read_child, i, procs[i])
+            with trio.fail_after(120):
+                for _ in homes:
+                    await ready.acquire()
+            t0 = time.perf_counter()
+            for i in range(len(homes)):
+                await tell(i, f"GO {duration}")
+            with trio.fail_after(duration + 60):
+                for _ in range(writers):
+                    await done.acquire()
+            elapsed = time.perf_counter() - t0
+            await relay()
+            with trio.fail_after(120):
+                await converged.wait()
+            converge = time.perf_counter() - t0 - elapsed
+            for i in range(len(homes)):
+                await tell(i, "STOP")
+            with trio.fail_after(60):
+                for _ in homes:
+                    await done.acquire()
+                for p in procs.values():
+                    await p.wait()
+    finally:  # a failed or interrupted run leaves no device process behind
+        for p in procs.values():
+            if p.returncode is None:
+                p.kill()
     total = sum(sent.values())
     return {"changes": total, "seconds": elapsed, "changes_per_s": total / elapsed,
             "converge_after_s": converge, "devices_cpu_s": sum(cpu.values())}
