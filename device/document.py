@@ -281,6 +281,13 @@ class Document:
                 return
             await self.outbox.durable_changed.wait()
 
+    async def wait_caught_up(self) -> None:
+        """Until this run has learned, from some syncnode, the decisions it missed while it
+        was not running. Seal edits after it: an update sealed in an epoch the group has left
+        cannot be read by members added since (the flusher waits the same way, bounded by
+        ``connect_timeout``; :meth:`flush` does not)."""
+        await self.replica.learned.wait()
+
     async def wait_connected(self, count: int) -> None:
         """Until links to ``count`` syncnodes are up."""
         await self.links.wait_connected(count)

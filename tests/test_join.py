@@ -478,3 +478,34 @@ async def test_a_waiting_joiner_reads_the_staged_copy_once_per_syncnode(
         assert joined.value() == doc.value()
         # Read while waiting (once), maybe by the staged fetch, and by the clean-up.
         assert reads and max(reads.values()) <= 3, reads
+
+
+async def test_a_one_shot_edit_is_sealed_in_the_epoch_the_group_is_in(tmp_path: Path) -> None:
+    """A device that was not running while a member was added makes a one-shot edit (what
+    `syncdevice edit` does: change, then settle): it is sealed in the group's current epoch,
+    not the one the device last saw, so the member added meanwhile reads it with nobody else
+    online. Sealed at once (flush before the first learn), the new member could not decrypt
+    it and would wait for a member to send the state."""
+    from device.cli_support import settle
+
+    async with memory_cluster(tmp_path, 23) as (net, _, nodes):
+        async with memory_device(net, tmp_path / "a") as a:
+            doc = await a.create_document([n.ticket for n in nodes])
+            async with memory_device(net, tmp_path / "b") as b:
+                with trio.fail_after(30):
+                    await b.join(doc.invite())
+            async with memory_device(net, tmp_path / "c") as c:  # added while b is off
+                with trio.fail_after(30):
+                    await c.join(doc.invite())
+            assert doc.epoch == 2
+        async with memory_device(net, tmp_path / "b") as b:
+            doc_b = b.document_for(doc.group_id)
+            assert doc_b is not None and doc_b.epoch == 1
+            doc_b.change(lambda e: e.map("m").insert("k", "from b"))
+            await settle(doc_b, 20)
+            assert doc_b.sync_status().outbox == 0
+        async with memory_device(net, tmp_path / "c") as c:  # alone: only the syncnodes
+            doc_c = c.document_for(doc.group_id)
+            assert doc_c is not None
+            await eventually(lambda: doc_c.value().get("m", {}).get("k") == "from b",
+                             timeout=15, what="c to read b's edit")
