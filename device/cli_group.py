@@ -24,6 +24,8 @@ async def admit_members(doc: Document, source: Document, wait: float,
                         update: Callable[[str], None]) -> dict[str, Any]:
     """Wait up to ``wait`` s for the offer to be durable and ``source``'s members to join
     ``doc``; what happened, for ``--json``."""
+    with trio.move_on_after(wait):
+        await source.wait_caught_up()  # sealed in the group's epoch (cli_support.settle)
     source.flush()
     with trio.move_on_after(wait):
         await source.wait_durable()
