@@ -60,7 +60,13 @@ from simulations.lease_model import (
     _say,
     _vote,
 )
-from simulations.paxos_explorer import Violation, _replace, _trace, memoised_signatures
+from simulations.paxos_explorer import (
+    Violation,
+    _replace,
+    _trace,
+    memoised_signatures,
+    report,
+)
 
 __all__ = ["KINDS", "LeaseConfig", "LeaseExplorer", "LeaseResult", "main"]
 
@@ -452,14 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                                   a.leader_rounds, True, not a.no_promise_check,
                                   a.expect_forks, a.max_states)).run()
     print(r.summary())
-    for v in r.violations:
-        print(f"VIOLATION {v.invariant}: {v.detail}")
-        for i, step in enumerate(v.trace):
-            print(f"  {i:3d}. {step}")
-    if a.require_complete and not r.complete:
-        print("INCOMPLETE: the exploration stopped before covering the whole state space")
-        return 1
-    return 1 if r.violations else 0
+    return report(r.violations, r.complete, a.require_complete)
 
 
 if __name__ == "__main__":

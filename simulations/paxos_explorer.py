@@ -598,14 +598,20 @@ def main(argv: list[str] | None = None) -> int:
         print("first detected fork:")
         for i, step in enumerate(result.first_fork_trace):
             print(f"  {i:3d}. {step}")
-    for v in result.violations:
+    return report(result.violations, result.complete, args.require_complete)
+
+
+def report(violations: list[Violation], complete: bool, require_complete: bool) -> int:
+    """Print each violation with its trace; the exit code of an exploration (1 for a
+    violation, or for an incomplete one when ``require_complete``). Both explorers use it."""
+    for v in violations:
         print(f"VIOLATION {v.invariant}: {v.detail}")
         for i, step in enumerate(v.trace):
             print(f"  {i:3d}. {step}")
-    if args.require_complete and not result.complete:
+    if require_complete and not complete:
         print("INCOMPLETE: the exploration stopped before covering the whole state space")
         return 1
-    return 1 if result.violations else 0
+    return 1 if violations else 0
 
 
 if __name__ == "__main__":
