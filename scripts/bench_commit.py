@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,45 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from device.agent import Device, DeviceConfig
-from device.document import Document
-from device.paxos_driver import announce_decision, propose
 from proto.logs import configure_logging
-from proto.paxos.messages import Decided
+from scripts.bench_join import build, one_join
 from scripts.bench_kit import PEERS, ensure_peers, pct
+from scripts.bench_syncnode import decision_latency
 from syncnode.procs import NodeProcess, start_cluster
 
-try:  # the fast path (issue 19); absent on older code, which this script also measures
-    from device.paxos_driver import LeaseBook
-except ImportError:  # pragma: no cover
-    LeaseBook = None  # type: ignore[assignment,misc]
-
 CONFIG = DeviceConfig()
-
-
-async def decisions(nodes: list[NodeProcess], count: int, fast: bool = True) -> list[float]:
-    from scripts.bench_syncnode import _connect
-    from tests.syncnode_kit import Device as KitDevice
-    from tests.syncnode_kit import new_group, update_value
-
-    alice = KitDevice("alice")
-    g = new_group(alice, [n.entry for n in nodes])
-    extra: dict[str, Any] = {} if LeaseBook is None or not fast else {"leases": LeaseBook()}
-    out = []
-    async with AsyncExitStack() as stack:
-        clients = [await _connect(stack, n, alice) for n in nodes]
-        for c in clients:
-            await c.register_group(g.values[0])
-        for _ in range(count):
-            v = update_value(g, alice)
-            started = time.perf_counter()
-            outcome = await propose(alice.key, clients, g.group_id, g.next_slot, v.encode(),
-                                    g.manifest.acceptors(), announce=False, **extra)
-            out.append(time.perf_counter() - started)
-            assert isinstance(outcome, Decided)
-            await announce_decision(clients, outcome)
-            g.values.append(v)
-            alice.mls.apply(v.commit)
-    return out
 
 
 async def rotation(root: Path, tickets: list[str], devices: int, reps: int) -> list[float]:
@@ -108,58 +75,33 @@ async def rotation(root: Path, tickets: list[str], devices: int, reps: int) -> l
         return out
 
 
-def _build(doc: Document, size: int) -> None:
-    from device.testdata import editing_trace, replay
-
-    if size >= 100_000:
-        patches, _ = editing_trace()
-        replay(doc, patches, "text", per_change=1000)
-        return
-    for i in range(size):
-        doc.change(lambda e, i=i: (e.map("m").insert("n", i), e.text("text").insert(i, "x")))
-
-
-async def _one_join(root: Path, inviter: Document, name: str) -> float:
-    async with Device.open(root / name, config=replace(CONFIG)) as dev:
-        ticket = inviter.invite()
-        t0 = time.perf_counter()
-        doc = await dev.join(ticket)
-        target = inviter.value()
-        with trio.fail_after(300):
-            async with doc.events() as events:
-                while doc.value() != target:
-                    await events.receive()
-        return time.perf_counter() - t0
-
-
 async def joins(root: Path, tickets: list[str], size: int, reps: int, quiet: float
                 ) -> list[float]:
     """Join times; the first comes after ``quiet`` seconds with no activity at all."""
     async with Device.open(root / f"j{size}", config=CONFIG) as inviter:
         doc = await inviter.create_document(tickets)
-        _build(doc, size)
+        build(doc, size)
         doc.flush()
         with trio.fail_after(300):
             await doc.wait_durable()
         await trio.sleep(quiet)
-        return [await _one_join(root, doc, f"j{size}-{k}") for k in range(reps)]
+        return [await one_join(root, doc, f"j{size}-{k}", p2p=True) for k in range(reps)]
 
 
 async def control_path(root: Path, nodes: list[NodeProcess], args: argparse.Namespace
                        ) -> dict[str, Any]:
     res: dict[str, Any] = {}
     tickets = [n.ticket for n in nodes if n.ticket is not None]
-    lat = await decisions(nodes, args.decisions)
+    lat = await decision_latency(nodes, args.decisions)
     res["decision_p50_ms"], res["decision_p99_ms"] = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
     res["decision_mean_ms"] = statistics.mean(lat) * 1e3
     print(f"decision ({args.decisions}): p50 {res['decision_p50_ms']:.2f} ms, "
           f"p99 {res['decision_p99_ms']:.2f} ms", flush=True)
-    if LeaseBook is not None:  # the same, without the fast path, in the same run
-        full = await decisions(nodes, args.decisions, fast=False)
-        res["decision_full_p50_ms"] = pct(full, 50) * 1e3
-        res["decision_full_p99_ms"] = pct(full, 99) * 1e3
-        print(f"decision, full protocol: p50 {res['decision_full_p50_ms']:.2f} ms, "
-              f"p99 {res['decision_full_p99_ms']:.2f} ms", flush=True)
+    full = await decision_latency(nodes, args.decisions, fast=False)  # no fast path
+    res["decision_full_p50_ms"] = pct(full, 50) * 1e3
+    res["decision_full_p99_ms"] = pct(full, 99) * 1e3
+    print(f"decision, full protocol: p50 {res['decision_full_p50_ms']:.2f} ms, "
+          f"p99 {res['decision_full_p99_ms']:.2f} ms", flush=True)
     for n in (2, 5, 10):
         times = await rotation(root, tickets, n, args.rotations)
         res[f"rotation_all_ms_{n}"] = statistics.median(times) * 1e3

@@ -161,7 +161,7 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
     if tag == "b_one_node" and "b" not in phases:
         return
     if args.layout == "process-per-device":
-        await per_process(root, nodes, out, tag)
+        await per_process(root, nodes, out, tag, args.duration)
         return
     async with AsyncExitStack() as stack:
         print(f"setting up 10 devices on {len(nodes)} syncnode(s)...", file=sys.stderr)
@@ -185,8 +185,8 @@ async def run_phases(args: argparse.Namespace, root: Path, nodes: list[NodeProce
               f"{res['syncnode_cpu_ms_per_change']:.2f} ms")
 
 
-async def per_process(root: Path, nodes: list[NodeProcess], out: dict[str, Any], tag: str
-                      ) -> None:
+async def per_process(root: Path, nodes: list[NodeProcess], out: dict[str, Any], tag: str,
+                      duration: float) -> None:
     """Phase (b)/(c) with one process per device (:mod:`scripts.bench_layout`)."""
     from scripts.bench_layout import throughput_processes
 
@@ -201,7 +201,7 @@ async def per_process(root: Path, nodes: list[NodeProcess], out: dict[str, Any],
                 await doc.wait_durable()
     homes = [root / f"dev{i}" for i in range(10)]
     node0 = nodes_cpu(nodes)
-    res = await throughput_processes(homes, group_id, 5, DURATION[0], 32, CONFIG)
+    res = await throughput_processes(homes, group_id, 5, duration, 32, CONFIG)
     node1 = nodes_cpu(nodes)
     res["device_cpu_ms_per_change"] = res.pop("devices_cpu_s") * 1000 / max(1, res["changes"])
     res["syncnode_cpu_ms_per_change"] = (node1 - node0) * 1000 / max(1, res["changes"])
@@ -212,9 +212,6 @@ async def per_process(root: Path, nodes: list[NodeProcess], out: dict[str, Any],
           f"{res['seconds']:.1f} s), all readers converged {res['converge_after_s'] * 1000:.0f} "
           f"ms later; CPU per change: devices {res['device_cpu_ms_per_change']:.2f} ms, "
           f"syncnodes {res['syncnode_cpu_ms_per_change']:.2f} ms")
-
-
-DURATION = [10.0]
 
 
 def main() -> int:
@@ -233,7 +230,6 @@ def main() -> int:
                     help="phases (b)/(c): all ten devices in this process, or one process each "
                          "(the shape of real devices; the latency phase stays in one process)")
     args = ap.parse_args()
-    DURATION[0] = args.duration
     configure_logging("warning")
     global CONFIG
     if args.flush_interval is not None:
