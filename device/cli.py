@@ -177,11 +177,9 @@ def status(ctx: Ctx, doc: str | None, wait: float) -> None:
 
     async def go(device: Any) -> int | None:
         docs = [device.document(doc)] if doc else device.documents()
-        with trio.move_on_after(wait):
-            for d in docs:
-                await d.wait_caught_up()  # sealed in the group's epoch (cli_support.settle)
-                d.flush()
-                await d.wait_durable()
+        deadline = trio.current_time() + wait
+        for d in docs:
+            await cli_support.send_pending(d, deadline)
         with trio.move_on_after(min(wait, 5.0)):  # give the links a moment to report
             for d in docs:
                 if d.status == "active":

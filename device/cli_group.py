@@ -15,6 +15,7 @@ from typing import Any
 import click
 import trio
 
+from device.cli_support import send_pending
 from device.document import Document
 from device.group_docs import seated
 from proto.identity import short_id
@@ -24,11 +25,9 @@ async def admit_members(doc: Document, source: Document, wait: float,
                         update: Callable[[str], None]) -> dict[str, Any]:
     """Wait up to ``wait`` s for the offer to be durable and ``source``'s members to join
     ``doc``; what happened, for ``--json``."""
-    with trio.move_on_after(wait):
-        await source.wait_caught_up()  # sealed in the group's epoch (cli_support.settle)
-    source.flush()
-    with trio.move_on_after(wait):
-        await source.wait_durable()
+    deadline = trio.current_time() + wait
+    await send_pending(source, deadline)
+    with trio.move_on_at(deadline):
         while seated(doc, source)[1]:
             joined, missing = seated(doc, source)
             update(f"{len(joined)} of {len(joined) + len(missing)} members of {source.name} "

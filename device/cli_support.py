@@ -85,19 +85,23 @@ WAIT = click.option("--wait", default=15.0, show_default=True,
                     help="Seconds to wait for syncnodes to acknowledge (0: do not wait).")
 
 
-async def settle(doc: Any, wait: float) -> None:
-    """Send pending edits and wait up to ``wait`` s in all until a quorum stored them. They
-    are sealed once this run caught up with the decisions it missed (within that time;
-    offline, they are sealed when it is over): a one-shot edit sealed at once went out in the
-    epoch the device last saw, which members added since cannot read (they had to ask a
-    member online for the whole state; found by test_create_members_of_and_members_pick_it_up).
-    """
-    deadline = trio.current_time() + wait
+async def send_pending(doc: Any, deadline: float) -> None:
+    """Seal the pending edits once this run caught up with the decisions it missed, then wait
+    until a quorum stored them; both by ``deadline`` (trio time; offline, they are sealed when
+    it passes). A one-shot command that sealed at once sent them in the epoch the device last
+    saw, which members added since cannot read (they had to ask a member online for the whole
+    state; found by test_create_members_of_and_members_pick_it_up)."""
     with trio.move_on_at(deadline):
         await doc.wait_caught_up()
     doc.flush()
     with trio.move_on_at(deadline):
         await doc.wait_durable()
+
+
+async def settle(doc: Any, wait: float) -> None:
+    """Send pending edits and wait up to ``wait`` s in all until a quorum stored them
+    (:func:`send_pending`); say so if some are still pending then."""
+    await send_pending(doc, trio.current_time() + wait)
     s = doc.sync_status()
     if s.unsent or s.outbox:
         click.echo(f"saved locally; {s.unsent + s.outbox} update(s) not yet stored by a quorum "
