@@ -3,7 +3,9 @@
 1. Leave our KeyPackage, sealed to the inviter, in the invite's box on every syncnode of the
    ticket (:func:`proto.handoff.invite_box`).
 2. Wait until a verified slot of the decided log adds us (its Welcome), or the inviter refuses
-   the ticket (spent, expired, unknown: :mod:`proto.handoff`). The log is verified from the
+   the ticket (spent, expired, unknown: :mod:`proto.handoff`). The inviter is asked for the
+   document directly at the same time (:mod:`device.inviter_fetch`); it answers once it has
+   added us, and its answer ends the pause between two polls of the syncnodes. The log is verified from the
    genesis the ticket names (its hash), one syncnode's answers apart from another's, so one
    malicious syncnode cannot stop the join; the syncnodes show the log to members only, so it
    is read once we are one.
@@ -27,6 +29,7 @@ import trio
 from device.document import Document
 from device.errors import JoinError
 from device.host import Host
+from device.inviter_fetch import InviterFetch
 from device.p2p import Progress
 from device.replica import insert_document, mark_needs_state
 from device.state_fetch import Say, clear_handoff, fetch_first_state, read_mailbox
@@ -104,6 +107,7 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
     posted: list[bytes] = []
 
     box = invite_box(t.secret)
+    early = InviterFetch(device, t, on_progress) if device.config.p2p_state_transfer else None
 
     async def post(c: SyncnodeClient) -> bool:
         """Leave the request in the invite's box on ``c`` (proving that we hold the ticket,
@@ -119,6 +123,32 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
             log.info("join request not stored", node=short_id(c.node_id), error=str(exc))
             return False
 
+    with single_errors():  # a JoinError comes out as itself
+        async with trio.open_nursery() as nursery:
+            if early is not None:  # dialled alongside the syncnodes; answers once we are added
+                nursery.start_soon(early.run)
+            doc, slot, loaded = await _welcomed(device, t, name, say, on_progress, phase, post,
+                                                posted, early)
+            nursery.cancel_scope.cancel()
+    device.start_document(doc)
+    if loaded:
+        device.spawn(clear_handoff, device, doc, t)
+    if not loaded:
+        phase.what = ("waiting for a member to send the document through the syncnodes "
+                      "(this device is a member now; it keeps asking whenever it runs)")
+        say("no copy of the document available yet; asking the members via the syncnodes")
+        await _wait_for_state(doc)
+        say("received the document from a member through the syncnodes")
+    log.info("joined document", doc=short_id(t.group_id), epoch=slot)
+    return doc
+
+
+async def _welcomed(device: Joiner, t: InviteTicket, name: str, say: Say,
+                    on_progress: Callable[[Progress], None] | None, phase: _Phase,
+                    post: Callable[[SyncnodeClient], Awaitable[bool]], posted: list[bytes],
+                    early: InviterFetch | None) -> tuple[Document, int, bool]:
+    """Steps 1 to 3 of the module doc: the document, at the slot that added us, and whether
+    its content loaded."""
     async with _connect_all(device, t.syncnodes, post) as clients:
         if not posted:
             raise JoinError("no syncnode stored the join request")
@@ -127,7 +157,8 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
             f"far); waiting for the inviter ({short_id(fingerprint(t.inviter))}) to add this "
             "device (the inviter's device must be running)")
         parts: dict[int, HandoffPart] = {}
-        slot, values, decided = await _await_welcome(device, clients, t, parts)
+        slot, values, decided = await _await_welcome(
+            device, clients, t, parts, None if early is None else early.answered)
         welcome = values[slot].welcome
         assert welcome is not None
         group = device.mls.join(welcome)
@@ -143,18 +174,9 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
         doc = Document(device, t.group_id)
         phase.what = "fetching the document (from the inviter, other members or the syncnodes)"
         say(f"added at epoch {slot}; fetching the document")
-        loaded = await fetch_first_state(device, doc, t, clients, parts, say, on_progress)
-    device.start_document(doc)
-    if loaded:
-        device.spawn(clear_handoff, device, doc, t)
-    if not loaded:
-        phase.what = ("waiting for a member to send the document through the syncnodes "
-                      "(this device is a member now; it keeps asking whenever it runs)")
-        say("no copy of the document available yet; asking the members via the syncnodes")
-        await _wait_for_state(doc)
-        say("received the document from a member through the syncnodes")
-    log.info("joined document", doc=short_id(t.group_id), epoch=slot)
-    return doc
+        loaded = await fetch_first_state(device, doc, t, clients, parts, say, on_progress,
+                                         early)
+    return doc, slot, loaded
 
 
 async def _wait_for_state(doc: Document) -> None:
@@ -247,7 +269,7 @@ def _check_inviter(t: InviteTicket, manifest: Manifest) -> None:
 
 
 async def _await_welcome(device: Host, clients: list[SyncnodeClient], t: InviteTicket,
-                         parts: dict[int, HandoffPart]
+                         parts: dict[int, HandoffPart], wake: trio.Event | None = None
                          ) -> tuple[int, dict[int, LogValue], dict[int, Decided]]:
     """Poll until a syncnode proves a slot that adds this device (its Welcome), and our mailbox
     for the inviter's refusal (and the state it staged, kept in ``parts``).
@@ -257,7 +279,8 @@ async def _await_welcome(device: Host, clients: list[SyncnodeClient], t: InviteT
     own log, and the first syncnode whose log reaches our add wins. A syncnode shows a group's
     log only to its members and syncnodes, so until our add is decided there it answers no head
     for the group and there is nothing to read; each poll costs two small requests per
-    syncnode, and the log is read from the genesis once we are a member."""
+    syncnode, and the log is read from the genesis once we are a member. ``wake`` (the inviter
+    started sending us the document: it has added us) cuts one pause short."""
     cfg = device.config
     started = trio.current_time()
     logs: dict[bytes, _Log] = {}
@@ -289,7 +312,12 @@ async def _await_welcome(device: Host, clients: list[SyncnodeClient], t: InviteT
                 _check_inviter(t, known.values[found - 1].manifest)
                 return found, known.values, known.decided
         fast = trio.current_time() - started < cfg.fast_poll_window
-        await trio.sleep(cfg.fast_poll_interval if fast else cfg.join_poll_interval)
+        with trio.move_on_after(cfg.fast_poll_interval if fast else cfg.join_poll_interval):
+            if wake is not None:
+                await wake.wait()
+                wake = None  # one early poll; if no syncnode shows the add yet, the usual pace
+            else:
+                await trio.sleep_forever()
 
 
 async def _scan_log(device: Host, c: SyncnodeClient, t: InviteTicket, known: _Log

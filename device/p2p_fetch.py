@@ -17,8 +17,8 @@ import trio
 
 from proto.codec import decode, encode
 from proto.errors import DecodeError, SyncnodeError, TransportError
-from proto.identity import short_id
-from proto.manifest import DeviceEntry, Manifest
+from proto.identity import fingerprint, short_id
+from proto.manifest import Manifest
 from proto.messages import ErrorReply
 from proto.p2p import (
     MAX_SNAPSHOT,
@@ -56,6 +56,21 @@ async def fetch_snapshot(transport: Transport, endpoint_id: bytes, addrs: tuple[
     member = next((d for d in manifest.devices if d.endpoint_id == endpoint_id), None)
     if member is None:
         raise TransferError(f"{short_id(endpoint_id)} is not a member's endpoint")
+    return await fetch_signed_by(transport, endpoint_id, addrs, manifest.group_id,
+                                 member.sig_pub, progress=progress, partial=partial,
+                                 timeout=timeout, offer_timeout=timeout)
+
+
+async def fetch_signed_by(transport: Transport, endpoint_id: bytes, addrs: tuple[str, ...],
+                          group_id: bytes, sig_pub: bytes, *,
+                          progress: Callable[[Progress], None] | None = None,
+                          partial: dict[bytes, bytearray] | None = None,
+                          timeout: float = STALL_TIMEOUT, offer_timeout: float = STALL_TIMEOUT
+                          ) -> tuple[bytes, SnapshotBody]:
+    """Fetch document ``group_id`` from the device at ``endpoint_id`` whose MLS signature key is
+    ``sig_pub`` (a member, or the inviter a ticket names before the joiner can read the
+    manifest). ``offer_timeout`` bounds the wait for the offer (a device answers a joiner only
+    once it has added it); ``timeout`` every other step."""
     partial = partial if partial is not None else {}
     try:
         conn = await transport.connect(endpoint_id, list(addrs), timeout=timeout)
@@ -63,7 +78,8 @@ async def fetch_snapshot(transport: Transport, endpoint_id: bytes, addrs: tuple[
         raise TransferError(f"cannot reach {short_id(endpoint_id)}: {exc}") from None
     try:
         stream = await conn.open_stream()
-        return await _receive(stream, member, manifest, progress, partial, timeout)
+        return await _receive(stream, group_id, sig_pub, progress, partial, timeout,
+                              offer_timeout)
     except (TransportError, DecodeError) as exc:
         raise TransferError(f"transfer from {short_id(endpoint_id)} failed: {exc}") from None
     finally:
@@ -71,23 +87,23 @@ async def fetch_snapshot(transport: Transport, endpoint_id: bytes, addrs: tuple[
             await conn.aclose()
 
 
-async def _receive(stream: Stream, member: DeviceEntry, manifest: Manifest,
+async def _receive(stream: Stream, group_id: bytes, sig_pub: bytes,
                    progress: Callable[[Progress], None] | None,
-                   partial: dict[bytes, bytearray], timeout: float
+                   partial: dict[bytes, bytearray], timeout: float, offer_timeout: float
                    ) -> tuple[bytes, SnapshotBody]:
     resume = next(iter(partial), None)
     offset = len(partial[resume]) if resume is not None else 0
-    await stream.send(encode(SnapshotRequest(manifest.group_id, resume, offset)))
+    await stream.send(encode(SnapshotRequest(group_id, resume, offset)))
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(offer_timeout):
             offer = decode(await stream.receive())
         if isinstance(offer, ErrorReply):
             raise TransferError(f"peer refused: {offer.code.name}: {offer.detail}")
         if not isinstance(offer, SnapshotOffer):
             raise TransferError(f"expected an offer, got {type(offer).__name__}")
         body = offer.body
-        if body.group_id != manifest.group_id or offer.signer != member.fingerprint \
-                or not offer.verify(member.sig_pub):
+        if body.group_id != group_id or offer.signer != fingerprint(sig_pub) \
+                or not offer.verify(sig_pub):
             raise TransferError("the snapshot offer is not signed by that member")
         if body.size > MAX_SNAPSHOT:
             raise TransferError(f"snapshot of {body.size} bytes is over the limit")

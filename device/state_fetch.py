@@ -18,6 +18,7 @@ import trio
 from device.document import Document
 from device.errors import JoinRefused
 from device.host import Host
+from device.inviter_fetch import InviterFetch
 from device.p2p import Progress, TransferError, fetch_snapshot
 from proto.crdt import CrdtError
 from proto.errors import DecodeError, SyncnodeError, TransportError
@@ -44,13 +45,23 @@ it is fresher (taken after the add). A transfer already receiving bytes is left 
 
 async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
                        clients: list[SyncnodeClient], parts: dict[int, HandoffPart], say: Say,
-                       on_progress: Callable[[Progress], None] | None) -> bool:
+                       on_progress: Callable[[Progress], None] | None,
+                       early: InviterFetch | None = None) -> bool:
     """Get the document from the first source that verifies: the members directly, or the
     copy the inviter stored on the syncnodes. False if none had it (members then answer a
-    state request through the syncnodes)."""
+    state request through the syncnodes). ``early``: the request to the inviter made when the
+    join request was posted (:mod:`device.inviter_fetch`); it is the inviter's direct transfer
+    if it is out or answering, else it is stopped and the inviter asked anew."""
     got: list[tuple[bytes, SnapshotBody, str]] = []
     done, inviter_over, staged_over = trio.Event(), trio.Event(), trio.Event()
-    inviter_receiving = trio.Event()
+    inviter_receiving = early.answered if early is not None else trio.Event()
+
+    def take(result: tuple[bytes, SnapshotBody] | None, endpoint: bytes) -> None:
+        if result is not None and not got:
+            member = next((d for d in doc.manifest.devices if d.endpoint_id == endpoint), None)
+            who = short_id(member.fingerprint if member is not None else endpoint)
+            got.append((*result, f"peer to peer from {who}"))
+            done.set()
 
     async def direct(endpoint: bytes, addrs: tuple[str, ...], receiving: trio.Event,
                      failed: trio.Event) -> None:
@@ -59,13 +70,18 @@ async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
             if on_progress is not None:
                 on_progress(p)
 
-        result = await _fetch_from(device, doc, endpoint, addrs, progress)
-        if result is not None and not got:
-            member = next((d for d in doc.manifest.devices if d.endpoint_id == endpoint), None)
-            who = short_id(member.fingerprint if member is not None else endpoint)
-            got.append((*result, f"peer to peer from {who}"))
-            done.set()
+        take(await _fetch_from(device, doc, endpoint, addrs, progress), endpoint)
         failed.set()
+
+    async def inviter() -> None:
+        if early is not None and early.worth_waiting_for():
+            await early.over.wait()
+            if early.result is not None and early.result[1].backend == doc.crdt.backend_id:
+                take(early.result, t.inviter_endpoint)
+                return
+        if early is not None:
+            early.stop()
+        await direct(t.inviter_endpoint, t.inviter_addrs, inviter_receiving, inviter_over)
 
     async def all_direct() -> None:
         """The inviter first; the other members only once the copy the inviter staged on the
@@ -79,7 +95,7 @@ async def fetch_first_state(device: Host, doc: Document, t: InviteTicket,
             inviter_over.set()
             return
         try:
-            await direct(t.inviter_endpoint, t.inviter_addrs, inviter_receiving, inviter_over)
+            await inviter()
         finally:
             inviter_over.set()
         await staged_over.wait()

@@ -509,3 +509,33 @@ async def test_a_one_shot_edit_is_sealed_in_the_epoch_the_group_is_in(tmp_path: 
             assert doc_c is not None
             await eventually(lambda: doc_c.value().get("m", {}).get("k") == "from b",
                              timeout=15, what="c to read b's edit")
+
+
+async def test_the_inviter_answers_the_joiners_early_request_once_it_added_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The joiner asks the inviter for the document as soon as its join request is posted
+    (:mod:`device.inviter_fetch`). The joiner's poll of the syncnodes is set to 1000 s, so the
+    join completes only because that early request's answer wakes the wait for the Welcome;
+    and the document it brought is the one loaded: the inviter served one transfer."""
+    from dataclasses import replace
+
+    from tests.device_kit import FAST
+
+    slow_poll = replace(FAST, fast_poll_interval=1000.0, join_poll_interval=1000.0)
+    served: list[bytes] = []
+    orig = p2p.PeerServer._serve
+
+    async def counted(self: p2p.PeerServer, peer: bytes, stream: object, req: object) -> None:
+        served.append(peer)
+        await orig(self, peer, stream, req)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(p2p.PeerServer, "_serve", counted)
+    async with memory_cluster(tmp_path, 23) as (net, _, nodes), \
+            memory_device(net, tmp_path / "a") as a, \
+            memory_device(net, tmp_path / "b", slow_poll) as b:
+        doc = await a.create_document([n.ticket for n in nodes])
+        doc.change(lambda e: e.text("t").insert(0, "early"))
+        with trio.fail_after(30):
+            joined = await b.join(doc.invite())
+        assert joined.value() == doc.value()
+        assert served == [b.endpoint_id]
