@@ -3,12 +3,12 @@
 1. Leave our KeyPackage, sealed to the inviter, in the invite's box on every syncnode of the
    ticket (:func:`proto.handoff.invite_box`).
 2. Wait until a verified slot of the decided log adds us (its Welcome), or the inviter refuses
-   the ticket (spent, expired, unknown: :mod:`proto.handoff`). The inviter is asked for the
-   document directly at the same time (:mod:`device.inviter_fetch`); it answers once it has
-   added us, and its answer ends the pause between two polls of the syncnodes. The log is verified from the
+   the ticket (spent, expired, unknown: :mod:`proto.handoff`). The log is verified from the
    genesis the ticket names (its hash), one syncnode's answers apart from another's, so one
    malicious syncnode cannot stop the join; the syncnodes show the log to members only, so it
-   is read once we are one.
+   is read once we are one. The inviter is asked for the document directly at the same time
+   (:mod:`device.inviter_fetch`); it answers once it has added us, and its answer ends the
+   pause between two polls of the syncnodes.
 3. Get the document from whichever source answers first, all tried at once: the inviter and the
    other members directly (peer to peer), and the copy the inviter stored for us on the
    syncnodes before it announced the add (:mod:`device.state_fetch`). If none has it, members
