@@ -26,6 +26,13 @@ trip and one fsync per acceptor instead of two. Any other proposer's higher Prep
 lease (its Accept is Nacked, or its value reported to the rival), and the attempt falls back to
 the full protocol with a higher ballot. The book is memory only, so a restart loses the lease
 and with it nothing but speed.
+
+**Thrifty Accept.** On a lease the Accept goes only to the acceptors whose promises make the
+lease (a quorum, those that answered first last time), and to the others only when those have
+not decided it within a few times the group's last ballot (:meth:`LeaseBook.patience`). Phase 2
+may ask any acceptors, so this is as safe as asking all; it spares the others an fsync and a
+signed reply per decision, and the proposer their replies. A lease holder that is down costs one
+decision that wait: the lease the fallback brings comes from the acceptors that answered.
 """
 
 from __future__ import annotations
@@ -61,6 +68,11 @@ from proto.service import Done
 log = get_logger("device.paxos")
 
 REPLY_TIMEOUT = 5.0
+THRIFTY_MIN = 0.02
+THRIFTY_MAX = 1.0
+THRIFTY_FACTOR = 3.0
+"""A thrifty Accept asks the other acceptors too after ``THRIFTY_FACTOR`` times the group's
+last ballot, within ``[THRIFTY_MIN, THRIFTY_MAX]`` seconds."""
 
 Links = Sequence[SyncnodeClient] | Callable[[], Awaitable[Sequence[SyncnodeClient]]]
 """The syncnodes to ask: a fixed list, or an async function returning the ones linked now
@@ -72,10 +84,15 @@ Spawn = Callable[..., None]
 
 class LeaseBook:
     """The leases one device holds: at most one per group, for the slot after its last
-    decision. Taking a lease removes it, so a ballot it names is used for one value only."""
+    decision. Taking a lease removes it, so a ballot it names is used for one value only.
+    Also how long each group's last ballot took (the thrifty fast path's patience)."""
 
     def __init__(self) -> None:
         self._leases: dict[bytes, Lease] = {}
+        self.took: dict[bytes, float] = {}
+        """Seconds the last decided ballot of each group took."""
+        self.fastest: dict[bytes, tuple[bytes, ...]] = {}
+        """The acceptors in the order they answered the last decided ballot's last phase."""
 
     def holds(self, group_id: bytes, slot: int) -> bool:
         lease = self._leases.get(group_id)
@@ -87,6 +104,10 @@ class LeaseBook:
 
     def keep(self, lease: Lease) -> None:
         self._leases[lease.group_id] = lease
+
+    def patience(self, group_id: bytes) -> float:
+        """How long a thrifty Accept waits for the lease holders before asking the others."""
+        return min(THRIFTY_MAX, max(THRIFTY_MIN, THRIFTY_FACTOR * self.took.get(group_id, 0.0)))
 
 
 class ProposeFailed(SyncnodeError):
@@ -109,14 +130,24 @@ class _Requests:
         self.nursery = nursery
         self.timeout = timeout
         self.phase = 0
+        self.asked = 0
+        """How many syncnodes the current phase asked."""
+        self.answered: list[bytes] = []
+        """The syncnodes that answered the current phase, in the order they did."""
         self._send, self.replies = trio.open_memory_channel[_Reply](math.inf)
 
-    def send(self, clients: Sequence[SyncnodeClient], msg: Any) -> int:
-        """Start a new phase: ``msg`` to each of ``clients``; returns how many were asked."""
+    def send(self, clients: Sequence[SyncnodeClient], msg: Any) -> None:
+        """Start a new phase: ``msg`` to each of ``clients``."""
         self.phase += 1
+        self.asked = 0
+        self.answered = []
+        self.more(clients, msg)
+
+    def more(self, clients: Sequence[SyncnodeClient], msg: Any) -> None:
+        """``msg`` to ``clients`` too, in the current phase."""
+        self.asked += len(clients)
         for client in clients:
             self.nursery.start_soon(self._one, self.phase, client, msg)
-        return len(clients)
 
     async def _one(self, phase: int, client: SyncnodeClient, msg: Any) -> None:
         reply = None
@@ -126,6 +157,8 @@ class _Requests:
             except SyncnodeError as exc:
                 log.debug("syncnode did not answer", node=client.node_id.hex()[:10],
                           error=str(exc))
+        if reply is not None and phase == self.phase:
+            self.answered.append(client.node_id)
         self._send.send_nowait(_Reply(phase, client.node_id, reply))
 
 
@@ -153,13 +186,19 @@ async def propose(key: SecretKey, clients: Links, group_id: bytes, slot: int,
     lease = leases.take(group_id, slot) if leases is not None else None
     proposer = Proposer(key, group_id, slot, value, acceptors, lease=lease,
                         want_lease=leases is not None)
+    thrifty = None if lease is None or leases is None else _thrifty(leases, lease, acceptors)
     outcome: Outcome | None = None
     async with trio.open_nursery() as nursery:
         requests = _Requests(nursery, timeout)
         for attempt in range(attempts):
+            started = trio.current_time()
             outcome = await _ballot(proposer, requests, await _targets(clients, acceptors),
-                                    value, acceptors)
+                                    value, acceptors, thrifty)
+            thrifty = None  # the lease is spent: a retry is a full ballot to every acceptor
             if outcome is not None:
+                if leases is not None:
+                    leases.took[group_id] = trio.current_time() - started
+                    leases.fastest[group_id] = tuple(requests.answered)
                 break
             await trio.sleep(rng.uniform(0, backoff * (2 ** min(attempt, 8))))
         if isinstance(outcome, Decided) and announce:
@@ -191,35 +230,78 @@ def _late_votes(proposer: Proposer, requests: _Requests) -> None:
             proposer.receive(reply.message)
 
 
+@dataclass(frozen=True)
+class _Thrifty:
+    """A lease's Accept goes to ``holders`` (a quorum), and to the other acceptors only if
+    those have not decided it within ``patience`` seconds."""
+
+    holders: frozenset[bytes]
+    patience: float
+
+
+def _thrifty(leases: LeaseBook, lease: Lease, acceptors: AcceptorSet) -> _Thrifty | None:
+    """The quorum of the lease's acceptors that answered the group's last ballot first."""
+    promised = {p.acceptor for p in lease.promises}
+    near = [n for n in leases.fastest.get(lease.group_id, ()) if n in promised]
+    near = near[:acceptors.quorum]
+    if len(near) < acceptors.quorum:
+        return None
+    return _Thrifty(frozenset(near), leases.patience(lease.group_id))
+
+
 async def _ballot(proposer: Proposer, requests: _Requests, clients: Sequence[SyncnodeClient],
-                  value: bytes, acceptors: AcceptorSet) -> Outcome | None:
+                  value: bytes, acceptors: AcceptorSet, thrifty: _Thrifty | None = None
+                  ) -> Outcome | None:
     """One ballot (both phases, or phase 2 alone on a lease); None when it ended without an
     outcome (retry)."""
     accepts: list[Any] = []
     first = proposer.start()[0]
     if isinstance(first, Prepare):
-        asked = requests.send(clients, first)
-        outcome = await _gather(proposer, requests, asked, value, acceptors, accepts.extend,
+        requests.send(clients, first)
+        outcome = await _gather(proposer, requests, value, acceptors, accepts.extend,
                                 lambda: bool(accepts) or proposer.phase is not Phase.PREPARING)
         if outcome is not None or not accepts:
             return outcome
     else:
         accepts.append(first)  # the fast path: phase 1 was done with the previous slot
-    asked = requests.send(clients, accepts[0])
-    return await _gather(proposer, requests, asked, value, acceptors, accepts.extend,
-                         lambda: proposer.phase is not Phase.ACCEPTING)
+    near = [c for c in clients if thrifty is not None and c.node_id in thrifty.holders]
+    rest: Sequence[SyncnodeClient] = ()
+    if thrifty is not None and acceptors.quorum <= len(near) < len(clients):
+        requests.send(near, accepts[0])
+        rest = [c for c in clients if c not in near]
+    else:
+        requests.send(clients, accepts[0])
+
+    def fall_back() -> None:
+        """The lease holders did not decide the thrifty Accept in time: ask the others too."""
+        assert thrifty is not None
+        log.info("lease holders slow; asking every acceptor", waited=thrifty.patience)
+        requests.more(rest, accepts[0])
+
+    return await _gather(proposer, requests, value, acceptors, accepts.extend,
+                         lambda: proposer.phase is not Phase.ACCEPTING,
+                         (trio.current_time() + thrifty.patience, fall_back)
+                         if rest and thrifty is not None else None)
 
 
-async def _gather(proposer: Proposer, requests: _Requests, asked: int, value: bytes,
+async def _gather(proposer: Proposer, requests: _Requests, value: bytes,
                   acceptors: AcceptorSet, on_messages: Callable[[list[Any]], None],
-                  phase_over: Callable[[], bool]) -> Outcome | None:
+                  phase_over: Callable[[], bool],
+                  fallback: tuple[float, Callable[[], None]] | None = None) -> Outcome | None:
     """Feed replies to the proposer until the phase is over (its quorum outcome, or a Nack),
-    every syncnode asked in this phase answered, or ``timeout``. Returns an outcome the
-    proposer reached or a syncnode's verified decision; None otherwise."""
+    every syncnode asked in this phase answered, or ``timeout``. ``fallback``: at that time,
+    if the phase is still on, call that (a thrifty Accept asks the other acceptors). Returns
+    an outcome the proposer reached or a syncnode's verified decision; None otherwise."""
     answered = 0
     with trio.move_on_after(requests.timeout):
-        while answered < asked:
-            reply = await requests.replies.receive()
+        while answered < requests.asked:
+            with trio.move_on_at(math.inf if fallback is None else fallback[0]) as wait:
+                reply = await requests.replies.receive()
+            if wait.cancelled_caught:
+                assert fallback is not None
+                fallback[1]()
+                fallback = None
+                continue
             answered += reply.phase == requests.phase
             msg = reply.message
             done = _already_decided(msg, value, acceptors)

@@ -167,37 +167,94 @@ async def test_a_request_interrupted_while_sending_breaks_the_channel(
 
 
 class Recording:
-    """A syncnode link that records the type of every request it carries."""
+    """A syncnode link that records the type of every request it carries; ``silent``: it
+    records them and answers none (down or frozen)."""
 
     def __init__(self, inner: SyncnodeClient) -> None:
         self.inner = inner
         self.node_id = inner.node_id
         self.asked: list[str] = []
+        self.silent = False
 
     async def request(self, msg: Any) -> Any:
         self.asked.append(type(msg).__name__)
+        if self.silent:
+            await trio.sleep_forever()
         return await self.inner.request(msg)
 
 
 async def test_a_decision_leaves_a_lease_and_the_next_commit_skips_phase_1(
         cluster: MemoryCluster) -> None:
+    """The next commit sends Accept at once (the lease), and only to the quorum of lease
+    holders that answered the last ballot first (thrifty); the third syncnode is told the
+    decision only."""
     alice = Device("alice")
     leases = LeaseBook()
     async with cluster.clients(alice) as clients:
         g = await found_group([n.entry for n in cluster.nodes], clients, alice)
         links = [Recording(c) for c in clients]
-        for expected in (["Prepare", "AcceptLeased", "Decided"], ["AcceptLeased", "Decided"],
-                         ["AcceptLeased", "Decided"]):
+        for first in (True, False, False):
             value = update_value(g, alice)
             outcome = await propose(alice.key, links, g.group_id, g.next_slot, value.encode(),
                                     g.manifest.acceptors(), leases=leases)
             assert isinstance(outcome, Decided) and outcome.value == value.encode()
+            asked = sorted(link.asked for link in links)
+            if first:
+                assert asked == [["Prepare", "AcceptLeased", "Decided"]] * 3
+            else:
+                assert asked == [["AcceptLeased", "Decided"]] * 2 + [["Decided"]]
             for link in links:
-                assert link.asked == expected
                 link.asked.clear()
             g.values.append(value)
             alice.mls.apply(value.commit)
             assert leases.holds(g.group_id, g.next_slot)
+
+
+async def test_a_thrifty_accept_asks_the_third_syncnode_when_a_lease_holder_is_silent(
+        cluster: MemoryCluster) -> None:
+    """A lease holder goes silent: the thrifty Accept asks the third syncnode after the
+    patience, the decision is reached on the fast path all the same (no Prepare), and the next
+    lease leaves the silent one out of the thrifty quorum."""
+    alice = Device("alice")
+    leases = LeaseBook()
+    async with cluster.clients(alice) as clients, trio.open_nursery() as background:
+        g = await found_group([n.entry for n in cluster.nodes], clients, alice)
+        links = [Recording(c) for c in clients]
+
+        async def commit() -> None:
+            for link in links:
+                link.asked.clear()
+            value = update_value(g, alice)
+            with trio.fail_after(TIMEOUT / 2):
+                outcome = await propose(alice.key, links, g.group_id, g.next_slot,
+                                        value.encode(), g.manifest.acceptors(), leases=leases,
+                                        timeout=TIMEOUT, background=background.start_soon)
+            assert isinstance(outcome, Decided) and outcome.value == value.encode()
+            g.values.append(value)
+            alice.mls.apply(value.commit)
+
+        await commit()
+        await commit()  # thrifty: one syncnode got no Accept
+        spared = next(link for link in links if "AcceptLeased" not in link.asked)
+        await commit()
+        (silent,) = [link for link in links if link is not spared][:1]
+        silent.silent = True
+        for link in links:
+            link.asked.clear()
+        value = update_value(g, alice)
+        with trio.fail_after(TIMEOUT / 2):
+            outcome = await propose(alice.key, links, g.group_id, g.next_slot, value.encode(),
+                                    g.manifest.acceptors(), leases=leases, timeout=TIMEOUT,
+                                    background=background.start_soon)
+        assert isinstance(outcome, Decided)
+        g.values.append(value)
+        alice.mls.apply(value.commit)
+        assert "AcceptLeased" in spared.asked  # after the patience, not Prepare
+        assert all("Prepare" not in link.asked for link in links)
+        await commit()  # the fallback's lease: the two that answered
+        assert "AcceptLeased" not in silent.asked  # (its Decided may still be on the way)
+        assert spared.asked == ["AcceptLeased", "Decided"]
+        background.cancel_scope.cancel()
 
 
 async def test_a_rival_breaks_the_lease_and_the_leader_loses_to_it(
