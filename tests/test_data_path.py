@@ -142,6 +142,8 @@ async def test_a_flush_of_many_edits_travels_as_one_update(tmp_path: Path,
             doc = await da.create_document([nodes[0].ticket])
             other = await db.join(doc.invite())
             await converged([doc, other])
+            with trio.fail_after(30):  # the state the inviter publishes as it applies the add
+                await doc.wait_durable()  # is stored, not counted among the edits below
             before = await nodes[0].service.store.envelope_count(doc.group_id)
             for i in range(20):  # no checkpoint in between: one flush takes all of them
                 doc.change(lambda e, i=i: e.map("m").insert(f"k{i}", i))
