@@ -323,12 +323,25 @@ class Service:
         return await self.envelopes.marks(session, msg)
 
     async def subscribe(self, session: Session, msg: Subscribe) -> tuple[Subscribed, Subscriber]:
-        """Register a live subscriber (the driver streams its queue). Raises RequestError."""
+        """Register a live subscriber (the driver streams its queue). Raises RequestError.
+
+        ``Subscribed`` is answered only once every write begun before the subscriber was
+        registered is committed. A new envelope is pushed while its batch still commits
+        (:mod:`syncnode.envelopes`), to the subscribers registered then; one that subscribes
+        in between, and backfills when it gets ``Subscribed`` (as devices do), would find it
+        neither in its feed nor, not yet committed, in the backfill, and have it only at its
+        next periodic backfill (a rare test failure: an update that never arrived within 30 s).
+        The wait is one batch at most."""
         g = await self.groups.require(msg.group_id)
         await self.hosting.refuse_if_removed(g)
         fpr = require_member(session, g)
         sub = self.fanout.subscribe(session, g.group_id, fpr,
                                     max_bytes=self.limits.max_subscriber_queue_bytes)
+        try:
+            await self.store.barrier()
+        except BaseException:
+            self.fanout.unsubscribe(sub)
+            raise
         return Subscribed(g.group_id, g.top), sub
 
     def unsubscribe(self, sub: Subscriber) -> None:

@@ -146,6 +146,61 @@ async def test_store_backfill_push_and_idempotence(cluster: MemoryCluster) -> No
         assert node.service.metrics.messages_pushed._value.get() == 6
 
 
+async def test_a_subscriber_registered_while_an_envelope_commits_still_gets_it(
+        cluster: MemoryCluster) -> None:
+    """An envelope is pushed while its batch commits, to the subscribers of that moment. Bob
+    subscribes just then and backfills on ``Subscribed``, as a device does: the envelope must
+    reach him by the feed or by that backfill. (``Subscribed`` waits for the commit: without
+    that, the backfill read the database before the commit and the push had gone to the old
+    subscribers only, so bob had it only at his next periodic backfill.)"""
+    import threading
+
+    from tests.device_kit import eventually
+
+    alice, bob = Device("alice"), Device("bob")
+    g = await _group_with(cluster, alice, bob)
+    node = cluster.nodes[0]
+    writer = node.service.store.writer  # type: ignore[attr-defined]
+    conn = writer._conn
+    gate, in_commit = threading.Event(), threading.Event()
+
+    class Gated:  # the writer's connection, held at its next COMMIT until the gate opens
+        def __getattr__(self, name: str) -> object:
+            return getattr(conn, name)
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT" and not gate.is_set():
+                in_commit.set()
+                gate.wait(10)
+            return conn.execute(sql, *args)
+
+    env = Envelope.seal(alice.key, g.group_id, 1, 1, alice.mls.encrypt(b"u1"))
+    async with cluster.clients(bob, [node]) as (bc,), cluster.clients(alice, [node]) as (ac,), \
+            trio.open_nursery() as nursery:
+        await bc.backfill(g.group_id, {})  # the statement clock is reserved: later stamps
+        writer._conn = Gated()               # (and so backfills) do not wait for the writer
+        try:
+            nursery.start_soon(ac.store, env)
+            await eventually(in_commit.is_set, 10, "the batch to reach its COMMIT")
+            await trio.sleep(0.05)  # the early push went out (to nobody: bob is not subscribed)
+
+            async def open_gate() -> None:
+                await trio.sleep(0.3)
+                gate.set()
+
+            nursery.start_soon(open_gate)
+            async with bc.subscribe(g.group_id) as feed:
+                page = await bc.backfill(g.group_id, {})
+                got = list(page.envelopes)
+                if not got:
+                    with trio.move_on_after(2):
+                        got.append(await feed.__anext__())
+            assert got == [env]
+        finally:
+            gate.set()
+            writer._conn = conn
+
+
 async def test_readers_updates_are_refused(cluster: MemoryCluster) -> None:
     """A reader's envelope is refused by the manifest of its epoch: a reader added at slot 2,
     and a writer demoted at slot 3, whose envelope of epoch 2 (sent before) is still taken."""
