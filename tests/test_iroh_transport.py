@@ -104,6 +104,24 @@ async def test_dead_address_times_out() -> None:
         await client.aclose()
 
 
+async def test_closing_after_a_dial_to_a_dead_address_is_bounded() -> None:
+    """iroh's close waits for every connection, and a dial to a dead address that was
+    cancelled held it for about 3 s: ``aclose`` waits at most ``CLOSE_WAIT`` (every one-shot
+    CLI command run while a syncnode was down took 3 s longer than its ``--wait``)."""
+    from proto.transport.iroh import CLOSE_WAIT
+
+    client = await IrohTransport.bind(SecretKey.generate())
+    dead = await IrohTransport.bind(SecretKey.generate())
+    addrs = dead.addresses()
+    await dead.aclose()
+    with trio.move_on_after(0.5) as dial:  # cancelled from outside, as a join's timeout does
+        await client.connect(dead.node_id, addrs, timeout=5)
+    assert dial.cancelled_caught
+    start = trio.current_time()  # (aclose is shielded: a fail_after could not cut it short)
+    await client.aclose()
+    assert trio.current_time() - start < CLOSE_WAIT + 1.5  # about 3 s unbounded
+
+
 async def test_cancelled_read_leaves_stream_usable(echo_peer: dict[str, Any]) -> None:
     client = await _client()
     try:
