@@ -55,7 +55,6 @@ class InviterFetch:
         """The inviter started sending the document: it has added us."""
         self.over = trio.Event()
         """:attr:`result` is set, or :meth:`run` ended without it."""
-        self.attempts = 0
         self.asking = False
         """A request is out (not in the pause between two)."""
         self._scope = trio.CancelScope()
@@ -72,20 +71,18 @@ class InviterFetch:
 
     async def run(self) -> None:
         """Ask until the inviter sends the document (cancelled when the join ends)."""
-        t = self.ticket
-        pause = RETRY_FIRST
         try:
             with self._scope:
-                await self._ask(t, pause)
+                await self._ask(self.ticket)
         finally:
             self.asking = False
             self.over.set()
 
-    async def _ask(self, t: InviteTicket, pause: float) -> None:
+    async def _ask(self, t: InviteTicket) -> None:
         partial: dict[bytes, bytearray] = {}  # an interrupted transfer is resumed once
         resumed = False
+        pause = RETRY_FIRST
         while self.result is None:
-            self.attempts += 1
             self.asking = True
             try:
                 self.result = await fetch_signed_by(

@@ -133,7 +133,7 @@ async def _join(device: Joiner, t: InviteTicket, name: str, say: Say,
     device.start_document(doc)
     if loaded:
         device.spawn(clear_handoff, device, doc, t)
-    if not loaded:
+    else:
         phase.what = ("waiting for a member to send the document through the syncnodes "
                       "(this device is a member now; it keeps asking whenever it runs)")
         say("no copy of the document available yet; asking the members via the syncnodes")

@@ -330,7 +330,7 @@ class Service:
         (:mod:`syncnode.envelopes`), to the subscribers registered then; one that subscribes
         in between, and backfills when it gets ``Subscribed`` (as devices do), would find it
         neither in its feed nor, not yet committed, in the backfill, and have it only at its
-        next periodic backfill (a rare test failure: an update that never arrived within 30 s).
+        next periodic backfill (a rare test failure: an envelope that never arrived within 30 s).
         The wait is one batch at most."""
         g = await self.groups.require(msg.group_id)
         await self.hosting.refuse_if_removed(g)
